@@ -1,0 +1,31 @@
+# Two commands on a fresh machine: `make quickstart` and `make test`.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+# torch/torchvision pinned: these wheels install from local disk on the CI machines (CPU).
+TORCH   := torch==2.14.1 torchvision==0.29.1
+STORAGE ?= runs
+
+.PHONY: quickstart test lint bench clean
+
+$(BIN)/raysweep: pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q $(TORCH) -e '.[dev]'
+	touch $@
+
+quickstart: $(BIN)/raysweep
+	$(BIN)/raysweep run search_spaces/quickstart.yaml --storage $(STORAGE)
+
+test: $(BIN)/raysweep
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/pytest -q
+
+lint: $(BIN)/raysweep
+	$(BIN)/ruff check raysweep tests bench
+	$(BIN)/ruff format --check raysweep tests bench
+
+bench: $(BIN)/raysweep
+	$(BIN)/python -m bench
+
+clean:
+	rm -rf $(STORAGE) .pytest_cache
