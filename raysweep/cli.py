@@ -1,0 +1,55 @@
+"""Command line: `raysweep validate SPEC`, `raysweep run SPEC [--storage PATH] [--address ADDR]`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import pandas as pd
+
+from .spec import SpecError, load
+
+
+def _validate(args) -> int:
+    spec = load(args.spec)
+    n = len(spec.cells()) * spec.trials_per_cell
+    print(f"{args.spec}: ok ({len(spec.cells())} cells, {n} trials, spec hash {spec.hash})")
+    return 0
+
+
+def _run(args) -> int:
+    spec = load(args.spec)  # fails here, before Ray starts, on any spec problem
+    from . import results, sweep
+
+    df = sweep.run(spec, args.storage, address=args.address, num_cpus=args.num_cpus)
+    failed = int((df["status"] != "ok").sum()) if len(df) else 0
+    where = f"{args.storage}/{spec.name}/results"
+    print(f"\n{spec.name}: {len(df)} trials ({failed} failed); Parquet rows in {where}\n")
+    if len(df):
+        with pd.option_context("display.width", 200, "display.max_columns", 20):
+            print(results.table(df).to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="raysweep", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("validate", help="check a spec (names, keys, ranges) in seconds")
+    p.add_argument("spec")
+    p.set_defaults(fn=_validate)
+    p = sub.add_parser("run", help="run a sweep on local Ray or a cluster")
+    p.add_argument("spec")
+    p.add_argument("--storage", default="runs", help="local path or s3:// / gs:// URI")
+    p.add_argument("--address", default=None, help="Ray cluster address (default: start locally)")
+    p.add_argument("--num-cpus", type=int, default=None, help="CPUs for a local Ray")
+    p.set_defaults(fn=_run)
+    args = parser.parse_args(argv)
+    try:
+        return args.fn(args)
+    except SpecError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

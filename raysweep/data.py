@@ -1,0 +1,91 @@
+"""Datasets as tensors: each entry of DATASETS returns a standardised, deterministically split `Split`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class Split:
+    """Train/val/test tensors; images are float32 (N, C, H, W) standardised per channel on train."""
+
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_val: torch.Tensor
+    y_val: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    num_classes: int
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.x_train.shape[1:])
+
+
+def split_indices(n: int, val_fraction: float, test_fraction: float, seed: int):
+    """A fixed permutation of range(n) cut into train/val/test; depends only on (n, fractions, seed)."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    n_val, n_test = round(n * val_fraction), round(n * test_fraction)
+    return perm[n_val + n_test :], perm[:n_val], perm[n_val : n_val + n_test]
+
+
+def _standardise(x_train, *others):
+    # Per-channel statistics from train only, so val/test never leak into preprocessing.
+    dims = (0, 2, 3)
+    mean, std = x_train.mean(dims, keepdim=True), x_train.std(dims, keepdim=True).clamp_min(1e-6)
+    return [(x - mean) / std for x in (x_train, *others)]
+
+
+def _make_split(x_tr, y_tr, x_va, y_va, x_te, y_te, num_classes) -> Split:
+    x_tr, x_va, x_te = _standardise(x_tr, x_va, x_te)
+    return Split(x_tr, y_tr, x_va, y_va, x_te, y_te, num_classes)
+
+
+def digits(
+    *, size: int = 32, val_fraction: float = 0.2, test_fraction: float = 0.2, split_seed: int = 0
+) -> Split:
+    """scikit-learn's 8x8 digits (1,797 images, offline), bilinearly upsampled to size x size."""
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    x = torch.tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    if size != 8:
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+    y = torch.tensor(bunch.target, dtype=torch.long)
+    tr, va, te = split_indices(len(y), val_fraction, test_fraction, split_seed)
+    return _make_split(x[tr], y[tr], x[va], y[va], x[te], y[te], num_classes=10)
+
+
+def _cifar_tensors(dataset) -> tuple[torch.Tensor, torch.Tensor]:
+    x = torch.from_numpy(np.asarray(dataset.data)).permute(0, 3, 1, 2).float() / 255.0
+    return x, torch.tensor(dataset.targets, dtype=torch.long)
+
+
+def cifar10(
+    *,
+    root: str = "~/data/cifar10",
+    val_fraction: float = 0.1,
+    n_train: int | None = None,
+    split_seed: int = 0,
+) -> Split:
+    """CIFAR-10 from torchvision's on-disk format under `root` (never downloads); val cut from train."""
+    from torchvision.datasets import CIFAR10
+
+    root = str(Path(root).expanduser())
+    x, y = _cifar_tensors(CIFAR10(root, train=True, download=False))
+    x_te, y_te = _cifar_tensors(CIFAR10(root, train=False, download=False))
+    tr, va, _ = split_indices(len(y), val_fraction, 0.0, split_seed)
+    if n_train is not None:
+        tr = tr[:n_train]
+    return _make_split(x[tr], y[tr], x[va], y[va], x_te, y_te, num_classes=10)
+
+
+DATASETS = {
+    "digits": digits,
+    "cifar10": cifar10,
+}

@@ -1,0 +1,162 @@
+"""Metrics (DESIGN section 4): each entry of METRICS maps (model, Probe) to named numbers.
+
+The Gaussian Unlearning Score (paper's Algorithm 1): for poison i with clean input x_i, label y_i
+and training noise xi_i, g_i = grad_x loss(theta; x_i, y_i) at the clean input (eval mode) and
+I_i = <xi_i, g_i> / (eps ||g_i||). If theta never saw xi_i, I_i ~ N(0, 1) exactly, because it is
+a standard normal projected on a unit vector that does not depend on it. A model that fit
+x_i + xi_i has lower loss along xi_i, so I_i drifts negative.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from scipy.stats import norm
+from torch import nn
+
+from .attacks import Poisoned
+
+FPR = 0.01
+Z_AT_FPR = float(norm.ppf(FPR))  # one-sided threshold on I: about -2.326
+
+
+@dataclass(frozen=True)
+class Probe:
+    """Everything the metrics look at besides the model."""
+
+    x_val: torch.Tensor
+    y_val: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    forget: tuple[torch.Tensor, torch.Tensor]  # the poisoned rows as trained on
+    retain: tuple[torch.Tensor, torch.Tensor]
+    poisoned: Poisoned
+    x_clean_poison: torch.Tensor  # clean inputs of the poisoned rows, aligned with poisoned.noise
+    control_noise: torch.Tensor | None  # fresh noise never used in training (the null control)
+
+
+@torch.no_grad()
+def logits(model: nn.Module, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+    model.eval()
+    return torch.cat([model(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
+
+
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    if len(y) == 0:
+        return float("nan")
+    return (logits(model, x).argmax(1) == y).float().mean().item()
+
+
+def losses(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits(model, x), y, reduction="none")
+
+
+def input_gradients(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 256
+) -> torch.Tensor:
+    """Per-sample grad_x loss in float64, one backward pass per batch.
+
+    In eval mode the samples of a batch do not interact, so the gradient of the summed loss with
+    respect to the batch input is exactly the stack of per-sample input gradients.
+    """
+    model64 = copy.deepcopy(model).double().eval()
+    for p in model64.parameters():
+        p.requires_grad_(False)
+    grads = []
+    for i in range(0, len(x), batch_size):
+        xb = x[i : i + batch_size].double().requires_grad_(True)
+        loss = F.cross_entropy(model64(xb), y[i : i + batch_size], reduction="sum")
+        (g,) = torch.autograd.grad(loss, xb)
+        grads.append(g.flatten(1))
+    return torch.cat(grads)
+
+
+def gaussian_scores(
+    model: nn.Module, x_clean: torch.Tensor, y: torch.Tensor, noise: torch.Tensor, eps: float
+) -> torch.Tensor:
+    """I_i = <xi_i, g_i> / (eps ||g_i||) in float64, one per row."""
+    g = input_gradients(model, x_clean, y)
+    xi = noise.flatten(1).double()
+    return (xi * g).sum(1) / (eps * g.norm(dim=1).clamp_min(1e-300))
+
+
+def summarise_scores(scores: torch.Tensor) -> dict[str, float]:
+    """gus = mean(I); z = gus * sqrt(n) (I ~ N(0,1) under the null); two-sided p; TPR at 1% FPR."""
+    n = len(scores)
+    gus = scores.mean().item()
+    z = gus * math.sqrt(n)
+    return {
+        "gus": gus,
+        "gus_z": z,
+        "gus_p": float(2 * norm.sf(abs(z))),
+        "tpr_at_1fpr": (scores <= Z_AT_FPR).double().mean().item(),
+    }
+
+
+def gaussian(model: nn.Module, probe: Probe) -> dict[str, float]:
+    """GUS of the training noise, and the same statistic for fresh noise (must look N(0, 1))."""
+    if probe.poisoned.noise is None:
+        return {}
+    y = probe.poisoned.y[probe.poisoned.poison_idx]
+    scores = gaussian_scores(
+        model, probe.x_clean_poison, y, probe.poisoned.noise, probe.poisoned.eps
+    )
+    out = summarise_scores(scores)
+    control = gaussian_scores(
+        model, probe.x_clean_poison, y, probe.control_noise, probe.poisoned.eps
+    )
+    out["control_gus_z"] = summarise_scores(control)["gus_z"]
+    return out
+
+
+def loss_mia(model: nn.Module, probe: Probe) -> dict[str, float]:
+    """Loss-threshold MIA (Yeom et al.): TPR on the forget set at 1% FPR on held-out test rows."""
+    member, nonmember = losses(model, *probe.forget), losses(model, probe.x_test, probe.y_test)
+    threshold = torch.quantile(nonmember, FPR)
+    return {"loss_mia_tpr": (member < threshold).float().mean().item()}
+
+
+def clean_acc(model: nn.Module, probe: Probe) -> dict[str, float]:
+    return {
+        "clean_acc_val": accuracy(model, probe.x_val, probe.y_val),
+        "clean_acc_test": accuracy(model, probe.x_test, probe.y_test),
+        "retain_acc": accuracy(model, *probe.retain),
+        "forget_acc": accuracy(model, *probe.forget),
+    }
+
+
+METRICS = {
+    "clean_acc": clean_acc,
+    "gaussian": gaussian,
+    "loss_mia": loss_mia,
+}
+
+# The attack's effect E (higher = stronger poison) from a model's metrics, per split.
+EFFECTS = {
+    "gaussian": lambda m, split: -m["gus"],
+}
+
+# Did the attack work on the poisoned model (judged against the retrain reference)?
+ATTACK_OK = {
+    "gaussian": lambda before, retrain: before["gus_p"] < 0.01 and before["gus"] < 0,
+}
+
+
+def measure(model: nn.Module, probe: Probe, attack: str) -> dict[str, float]:
+    """Every metric of one model, plus the attack's effect on val and test."""
+    out: dict[str, float] = {}
+    for fn in METRICS.values():
+        out.update(fn(model, probe))
+    out["effect_val"] = EFFECTS[attack](out, "val")
+    out["effect_test"] = EFFECTS[attack](out, "test")
+    return out
+
+
+def residual(e_after: float, e_before: float, e_retrain: float) -> float:
+    """r = (E_after - E_retrain) / (E_before - E_retrain): 0 = as retrained, 1 = nothing removed."""
+    denom = e_before - e_retrain
+    return (e_after - e_retrain) / denom if denom != 0 else float("nan")

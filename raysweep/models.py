@@ -1,0 +1,89 @@
+"""Models as `nn.Sequential` of blocks, so `blocks(model)[-k:]` is "the last k blocks" for EUk/CFk."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+def mlp(input_shape, num_classes, *, width: int = 512, depth: int = 2) -> nn.Sequential:
+    """Flatten, then `depth` hidden Linear+ReLU blocks, then a linear head."""
+    dims = [math.prod(input_shape)] + [width] * depth
+    hidden = [nn.Sequential(nn.Linear(a, b), nn.ReLU()) for a, b in zip(dims, dims[1:])]
+    return nn.Sequential(nn.Flatten(), *hidden, nn.Linear(dims[-1], num_classes))
+
+
+def _conv_bn(c_in, c_out, stride=1):
+    return nn.Sequential(
+        nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU()
+    )
+
+
+def cnn(input_shape, num_classes, *, width: int = 32) -> nn.Sequential:
+    """Three conv-BN-ReLU-pool blocks (width, 2w, 4w channels) and a linear head."""
+    c = input_shape[0]
+    return nn.Sequential(
+        nn.Sequential(_conv_bn(c, width), nn.MaxPool2d(2)),
+        nn.Sequential(_conv_bn(width, 2 * width), nn.MaxPool2d(2)),
+        nn.Sequential(_conv_bn(2 * width, 4 * width), nn.AdaptiveAvgPool2d(1)),
+        nn.Sequential(nn.Flatten(), nn.Linear(4 * width, num_classes)),
+    )
+
+
+class BasicBlock(nn.Module):
+    """ResNet basic block (He et al. 2016) with a 1x1 projection shortcut when the shape changes."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+def resnet18(input_shape, num_classes, *, width: int = 64) -> nn.Sequential:
+    """ResNet-18 with the CIFAR stem (3x3 conv, no max-pool): stem, 8 basic blocks, head."""
+    stem = _conv_bn(input_shape[0], width)
+    widths = [width, 2 * width, 4 * width, 8 * width]
+    blocks, c_in = [], width
+    for i, c_out in enumerate(widths):
+        for j in range(2):
+            blocks.append(BasicBlock(c_in, c_out, stride=2 if (i > 0 and j == 0) else 1))
+            c_in = c_out
+    head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c_in, num_classes))
+    return nn.Sequential(stem, *blocks, head)
+
+
+def seeded(build, generator: torch.Generator):
+    """Call `build()` with torch's default RNG seeded from `generator`, then restore the RNG.
+
+    PyTorch's layer constructors draw their initial weights from the global RNG; forking it here
+    keeps initialisation reproducible without seeding anything globally.
+    """
+    seed = int(torch.randint(2**62, (1,), generator=generator))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build()
+
+
+def blocks(model: nn.Module) -> list[nn.Module]:
+    """The model's blocks in forward order; K in EUk/CFk counts from the end of this list."""
+    return list(model.children())
+
+
+MODELS = {
+    "mlp": mlp,
+    "cnn": cnn,
+    "resnet18": resnet18,
+}

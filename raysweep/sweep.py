@@ -1,0 +1,265 @@
+"""The sweep: one Ray Tune run whose searcher holds one Optuna study per (method, budget) cell.
+
+Why one Tuner with a multiplexing searcher instead of one Tuner per cell: all cells share the
+cluster at once (no idle CPUs while the last trials of one cell finish), and each cell still has
+its own study, so a sampler never trades one method's trials for another's (DESIGN section 5).
+Studies live in an Optuna journal file under the run's storage, which is also what makes a
+resumed run continue each study instead of restarting it.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+import os
+import socket
+import time
+import traceback
+
+import optuna
+import pyarrow.fs as pafs
+import ray
+from ray import tune
+from ray.tune.search import Searcher
+
+from . import results
+from .spec import Spec, distributions
+from .storage import Store, open_store
+from .trial import derive_seed, run_trial
+
+NODE_IP = "127.0.0.2"  # local runs stay on loopback (DESIGN section 8)
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def cell_name(method: str, budget: float) -> str:
+    return f"{method}-b{budget:g}"
+
+
+def open_studies(spec: Spec, store: Store) -> dict[str, optuna.Study]:
+    """One study per cell, in a journal under <storage>/<experiment>/ (in memory if remote)."""
+    storage = None
+    if isinstance(store.fs, pafs.LocalFileSystem):
+        from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+        path = store.path(f"{spec.name}/optuna.journal")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        storage = JournalStorage(JournalFileBackend(path))
+    studies = {}
+    for method, budget in spec.cells():
+        name = cell_name(method, budget)
+        seed = derive_seed(spec.seed, name) % 2**32
+        if spec.sampler == "random":
+            sampler = optuna.samplers.RandomSampler(seed=seed)
+        else:
+            # constant_liar: parallel trials of a cell see each other as pending, not absent.
+            startup = max(2, spec.trials_per_cell // 3)
+            sampler = optuna.samplers.TPESampler(
+                seed=seed, constant_liar=True, n_startup_trials=startup
+            )
+        studies[name] = optuna.create_study(
+            study_name=name, storage=storage, sampler=sampler, load_if_exists=True
+        )
+    return studies
+
+
+class CellSearcher(Searcher):
+    """Hands out trials cell by cell (fewest started first) and tells each result to its study."""
+
+    def __init__(self, spec: Spec, studies: dict[str, optuna.Study], done: dict[str, set[int]]):
+        super().__init__(metric="objective", mode="min")
+        self.spec = spec
+        self.studies = studies
+        self.cells = {cell_name(m, b): (m, b) for m, b in spec.cells()}
+        self.spaces = {m: distributions(m, s) for m, s in spec.methods.items()}
+        self.started = {name: len(done.get(name, ())) for name in self.cells}
+        self.live: dict[str, tuple[str, int]] = {}
+
+    def suggest(self, trial_id: str):
+        open_cells = [c for c in self.cells if self.started[c] < self.spec.trials_per_cell]
+        if not open_cells:
+            return Searcher.FINISHED
+        name = min(open_cells, key=lambda c: self.started[c])
+        method, budget = self.cells[name]
+        dists, fixed = self.spaces[method]
+        trial = self.studies[name].ask(dists)
+        self.started[name] += 1
+        self.live[trial_id] = (name, trial.number)
+        return {
+            "cell": name,
+            "method": method,
+            "budget": budget,
+            "number": trial.number,
+            "params": {**fixed, **trial.params},
+        }
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
+        name, number = self.live.pop(trial_id)
+        value = (result or {}).get("objective")
+        if error or value is None or not math.isfinite(value):
+            self.studies[name].tell(number, state=optuna.trial.TrialState.FAIL)
+        else:
+            self.studies[name].tell(number, value)
+
+    # The state lives in the journal, not in Tune's searcher checkpoint.
+    def save(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "w") as f:
+            f.write("state is in optuna.journal\n")
+
+    def restore(self, checkpoint_path: str) -> None:
+        pass
+
+
+def reconcile(spec: Spec, store: Store, studies: dict[str, optuna.Study]) -> dict[str, set[int]]:
+    """Match the studies with the Parquet rows before (re)starting; return each cell's done trials.
+
+    A trial still RUNNING in a study belongs to a driver that died. If its row reached storage,
+    the study learns the row's result; otherwise it is marked FAIL (interrupted) and re-planned.
+    """
+    df = results.read(store, spec.name)
+    rows = {}
+    if len(df):
+        tuned = df[df["phase"] == "tune"]
+        rows = {(r.cell, r.trial_number): r for r in tuned.itertuples()}
+    done: dict[str, set[int]] = {}
+    for name, study in studies.items():
+        for t in study.get_trials(deepcopy=False):
+            row = rows.get((name, t.number))
+            if t.state == optuna.trial.TrialState.RUNNING:
+                if row is not None and row.status == "ok":
+                    study.tell(t.number, row.objective)
+                else:
+                    study.tell(t.number, state=optuna.trial.TrialState.FAIL)
+            if row is not None:
+                done.setdefault(name, set()).add(t.number)
+    return done
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+def make_trainable(spec: Spec, store_uri: str, threads: int):
+    """The Tune function trainable: run one trial, write its row (ok or failed), report it."""
+    raw, source = spec.raw, spec.source
+    hp_columns = results.hyperparameter_types(spec)
+
+    def trainable(config: dict) -> None:
+        import torch
+
+        torch.set_num_threads(threads)
+        spec, store = Spec(source, raw), open_store(store_uri)
+        row = {
+            "experiment": spec.name,
+            "spec_name": spec.name,
+            "spec_hash": spec.hash,
+            "phase": "tune",
+            "cell": config["cell"],
+            "trial_number": config["number"],
+            "attack": spec.attack["name"],
+            "method": config["method"],
+            "budget": config["budget"],
+            "seed": spec.seed,
+            "host": socket.gethostname(),
+            "versions": results.versions(),
+            "started_at": _now(),
+            **{c: None for c in hp_columns},
+            **{f"hp_{k}": v for k, v in config["params"].items()},
+        }
+        try:
+            args = (config["method"], config["budget"], config["params"], config["number"])
+            row |= run_trial(spec, store, *args, report=lambda r: None)
+            row |= {"status": "ok", "error": None}
+        except Exception as e:  # a failing trial is a row, not a crashed sweep
+            row |= {"status": "failed", "error": f"{type(e).__name__}: {e}"}
+            row |= {"objective": float("nan"), "wall_s": None}
+            traceback.print_exc()
+        row["finished_at"] = _now()
+        results.write_row(store, spec, row)
+        tune.report({"objective": row["objective"], "ok": row["status"] == "ok"})
+
+    return trainable
+
+
+class Progress(tune.Callback):
+    """One compact line per finished trial: cell, done/planned, best r so far, failures."""
+
+    def __init__(self, spec: Spec, searcher: CellSearcher):
+        self.spec, self.searcher = spec, searcher
+        self.best: dict[str, float] = {}
+        self.finished: dict[str, int] = {}
+        self.failed: dict[str, int] = {}
+        self.t0 = time.time()
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._count(trial, trial.last_result or {})
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._count(trial, {})
+
+    def _count(self, trial, result):
+        cell = trial.config["cell"]
+        self.finished[cell] = self.finished.get(cell, 0) + 1
+        if result.get("ok"):
+            self.best[cell] = min(self.best.get(cell, math.inf), result["objective"])
+        else:
+            self.failed[cell] = self.failed.get(cell, 0) + 1
+        done = sum(self.finished.values())
+        total = len(self.searcher.cells) * self.spec.trials_per_cell
+        print(
+            f"[{time.time() - self.t0:6.1f}s] {done}/{total} trials | {cell}: "
+            f"{self.finished[cell]}/{self.spec.trials_per_cell} done, "
+            f"best objective {self.best.get(cell, math.nan):.3f}, "
+            f"failed {self.failed.get(cell, 0)}",
+            flush=True,
+        )
+
+
+def start_ray(address: str | None, num_cpus: int | None = None) -> None:
+    """Connect to a cluster, or start a local Ray bound to loopback."""
+    if ray.is_initialized():
+        return
+    if address:
+        ray.init(address=address, log_to_driver=False)
+    else:
+        ray.init(
+            _node_ip_address=NODE_IP,
+            num_cpus=num_cpus or os.cpu_count(),
+            include_dashboard=False,
+            log_to_driver=False,
+        )
+
+
+def run(spec: Spec, storage: str, address: str | None = None, num_cpus: int | None = None):
+    """Run (or continue) every cell's study to `trials_per_cell` trials; return the rows."""
+    store = open_store(storage)
+    studies = open_studies(spec, store)
+    done = reconcile(spec, store, studies)
+    searcher = CellSearcher(spec, studies, done)
+    start_ray(address, num_cpus)
+    cpu, gpu = spec.resources.get("cpu", 1), spec.resources.get("gpu", 0)
+    cluster = ray.cluster_resources()
+    slots = cluster.get("CPU", 1) / cpu
+    if gpu:
+        slots = min(slots, cluster.get("GPU", 0) / gpu)
+    remaining = sum(spec.trials_per_cell - searcher.started[c] for c in searcher.cells)
+    if remaining > 0:
+        trainable = make_trainable(spec, storage, threads=max(1, int(cpu)))
+        tuner = tune.Tuner(
+            tune.with_resources(trainable, {"cpu": cpu, "gpu": gpu}),
+            tune_config=tune.TuneConfig(
+                search_alg=searcher,
+                num_samples=remaining,
+                max_concurrent_trials=max(1, int(slots)),
+                reuse_actors=True,
+            ),
+            run_config=tune.RunConfig(
+                name=f"tune-{_now():%Y%m%d-%H%M%S}",
+                storage_path=store.path(f"{spec.name}/tune"),
+                storage_filesystem=store.fs,
+                callbacks=[Progress(spec, searcher)],
+                verbose=0,
+                failure_config=tune.FailureConfig(max_failures=2),
+            ),
+        )
+        tuner.fit()
+    return results.read(store, spec.name)

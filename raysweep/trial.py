@@ -1,0 +1,203 @@
+"""One trial, top to bottom: checkpoints -> unlearn under the meter -> measure -> one row.
+
+`run_trial` needs no Ray: `run_trial(spec, store, method, budget, params, number, report=rows.append)`
+runs one trial in-process. The sweep calls the same function inside Ray Tune.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from .attacks import ATTACKS, Poisoned
+from .budget import Meter, train_cost
+from .checkpoints import ensure, key_of
+from .data import DATASETS, Split
+from .metrics import ATTACK_OK, Probe, measure, residual
+from .models import MODELS, seeded
+from .spec import Spec, validate
+from .storage import Store, open_store
+from .train import train
+from .unlearners import UNLEARNERS
+
+
+def derive_seed(*parts) -> int:
+    """A 63-bit seed from any labels, so each random stream is independent and reproducible."""
+    digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def generator(*parts) -> torch.Generator:
+    return torch.Generator().manual_seed(derive_seed(*parts))
+
+
+def _kwargs(section: dict) -> dict:
+    return {k: v for k, v in section.items() if k != "name"}
+
+
+@dataclass(frozen=True)
+class Setup:
+    """What every trial of one (spec, seed) shares: data, poisons, both checkpoints, their metrics."""
+
+    split: Split
+    poisoned: Poisoned
+    probe: Probe
+    c_train: float
+    poisoned_key: str
+    retrain_key: str
+    poisoned_state: dict
+    before: dict  # metrics of the poisoned model
+    retrain: dict  # metrics of the retrain reference
+
+
+def build_model(spec: Spec, split: Split, init: torch.Generator | None = None) -> torch.nn.Module:
+    """The spec's model; freshly initialised from `init` (or left to be loaded from a state dict)."""
+    cfg = spec.model
+    fn = MODELS[cfg["name"]]
+    build = lambda: fn(split.input_shape, split.num_classes, **_kwargs(cfg))
+    return seeded(build, init) if init is not None else build()
+
+
+def _forget_retain(poisoned: Poisoned, known_fraction: float, seed: int):
+    """S_f = the known poisons (all, or a random fraction: partial discovery); S_r = the rest."""
+    n_known = max(1, round(known_fraction * len(poisoned.poison_idx)))
+    pick = torch.randperm(len(poisoned.poison_idx), generator=generator(seed, "known"))[:n_known]
+    known = poisoned.poison_idx[pick.sort().values]
+    is_forget = torch.zeros(len(poisoned.y), dtype=torch.bool)
+    is_forget[known] = True
+    forget = (poisoned.x[is_forget], poisoned.y[is_forget])
+    return forget, (poisoned.x[~is_forget], poisoned.y[~is_forget])
+
+
+def checkpoint_config(spec: Spec, seed: int, role: str) -> dict:
+    """Everything that determines a checkpoint's weights: its content-hash key is computed from this."""
+    return {
+        "role": role,
+        "dataset": spec.dataset,
+        "model": spec.model,
+        "attack": spec.attack,
+        "train": spec.train,
+        "seed": seed,
+    }
+
+
+@functools.lru_cache(maxsize=4)
+def prepare(spec_json: str, store_uri: str, seed: int) -> Setup:
+    """Load data, poison it, train-or-load both checkpoints and measure them (cached per process)."""
+    spec, store = validate(json.loads(spec_json), "<trial>"), open_store(store_uri)
+    split = DATASETS[spec.dataset["name"]](**_kwargs(spec.dataset))
+    poisoned = ATTACKS[spec.attack["name"]](
+        split, generator(seed, "attack"), **_kwargs(spec.attack)
+    )
+    forget, retain = _forget_retain(poisoned, spec.forget["known_fraction"], seed)
+    epochs = spec.train.get("epochs", 30)
+
+    def fit(x, y, role):
+        model = lambda: build_model(spec, split, init=generator(seed, role, "init"))
+        return lambda: train(model(), x, y, generator(seed, role), **spec.train)
+
+    cfg_p, cfg_r = (
+        checkpoint_config(spec, seed, "poisoned"),
+        checkpoint_config(spec, seed, "retrain"),
+    )
+    state_p = ensure(store, cfg_p, fit(poisoned.x, poisoned.y, "poisoned"))
+    state_r = ensure(store, cfg_r, fit(*poisoned.without_poisons(), "retrain"))
+    noise = poisoned.noise
+    probe = Probe(
+        split.x_val,
+        split.y_val,
+        split.x_test,
+        split.y_test,
+        forget,
+        retain,
+        poisoned,
+        x_clean_poison=split.x_train[poisoned.poison_idx],
+        control_noise=None
+        if noise is None
+        else poisoned.eps * torch.randn(noise.shape, generator=generator(seed, "control")),
+    )
+    attack = spec.attack["name"]
+    before = measure(_loaded(spec, split, state_p), probe, attack)
+    after_retrain = measure(_loaded(spec, split, state_r), probe, attack)
+    c_train = train_cost(epochs, len(poisoned.y))
+    return Setup(
+        split,
+        poisoned,
+        probe,
+        c_train,
+        key_of(cfg_p),
+        key_of(cfg_r),
+        state_p,
+        before,
+        after_retrain,
+    )
+
+
+def _loaded(spec: Spec, split: Split, state: dict) -> torch.nn.Module:
+    model = build_model(spec, split)
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def run_trial(
+    spec: Spec,
+    store: Store,
+    method: str,
+    budget: float,
+    params: dict,
+    number: int,
+    report: Callable[[dict], None],
+    seed: int | None = None,
+) -> dict:
+    """Unlearn the poisoned model with one method and setting, measure it, report one row."""
+    started = time.time()
+    seed = spec.seed if seed is None else seed
+    setup = prepare(json.dumps(spec.raw, sort_keys=True), store.uri, seed)
+
+    model = _loaded(spec, setup.split, setup.poisoned_state)
+    meter = Meter(budget * setup.c_train)
+    gen = generator(seed, method, budget, number)
+    UNLEARNERS[method](model, setup.probe.forget, setup.probe.retain, meter, gen, **params)
+    after = measure(model.eval(), setup.probe, spec.attack["name"])
+
+    r_val = residual(after["effect_val"], setup.before["effect_val"], setup.retrain["effect_val"])
+    r_test = residual(
+        after["effect_test"], setup.before["effect_test"], setup.retrain["effect_test"]
+    )
+    if not all(math.isfinite(v) for v in (r_val, after["clean_acc_val"])):
+        raise FloatingPointError(f"{method}: non-finite result (r={r_val}); the model diverged")
+    shortfall = setup.retrain["clean_acc_val"] - spec.delta - after["clean_acc_val"]
+    row = {
+        "seed": seed,
+        "poisoned_key": setup.poisoned_key,
+        "retrain_key": setup.retrain_key,
+        "budget_used": meter.fraction_used(),
+        "budget_units": meter.used,
+        "residual_val": r_val,
+        "residual": r_test,
+        "attack_ok": ATTACK_OK[spec.attack["name"]](setup.before, setup.retrain),
+        "feasible": shortfall <= 0,
+        "objective": objective(r_val, shortfall),
+        "wall_s": time.time() - started,
+        **{f"before_{k}": v for k, v in setup.before.items()},
+        **{f"after_{k}": v for k, v in after.items()},
+        **{f"retrain_{k}": v for k, v in setup.retrain.items()},
+    }
+    report(row)
+    return row
+
+
+def objective(r_val: float, shortfall: float) -> float:
+    """Minimise r on val subject to clean_acc_val >= retrain's - delta (DESIGN section 5).
+
+    An infeasible trial scores 10 + its accuracy shortfall: worse than any feasible trial with
+    r < 10 (r = 1 already means nothing was removed), and graded so the sampler can climb out.
+    """
+    return r_val if shortfall <= 0 else 10.0 + shortfall
