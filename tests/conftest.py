@@ -1,0 +1,52 @@
+"""Shared fixtures. Plain `pytest` runs everything; `-m "not integration"` skips real-Ray tests."""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+import torch
+
+# Nothing may download at test time: make any hub access fail fast.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+TINY_SPEC = {
+    "name": "tiny",
+    "dataset": {"name": "digits", "size": 16},
+    "model": {"name": "mlp", "width": 64, "depth": 1},
+    "attack": {"name": "gaussian", "n": 30, "eps": 2.0},
+    "train": {"epochs": 8, "lr": 0.05, "batch_size": 64},
+    "budgets": [0.05, 0.1],
+    "trials_per_cell": 2,
+    "delta": 0.05,
+    "seed": 0,
+    "methods": {
+        "gd": {"lr": {"low": 1e-4, "high": 1e-1, "log": True}},
+        "ga": {"lr": {"low": 1e-6, "high": 1e-3, "log": True}, "steps": 5},
+    },
+}
+
+
+@pytest.fixture
+def tiny_spec_dict():
+    """A spec small enough that a whole trial takes well under a second."""
+    return copy.deepcopy(TINY_SPEC)
+
+
+@pytest.fixture
+def gen():
+    return torch.Generator().manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def local_ray():
+    """A local Ray on loopback with 2 CPUs, shared by the integration tests of this session."""
+    import ray
+
+    from raysweep.sweep import start_ray
+
+    start_ray(None, num_cpus=2)
+    yield ray
+    ray.shutdown()
