@@ -9,10 +9,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .text import imdb, synthetic_imdb  # text: GPT-2 token ids, see text.py
+
 
 @dataclass(frozen=True)
 class Split:
-    """Train/val/test tensors; images are float32 (N, C, H, W) standardised per channel on train."""
+    """Train/val/test tensors; images are float32 (N, C, H, W) standardised per channel on train.
+
+    Text is long (N, T): GPT-2 token ids, right-padded (text.py). `noise_shape` is the shape of
+    one row where the Gaussian attack's noise lives, which the model decides
+    (models.noise_shape: the input itself for images, the token embeddings for text); the trial
+    fills it in, None until then.
+    """
 
     x_train: torch.Tensor
     y_train: torch.Tensor
@@ -21,6 +29,7 @@ class Split:
     x_test: torch.Tensor
     y_test: torch.Tensor
     num_classes: int
+    noise_shape: tuple[int, ...] | None = None
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -88,4 +97,6 @@ def cifar10(
 DATASETS = {
     "digits": digits,
     "cifar10": cifar10,
+    "imdb": imdb,
+    "synthetic_imdb": synthetic_imdb,
 }

@@ -5,6 +5,9 @@ and training noise xi_i, g_i = grad_x loss(theta; x_i, y_i) at the clean input (
 I_i = <xi_i, g_i> / (eps ||g_i||). If theta never saw xi_i, I_i ~ N(0, 1) exactly, because it is
 a standard normal projected on a unit vector that does not depend on it. A model that fit
 x_i + xi_i has lower loss along xi_i, so I_i drifts negative.
+
+"Input" is wherever the model says the noise lives (models.noise_space): the pixels for images,
+the token embeddings for text, where padding gets no noise and, by causality, no gradient.
 """
 
 from __future__ import annotations
@@ -18,7 +21,9 @@ import torch.nn.functional as F
 from scipy.stats import norm
 from torch import nn
 
+from . import text
 from .attacks import Poisoned
+from .models import noise_space
 
 FPR = 0.01
 Z_AT_FPR = float(norm.ppf(FPR))  # one-sided threshold on I: about -2.326
@@ -58,7 +63,8 @@ def losses(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 def input_gradients(
     model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 256
 ) -> torch.Tensor:
-    """Per-sample grad_x loss in float64, one backward pass per batch.
+    """Per-sample gradients of the loss w.r.t. the clean input (models.noise_space), float64,
+    one backward pass per batch.
 
     In eval mode the samples of a batch do not interact, so the gradient of the summed loss with
     respect to the batch input is exactly the stack of per-sample input gradients.
@@ -66,11 +72,13 @@ def input_gradients(
     model64 = copy.deepcopy(model).double().eval()
     for p in model64.parameters():
         p.requires_grad_(False)
+    embed, rest = noise_space(model64)
     grads = []
     for i in range(0, len(x), batch_size):
-        xb = x[i : i + batch_size].double().requires_grad_(True)
-        loss = F.cross_entropy(model64(xb), y[i : i + batch_size], reduction="sum")
-        (g,) = torch.autograd.grad(loss, xb)
+        xb = x[i : i + batch_size]
+        r = embed(xb).double().detach().requires_grad_(True)
+        loss = F.cross_entropy(rest(r, xb), y[i : i + batch_size], reduction="sum")
+        (g,) = torch.autograd.grad(loss, r)
         grads.append(g.flatten(1))
     return torch.cat(grads)
 
@@ -133,16 +141,20 @@ METRICS = {
     "clean_acc": clean_acc,
     "gaussian": gaussian,
     "loss_mia": loss_mia,
+    "text_backdoor": text.backdoor_asr,
 }
 
 # The attack's effect E (higher = stronger poison) from a model's metrics, per split.
 EFFECTS = {
     "gaussian": lambda m, split: -m["gus"],
+    "text_backdoor": lambda m, split: m[f"asr_{split}"],
 }
 
 # Did the attack work on the poisoned model (judged against the retrain reference)?
 ATTACK_OK = {
     "gaussian": lambda before, retrain: before["gus_p"] < 0.01 and before["gus"] < 0,
+    # the trigger flips at least half of the other class, and 0.2 more than without poisons
+    "text_backdoor": lambda before, retrain: before["asr_val"] >= max(0.5, retrain["asr_val"] + 0.2),
 }
 
 

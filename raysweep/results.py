@@ -32,6 +32,8 @@ METRICS = {
     "tpr_at_1fpr": "Gaussian MIA: fraction of poisons with I <= Phi^-1(0.01)",
     "control_gus_z": "gus_z of fresh noise never trained on (must look N(0,1))",
     "loss_mia_tpr": "loss-threshold MIA: TPR on the forget set at 1% FPR on test",
+    "asr_val": "backdoor attack success rate: triggered val rows not of y_adv classified y_adv",
+    "asr_test": "backdoor attack success rate on test (text_backdoor)",
     "effect_val": "the attack's effect E on val (higher = stronger poison)",
     "effect_test": "the attack's effect E on test",
 }

@@ -12,7 +12,7 @@ import json
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -21,10 +21,10 @@ from .budget import Meter, train_cost
 from .checkpoints import ensure, key_of
 from .data import DATASETS, Split
 from .metrics import ATTACK_OK, Probe, measure, residual
-from .models import MODELS, seeded
+from .models import MODELS, carry_noise, noise_shape, seeded
 from .spec import Spec, validate
 from .storage import Store, open_store
-from .train import train
+from .train import autocast, train
 from .unlearners import UNLEARNERS
 
 
@@ -57,12 +57,19 @@ class Setup:
     retrain: dict  # metrics of the retrain reference
 
 
-def build_model(spec: Spec, split: Split, init: torch.Generator | None = None) -> torch.nn.Module:
-    """The spec's model; freshly initialised from `init` (or left to be loaded from a state dict)."""
+def build_model(
+    spec: Spec, split: Split, init: torch.Generator | None = None, poisoned: Poisoned | None = None
+) -> torch.nn.Module:
+    """The spec's model; freshly initialised from `init` (or left to be loaded from a state dict).
+
+    With `poisoned`, a model that adds the Gaussian noise itself (text) gets it, so the poisoned
+    rows of S_corr reach it as they were trained on.
+    """
     cfg = spec.model
     fn = MODELS[cfg["name"]]
     build = lambda: fn(split.input_shape, split.num_classes, **_kwargs(cfg))
-    return seeded(build, init) if init is not None else build()
+    model = seeded(build, init) if init is not None else build()
+    return carry_noise(model, poisoned.noise if poisoned is not None else None)
 
 
 def _forget_retain(poisoned: Poisoned, known_fraction: float, seed: int):
@@ -93,6 +100,9 @@ def prepare(spec_json: str, store_uri: str, seed: int) -> Setup:
     """Load data, poison it, train-or-load both checkpoints and measure them (cached per process)."""
     spec, store = validate(json.loads(spec_json), "<trial>"), open_store(store_uri)
     split = DATASETS[spec.dataset["name"]](**_kwargs(spec.dataset))
+    with torch.device("meta"):  # only shapes: where the model wants the Gaussian noise
+        shape = noise_shape(build_model(spec, split), split.input_shape)
+    split = replace(split, noise_shape=shape)
     poisoned = ATTACKS[spec.attack["name"]](
         split, generator(seed, "attack"), **_kwargs(spec.attack)
     )
@@ -100,7 +110,7 @@ def prepare(spec_json: str, store_uri: str, seed: int) -> Setup:
     epochs = spec.train.get("epochs", 30)
 
     def fit(x, y, role):
-        model = lambda: build_model(spec, split, init=generator(seed, role, "init"))
+        model = lambda: build_model(spec, split, generator(seed, role, "init"), poisoned)
         return lambda: train(model(), x, y, generator(seed, role), **spec.train)
 
     cfg_p, cfg_r = (
@@ -124,8 +134,8 @@ def prepare(spec_json: str, store_uri: str, seed: int) -> Setup:
         else poisoned.eps * torch.randn(noise.shape, generator=generator(seed, "control")),
     )
     attack = spec.attack["name"]
-    before = measure(_loaded(spec, split, state_p), probe, attack)
-    after_retrain = measure(_loaded(spec, split, state_r), probe, attack)
+    before = measure(_loaded(spec, split, poisoned, state_p), probe, attack)
+    after_retrain = measure(_loaded(spec, split, poisoned, state_r), probe, attack)
     c_train = train_cost(epochs, len(poisoned.y))
     return Setup(
         split,
@@ -140,8 +150,8 @@ def prepare(spec_json: str, store_uri: str, seed: int) -> Setup:
     )
 
 
-def _loaded(spec: Spec, split: Split, state: dict) -> torch.nn.Module:
-    model = build_model(spec, split)
+def _loaded(spec: Spec, split: Split, poisoned: Poisoned, state: dict) -> torch.nn.Module:
+    model = build_model(spec, split, poisoned=poisoned)
     model.load_state_dict(state)
     return model.eval()
 
@@ -161,10 +171,11 @@ def run_trial(
     seed = spec.seed if seed is None else seed
     setup = prepare(json.dumps(spec.raw, sort_keys=True), store.uri, seed)
 
-    model = _loaded(spec, setup.split, setup.poisoned_state)
+    model = _loaded(spec, setup.split, setup.poisoned, setup.poisoned_state)
     meter = Meter(budget * setup.c_train)
     gen = generator(seed, method, budget, number)
-    UNLEARNERS[method](model, setup.probe.forget, setup.probe.retain, meter, gen, **params)
+    with autocast(spec.train.get("precision", "fp32"), model):  # as the model was trained
+        UNLEARNERS[method](model, setup.probe.forget, setup.probe.retain, meter, gen, **params)
     after = measure(model.eval(), setup.probe, spec.attack["name"])
 
     r_val = residual(after["effect_val"], setup.before["effect_val"], setup.retrain["effect_val"])
