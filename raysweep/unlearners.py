@@ -103,7 +103,7 @@ def _kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> tor
 def _relabel(forget: Pair, retain: Pair, generator: torch.Generator) -> Pair:
     """S_f with each label replaced by a random *other* class, then S_r unchanged."""
     (xf, yf), (xr, yr) = forget, retain
-    classes = int(torch.cat([yf, yr]).max()) + 1
+    classes = int(torch.cat([yf, yr]).max()) + 1  # the labels seen; every class, in practice
     shift = torch.randint(1, classes, yf.shape, generator=generator).to(yf.device)
     return torch.cat([xf, xr]), torch.cat([(yf + shift) % classes, yr])
 
@@ -188,7 +188,9 @@ def _split_last(model: nn.Module, k: int) -> tuple[nn.Sequential, nn.Sequential]
 @torch.no_grad()
 def _features(prefix: nn.Sequential, x: torch.Tensor, chunk: int = 256) -> torch.Tensor:
     prefix.eval()  # eval: the frozen blocks' BatchNorm statistics must not move either
-    return torch.cat([prefix(x[i : i + chunk]) for i in range(0, len(x), chunk)] or [x])
+    if len(x) == 0:  # the budget could not pay for a single row: nothing will train
+        return x
+    return torch.cat([prefix(x[i : i + chunk]) for i in range(0, len(x), chunk)])
 
 
 def _train_last(prefix, suffix, retain: Pair, meter: Meter, generator, lr, bs, momentum, wd):
