@@ -195,9 +195,11 @@ def run_trial(
 
 
 def objective(r_val: float, shortfall: float) -> float:
-    """Minimise r on val subject to clean_acc_val >= retrain's - delta (DESIGN section 5).
+    """Minimise |r| on val subject to clean_acc_val >= retrain's - delta (DESIGN section 5).
 
+    |r|, not r: overshooting the retrain reference (r < 0, e.g. a Gaussian score pushed positive)
+    leaves a detectable trace too, and "better than retraining" is not what unlearning promises.
     An infeasible trial scores 10 + its accuracy shortfall: worse than any feasible trial with
-    r < 10 (r = 1 already means nothing was removed), and graded so the sampler can climb out.
+    |r| < 10 (|r| = 1 already means nothing was removed), and graded so the sampler can climb out.
     """
-    return r_val if shortfall <= 0 else 10.0 + shortfall
+    return abs(r_val) if shortfall <= 0 else 10.0 + shortfall
