@@ -1,4 +1,5 @@
-"""Command line: `raysweep validate SPEC`, `raysweep run SPEC [--storage PATH] [--address ADDR]`."""
+"""Command line: `raysweep validate SPEC`, `raysweep run SPEC [--storage PATH] [--address ADDR]`,
+`raysweep report RUN_DIR [--out DIR]`."""
 
 from __future__ import annotations
 
@@ -31,6 +32,19 @@ def _run(args) -> int:
     return 0
 
 
+def _report(args) -> int:
+    from . import report
+
+    try:
+        md, paths = report.write(args.run_dir, args.out)
+    except report.ReportError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(md)
+    print("\n".join(["", "wrote:", *paths]))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="raysweep", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -43,6 +57,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--address", default=None, help="Ray cluster address (default: start locally)")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs for a local Ray")
     p.set_defaults(fn=_run)
+    p = sub.add_parser("report", help="tables (Markdown, CSV) and figures of a finished run")
+    p.add_argument("run_dir", help="<storage>/<experiment>, e.g. runs/quickstart")
+    p.add_argument("--out", default=None, help="where to write (default: RUN_DIR/report)")
+    p.set_defaults(fn=_report)
     args = parser.parse_args(argv)
     try:
         return args.fn(args)
