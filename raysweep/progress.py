@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+import pandas as pd
 from ray import tune
 
 
@@ -14,14 +15,21 @@ class Progress(tune.Callback):
     confirmation shows the mean r on test over the seeds done so far.
     """
 
-    def __init__(self, phase: str, planned: dict[str, int], rows=None, every_s: float = 30.0):
+    def __init__(
+        self,
+        phase: str,
+        planned: dict[str, int],
+        rows: pd.DataFrame | None = None,
+        every_s: float = 30.0,
+    ):
+        """`planned`: trials per cell this phase; `rows`: the run's rows so far (on resume)."""
         self.phase, self.planned, self.every_s = phase, planned, every_s
         self.done = dict.fromkeys(planned, 0)
         self.failed = dict.fromkeys(planned, 0)
         self.r: dict[str, list[float]] = {c: [] for c in planned}
         self.t0 = self.last = time.time()
-        for row in [] if rows is None or not len(rows) else rows.itertuples():
-            if row.phase == phase and row.cell in planned:  # a resumed run starts from its rows
+        if rows is not None and len(rows):  # a resumed run starts from the rows it has
+            for row in rows[(rows["phase"] == phase) & rows["cell"].isin(planned)].itertuples():
                 self._count(row.cell, row.status == "ok", row.feasible, row.residual_val)
 
     def on_trial_complete(self, iteration, trials, trial, **info):

@@ -154,3 +154,18 @@ def test_progress_shows_done_planned_best_r_and_failures(capsys):
     table = p.table().splitlines()
     assert table[2].split() == ["gd-b0.1", "3/3", "0.300", "0"]
     assert table[3].split() == ["ga-b0.1", "1/3", "-", "1"]
+
+
+def test_progress_of_a_resumed_run_starts_from_its_rows():
+    rows = pd.DataFrame(
+        {
+            "phase": ["tune", "tune", "tune", "confirm"],
+            "cell": ["gd-b0.1", "gd-b0.1", "ga-b0.1", "gd-b0.1"],
+            "status": ["ok", "failed", "ok", "ok"],
+            "feasible": [True, None, False, True],
+            "residual_val": [0.25, None, 0.1, 0.0],
+        }
+    )
+    table = Progress("tune", {"gd-b0.1": 4, "ga-b0.1": 4}, rows).table().splitlines()
+    assert table[2].split() == ["gd-b0.1", "2/4", "0.250", "1"]
+    assert table[3].split() == ["ga-b0.1", "1/4", "infeasible", "0"]
