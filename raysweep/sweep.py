@@ -314,7 +314,7 @@ def run(spec: Spec, storage: str, address: str | None = None, num_cpus: int | No
     remaining = sum(spec.trials_per_cell - searcher.started[c] for c in searcher.cells)
     planned = dict.fromkeys(searcher.cells, spec.trials_per_cell)
     if remaining > 0:
-        trainable = make_trainable(spec, storage, threads=max(1, int(cpu)))
+        trainable = make_trainable(spec, store.uri, threads=max(1, int(cpu)))
         tuner = tune.Tuner(
             tune.with_resources(trainable, {"cpu": cpu, "gpu": gpu}),
             tune_config=tune.TuneConfig(
