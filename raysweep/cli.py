@@ -6,8 +6,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-import pandas as pd
-
 from .spec import SpecError, load
 
 
@@ -20,15 +18,15 @@ def _validate(args) -> int:
 
 def _run(args) -> int:
     spec = load(args.spec)  # fails here, before Ray starts, on any spec problem
-    from . import results, sweep
+    from . import report, results, sweep
 
     df = sweep.run(spec, args.storage, address=args.address, num_cpus=args.num_cpus)
     failed = int((df["status"] != "ok").sum()) if len(df) else 0
     where = f"{args.storage}/{spec.name}/results"
     print(f"\n{spec.name}: {len(df)} trials ({failed} failed); Parquet rows in {where}\n")
     if len(df):
-        with pd.option_context("display.width", 200, "display.max_columns", 20):
-            print(results.table(df).to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+        print(report.markdown_table(results.table(df)))
+        print(f"\nTables and figures: raysweep report {args.storage}/{spec.name}")
     return 0
 
 

@@ -69,11 +69,16 @@ def markdown(table: pd.DataFrame, experiment: str, df: pd.DataFrame) -> str:
         + (f"the confirmation seeds {', '.join(map(str, seeds))}." if seeds else "one run."),
         "r = 1: nothing removed (poisoned); r = 0: as good as retraining.",
         "",
-        "| attack | method | budget | n | "
-        + " | ".join(HEADERS.values())
-        + " | feasible | setting |",
-        "|" + "---|" * (6 + len(HEADERS)),
+        markdown_table(table),
     ]
+    lines += ["", *(f"![{name}]({name}.png)" for name in FIGURES), ""]
+    return "\n".join(lines)
+
+
+def markdown_table(table: pd.DataFrame) -> str:
+    """Just the table: one line per reference and per cell, mean ± std where there are seeds."""
+    cols = ["attack", "method", "budget", "n", *HEADERS.values(), "feasible (tuning)", "setting"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for row in table.to_dict("records"):
         budget = "" if pd.isna(row["budget"]) else f"{row['budget']:g}"
         stats = [_pm(row[k], row[f"{k}_std"]) for k in HEADERS]
@@ -81,7 +86,6 @@ def markdown(table: pd.DataFrame, experiment: str, df: pd.DataFrame) -> str:
         setting = "" if pd.isna(row["setting"]) else row["setting"]
         cells = [row["attack"], row["method"], budget, str(row["n"]), *stats, feasible, setting]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", *(f"![{name}]({name}.png)" for name in FIGURES), ""]
     return "\n".join(lines)
 
 
