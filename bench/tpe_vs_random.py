@@ -100,10 +100,11 @@ def main(argv: list[str] | None = None) -> dict:
     steps = sorted({k for k in (1, 2, 5, 10, 15, 20, 30, 50, 100) if k <= args.trials})
     steps = sorted({*steps, args.trials})
     print(f"best feasible r on val after k trials (mean over {args.repeats} sampler seeds)")
-    print(f"{'k':>4}" + "".join(f"{c + '/tpe':>14}{c + '/random':>14}" for c in curves))
+    w = 2 + max(len(f"{c}/{kind}") for c in curves for kind in SAMPLERS)
+    print(f"{'k':>4}" + "".join(f"{c + '/' + kind:>{w}}" for c in curves for kind in SAMPLERS))
     for k in steps:
         means = [_mean(c[kind][:, k - 1]) for c in curves.values() for kind in SAMPLERS]
-        print(f"{k:>4}" + "".join(f"{_fmt(m):>14}" for m in means))
+        print(f"{k:>4}" + "".join(f"{_fmt(m):>{w}}" for m in means))
     wins = {
         name: {
             "tpe": int((c["tpe"][:, -1] < c["random"][:, -1]).sum()),
