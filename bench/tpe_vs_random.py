@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 import tempfile
 import time
 
@@ -79,7 +80,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--trials", type=int, default=30, help="trials per study")
     p.add_argument("--repeats", type=int, default=3, help="sampler seeds per (cell, sampler)")
     p.add_argument("--storage", default=None, help="checkpoint store (default: a temp dir)")
-    args = p.parse_args(argv)
+    args = p.parse_args(argv or [])  # `make bench` calls main() with its own sys.argv
     torch.set_num_threads(1)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     started = time.time()
@@ -125,6 +126,10 @@ def main(argv: list[str] | None = None) -> dict:
         "mean_final": {n: {k: _mean(v[:, -1]) for k, v in c.items()} for n, c in curves.items()},
         "wins": wins,
         "seconds": seconds,
+        # Scalars for `make bench`'s one-line summary.
+        "tpe_wins": sum(w["tpe"] for w in wins.values()),
+        "random_wins": sum(w["random"] for w in wins.values()),
+        **{f"final_{n}_{k}": _mean(v[:, -1]) for n, c in curves.items() for k, v in c.items()},
     }
 
 
@@ -134,4 +139,4 @@ def _mean(values: np.ndarray) -> float:
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])
