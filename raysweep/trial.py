@@ -20,7 +20,7 @@ from .attacks import ATTACKS, Poisoned
 from .budget import Meter, train_cost
 from .checkpoints import ensure, key_of
 from .data import DATASETS, Split
-from .metrics import ATTACK_OK, Probe, measure, residual
+from .metrics import ATTACK_OK, Probe, gaussian_scores, measure, residual
 from .models import MODELS, seeded
 from .spec import Spec, validate
 from .storage import Store, open_store
@@ -55,6 +55,8 @@ class Setup:
     poisoned_state: dict
     before: dict  # metrics of the poisoned model
     retrain: dict  # metrics of the retrain reference
+    before_scores: list[float] | None  # per-poison Gaussian scores I_i (report's histograms)
+    retrain_scores: list[float] | None
 
 
 def build_model(spec: Spec, split: Split, init: torch.Generator | None = None) -> torch.nn.Module:
@@ -124,8 +126,8 @@ def prepare(spec_json: str, store_uri: str, seed: int) -> Setup:
         else poisoned.eps * torch.randn(noise.shape, generator=generator(seed, "control")),
     )
     attack = spec.attack["name"]
-    before = measure(_loaded(spec, split, state_p), probe, attack)
-    after_retrain = measure(_loaded(spec, split, state_r), probe, attack)
+    model_p, model_r = _loaded(spec, split, state_p), _loaded(spec, split, state_r)
+    before, after_retrain = measure(model_p, probe, attack), measure(model_r, probe, attack)
     c_train = train_cost(epochs, len(poisoned.y))
     return Setup(
         split,
@@ -137,7 +139,22 @@ def prepare(spec_json: str, store_uri: str, seed: int) -> Setup:
         state_p,
         before,
         after_retrain,
+        poison_scores(model_p, probe),
+        poison_scores(model_r, probe),
     )
+
+
+def poison_scores(model: torch.nn.Module, probe: Probe) -> list[float] | None:
+    """The per-poison scores I_i behind gus (None without Gaussian noise), kept for the report.
+
+    A second input-gradient pass over the poisons only (cheap next to unlearning), so the report
+    can draw the paper's Figure 6 from the Parquet rows alone, without torch or checkpoints.
+    """
+    p = probe.poisoned
+    if p.noise is None:
+        return None
+    y = p.y[p.poison_idx]
+    return gaussian_scores(model, probe.x_clean_poison, y, p.noise, p.eps).tolist()
 
 
 def _loaded(spec: Spec, split: Split, state: dict) -> torch.nn.Module:
@@ -189,6 +206,9 @@ def run_trial(
         **{f"before_{k}": v for k, v in setup.before.items()},
         **{f"after_{k}": v for k, v in after.items()},
         **{f"retrain_{k}": v for k, v in setup.retrain.items()},
+        "before_scores": setup.before_scores,
+        "after_scores": poison_scores(model, setup.probe),
+        "retrain_scores": setup.retrain_scores,
     }
     report(row)
     return row
