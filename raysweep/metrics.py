@@ -93,7 +93,7 @@ def gaussian_scores(
 ) -> torch.Tensor:
     """I_i = <xi_i, g_i> / (eps ||g_i||) in float64, one per row."""
     g = input_gradients(model, x_clean, y)
-    xi = noise.flatten(1).double()
+    xi = noise.flatten(1).double().to(g.device)
     return (xi * g).sum(1) / (eps * g.norm(dim=1).clamp_min(1e-300))
 
 

@@ -6,6 +6,7 @@ runs one trial in-process. The sweep calls the same function inside Ray Tune.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -26,6 +27,12 @@ from .spec import Spec, validate
 from .storage import Store, open_store
 from .train import train
 from .unlearners import UNLEARNERS
+
+
+def device() -> torch.device:
+    """Where trials compute. Ray exposes only the GPUs a trial was given (CUDA_VISIBLE_device()S,
+    set before the trial runs), so any visible GPU is this trial's."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def derive_seed(*parts) -> int:
@@ -98,11 +105,14 @@ def prepare(spec_json: str, store_uri: str, seed: int) -> Setup:
     poisoned = ATTACKS[spec.attack["name"]](
         split, generator(seed, "attack"), **_kwargs(spec.attack)
     )
+    # Crafting and splitting run on the CPU; everything after runs where the trial was placed.
+    poisoned = _moved(poisoned, device())
+    split = _moved(split, device())
     forget, retain = _forget_retain(poisoned, spec.forget["known_fraction"], seed)
     epochs = spec.train.get("epochs", 30)
 
     def fit(x, y, role):
-        model = lambda: build_model(spec, split, init=generator(seed, role, "init"))
+        model = lambda: build_model(spec, split, init=generator(seed, role, "init")).to(device())
         return lambda: train(model(), x, y, generator(seed, role), **spec.train)
 
     cfg_p, cfg_r = (
@@ -123,7 +133,8 @@ def prepare(spec_json: str, store_uri: str, seed: int) -> Setup:
         x_clean_poison=split.x_train[poisoned.poison_idx],
         control_noise=None
         if noise is None
-        else poisoned.eps * torch.randn(noise.shape, generator=generator(seed, "control")),
+        else poisoned.eps
+        * torch.randn(noise.shape, generator=generator(seed, "control")).to(device()),
     )
     attack = spec.attack["name"]
     model_p, model_r = _loaded(spec, split, state_p), _loaded(spec, split, state_r)
@@ -160,7 +171,14 @@ def poison_scores(model: torch.nn.Module, probe: Probe) -> list[float] | None:
 def _loaded(spec: Spec, split: Split, state: dict) -> torch.nn.Module:
     model = build_model(spec, split)
     model.load_state_dict(state)
-    return model.eval()
+    return model.to(device()).eval()
+
+
+def _moved(obj, device: torch.device):
+    """A copy of a frozen dataclass with every tensor field on `device`."""
+    tensors = {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
+    moved = {k: v.to(device) for k, v in tensors.items() if isinstance(v, torch.Tensor)}
+    return dataclasses.replace(obj, **moved)
 
 
 def run_trial(

@@ -16,96 +16,33 @@ full run on a random subsample of what it can.
 
 from __future__ import annotations
 
-import copy
 import itertools
 import math
-from collections.abc import Callable, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .budget import FORWARD_ONLY, Meter, metered
-from .models import blocks, seeded
-
-Pair = tuple[torch.Tensor, torch.Tensor]
+from .models import blocks
+from .steps import (
+    Pair,
+    descend,
+    features,
+    fisher,
+    frozen,
+    kl,
+    one_epoch,
+    reinit,
+    relabel,
+    saliency_masks,
+    sgd,
+    step,
+    subset,
+)
 
 # One example through the student (forward+backward) and through one frozen teacher (forward).
 TAUGHT = 1.0 + FORWARD_ONLY
-
-
-# --- shared pieces ------------------------------------------------------------------------------
-
-
-def _sgd(params, lr: float, momentum: float, weight_decay: float) -> torch.optim.SGD:
-    return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
-
-
-def _step(opt: torch.optim.Optimizer, loss: torch.Tensor, before_step=None) -> None:
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    if before_step is not None:
-        before_step()
-    opt.step()
-
-
-def _descend(
-    model: nn.Module,
-    opt: torch.optim.Optimizer,
-    batches: Iterable[Pair],
-    sign: float = 1.0,
-    after_step: Callable[[], None] | None = None,
-    before_step: Callable[[], None] | None = None,
-) -> None:
-    """Minimise sign * cross-entropy over `batches` (sign=-1 is gradient ascent)."""
-    model.train()
-    for xb, yb in batches:
-        _step(opt, sign * F.cross_entropy(model(xb), yb), before_step)
-        if after_step is not None:
-            after_step()
-
-
-def _epoch(meter: Meter, x, y, batch_size: int, generator, cost: float = 1.0) -> Iterator[Pair]:
-    """One shuffled pass over (x, y) charged to `meter`; shorter if the budget runs out."""
-    steps = -(-len(y) // batch_size)
-    # range first: zip stops on it without drawing (and paying for) one batch too many.
-    return (b for _, b in zip(range(steps), metered(meter, x, y, batch_size, generator, cost)))
-
-
-def _subset(meter: Meter, x, y, generator, cost: float, limit: int) -> Pair:
-    """A random subset of at most `limit` rows of (x, y): as many as `meter` grants at `cost`."""
-    granted = meter.take(min(len(y), max(limit, 0)), cost)
-    idx = torch.randperm(len(y), generator=generator)[:granted].to(y.device)
-    return x[idx], y[idx]
-
-
-def _frozen(model: nn.Module) -> nn.Module:
-    """A frozen copy in eval mode: a teacher whose forward passes cost FORWARD_ONLY."""
-    teacher = copy.deepcopy(model).eval()
-    teacher.requires_grad_(False)
-    return teacher
-
-
-def _reinit(module: nn.Module, generator: torch.Generator) -> None:
-    """Re-initialise every layer in `module` as its constructor did, drawing from `generator`."""
-    # reset_parameters is torch's protocol for "initialise me" (BatchNorm also resets its stats).
-    layers = [m for m in module.modules() if hasattr(m, "reset_parameters")]
-    seeded(lambda: [m.reset_parameters() for m in layers], generator)
-
-
-def _kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
-    """KL(teacher || student) of temperature-softened outputs, times T^2 (Hinton et al. 2015)."""
-    t = temperature
-    log_s, log_t = F.log_softmax(student / t, 1), F.log_softmax(teacher / t, 1)
-    return F.kl_div(log_s, log_t, log_target=True, reduction="batchmean") * t * t
-
-
-def _relabel(forget: Pair, retain: Pair, generator: torch.Generator) -> Pair:
-    """S_f with each label replaced by a random *other* class, then S_r unchanged."""
-    (xf, yf), (xr, yr) = forget, retain
-    classes = int(torch.cat([yf, yr]).max()) + 1  # the labels seen; every class, in practice
-    shift = torch.randint(1, classes, yf.shape, generator=generator).to(yf.device)
-    return torch.cat([xf, xr]), torch.cat([(yf + shift) % classes, yr])
 
 
 # --- retain-set descent and forget-set ascent (the paper's GD, NGD, GA) -------------------------
@@ -124,8 +61,8 @@ def gd(
     weight_decay: float = 5e-4,
 ) -> None:
     """Keep training on the retain set (Neel et al. 2021) until the budget is spent."""
-    opt = _sgd(model.parameters(), lr, momentum, weight_decay)
-    _descend(model, opt, metered(meter, *retain, batch_size, generator))
+    opt = sgd(model.parameters(), lr, momentum, weight_decay)
+    descend(model, opt, metered(meter, *retain, batch_size, generator))
 
 
 def ngd(
@@ -143,7 +80,7 @@ def ngd(
 ) -> None:
     """GD on the retain set, adding N(0, sigma2 I) to every parameter after each step."""
     params = list(model.parameters())
-    opt = _sgd(params, lr, momentum, weight_decay)
+    opt = sgd(params, lr, momentum, weight_decay)
     std = sigma2**0.5
 
     @torch.no_grad()
@@ -152,7 +89,7 @@ def ngd(
             noise = torch.randn(p.shape, generator=generator, dtype=p.dtype)
             p.add_(noise.to(p.device), alpha=std)
 
-    _descend(model, opt, metered(meter, *retain, batch_size, generator), after_step=add_noise)
+    descend(model, opt, metered(meter, *retain, batch_size, generator), after_step=add_noise)
 
 
 def ga(
@@ -167,10 +104,10 @@ def ga(
     batch_size: int = 64,
 ) -> None:
     """Gradient ascent on the forget set for at most `steps` steps (Graves et al. 2021)."""
-    opt = _sgd(model.parameters(), lr, 0.0, 0.0)
+    opt = sgd(model.parameters(), lr, 0.0, 0.0)
     batches = metered(meter, *forget, batch_size, generator)
     # range first: zip stops on it without drawing (and paying for) one batch too many.
-    _descend(model, opt, (b for _, b in zip(range(steps), batches)), sign=-1.0)
+    descend(model, opt, (b for _, b in zip(range(steps), batches)), sign=-1.0)
 
 
 # --- the last K blocks (Goel et al. 2022) -------------------------------------------------------
@@ -185,14 +122,6 @@ def _split_last(model: nn.Module, k: int) -> tuple[nn.Sequential, nn.Sequential]
     return nn.Sequential(*bs[: len(bs) - k]), nn.Sequential(*bs[len(bs) - k :])
 
 
-@torch.no_grad()
-def _features(prefix: nn.Sequential, x: torch.Tensor, chunk: int = 256) -> torch.Tensor:
-    prefix.eval()  # eval: the frozen blocks' BatchNorm statistics must not move either
-    if len(x) == 0:  # the budget could not pay for a single row: nothing will train
-        return x
-    return torch.cat([prefix(x[i : i + chunk]) for i in range(0, len(x), chunk)])
-
-
 def _train_last(prefix, suffix, retain: Pair, meter: Meter, generator, lr, bs, momentum, wd):
     """Train `suffix` on S_r seen through the frozen `prefix` (EUk and CFk).
 
@@ -202,10 +131,10 @@ def _train_last(prefix, suffix, retain: Pair, meter: Meter, generator, lr, bs, m
     memory: rows x the prefix's output size.
     """
     cost = FORWARD_ONLY if len(prefix) else 0.0
-    x, y = _subset(meter, *retain, generator, cost, math.floor(meter.left / (1.0 + cost)))
-    features = _features(prefix, x)
-    opt = _sgd(suffix.parameters(), lr, momentum, wd)
-    _descend(suffix, opt, metered(meter, features, y, bs, generator))
+    x, y = subset(meter, *retain, generator, cost, math.floor(meter.left / (1.0 + cost)))
+    feats = features(prefix, x)
+    opt = sgd(suffix.parameters(), lr, momentum, wd)
+    descend(suffix, opt, metered(meter, feats, y, bs, generator))
 
 
 def euk(
@@ -223,7 +152,7 @@ def euk(
 ) -> None:
     """Exact unlearning of the last k blocks: re-initialise them, train only them on S_r."""
     prefix, suffix = _split_last(model, k)
-    _reinit(suffix, generator)
+    reinit(suffix, generator)
     _train_last(prefix, suffix, retain, meter, generator, lr, batch_size, momentum, weight_decay)
 
 
@@ -252,7 +181,7 @@ def scrub_max_step(student, teacher, x, opt, temperature: float) -> None:
     """One SCRUB max step: push the student's outputs on forget rows `x` away from the teacher's."""
     with torch.no_grad():
         target = teacher(x)
-    _step(opt, -_kl(student(x), target, temperature))
+    step(opt, -kl(student(x), target, temperature))
 
 
 def scrub_min_step(student, teacher, x, y, opt, alpha: float, gamma: float, temperature: float):
@@ -260,7 +189,7 @@ def scrub_min_step(student, teacher, x, y, opt, alpha: float, gamma: float, temp
     with torch.no_grad():
         target = teacher(x)
     out = student(x)
-    _step(opt, alpha * _kl(out, target, temperature) + gamma * F.cross_entropy(out, y))
+    step(opt, alpha * kl(out, target, temperature) + gamma * F.cross_entropy(out, y))
 
 
 def scrub(
@@ -284,14 +213,14 @@ def scrub(
     `max_epochs` is the original's `msteps`: epochs after it are min-only. The teacher is the
     model as given; each step pays its forward as well as the student's forward+backward.
     """
-    teacher, opt = _frozen(model), _sgd(model.parameters(), lr, momentum, weight_decay)
+    teacher, opt = frozen(model), sgd(model.parameters(), lr, momentum, weight_decay)
     model.train()
     for epoch in itertools.count():
         if epoch < max_epochs:
-            for xb, _ in _epoch(meter, *forget, batch_size, generator, TAUGHT):
+            for xb, _ in one_epoch(meter, *forget, batch_size, generator, TAUGHT):
                 scrub_max_step(model, teacher, xb, opt, temperature)
         steps = 0
-        for xb, yb in _epoch(meter, *retain, batch_size, generator, TAUGHT):
+        for xb, yb in one_epoch(meter, *retain, batch_size, generator, TAUGHT):
             scrub_min_step(model, teacher, xb, yb, opt, alpha, gamma, temperature)
             steps += 1
         if steps == 0:  # the budget is spent (or S_r is empty)
@@ -315,19 +244,19 @@ def bad_teacher(
     """Bad Teacher (Chundawat et al. 2023): on S_f imitate a randomly initialised copy of the
     model, on a random `retain_fraction` of S_r imitate the original. Each row pays one teacher.
     """
-    good, bad = _frozen(model), _frozen(model)
-    _reinit(bad, generator)
+    good, bad = frozen(model), frozen(model)
+    reinit(bad, generator)
     (xf, _), (xr, _) = forget, retain
     keep = torch.randperm(len(xr), generator=generator)[: max(1, round(retain_fraction * len(xr)))]
     x = torch.cat([xf, xr[keep.to(xr.device)]])
     is_forget = torch.arange(len(x), device=x.device) < len(xf)
-    opt = _sgd(model.parameters(), lr, momentum, weight_decay)
+    opt = sgd(model.parameters(), lr, momentum, weight_decay)
     model.train()
     for xb, fb in metered(meter, x, is_forget, batch_size, generator, TAUGHT):
         x_keep, x_forget = xb[~fb], xb[fb]
         with torch.no_grad():
             target = torch.cat([good(x_keep), bad(x_forget)])
-        _step(opt, _kl(model(torch.cat([x_keep, x_forget])), target, temperature))
+        step(opt, kl(model(torch.cat([x_keep, x_forget])), target, temperature))
 
 
 # --- two-sided objectives and random labels (NegGrad+, RL, SalUn, l1-sparse) --------------------
@@ -347,7 +276,7 @@ def neggrad_plus(
     weight_decay: float = 5e-4,
 ) -> None:
     """NegGrad+ (Kurmanji et al. 2023): minimise beta * L(S_r) - (1 - beta) * L(S_f) per step."""
-    opt = _sgd(model.parameters(), lr, momentum, weight_decay)
+    opt = sgd(model.parameters(), lr, momentum, weight_decay)
     model.train()
     # Both batches are paid for. zip draws the retain batch first, so if the budget ends on the
     # forget batch, one retain batch is paid and unused: an overcharge, never an undercharge.
@@ -355,7 +284,7 @@ def neggrad_plus(
     forget_batches = metered(meter, *forget, batch_size, generator)
     for (xr, yr), (xf, yf) in zip(retain_batches, forget_batches):
         loss_r, loss_f = F.cross_entropy(model(xr), yr), F.cross_entropy(model(xf), yf)
-        _step(opt, beta * loss_r - (1.0 - beta) * loss_f)
+        step(opt, beta * loss_r - (1.0 - beta) * loss_f)
 
 
 def random_label(
@@ -371,30 +300,9 @@ def random_label(
     weight_decay: float = 5e-4,
 ) -> None:
     """Random labels (the RL baseline of Fan et al. 2024): train on S_f relabelled at random, with S_r."""
-    opt = _sgd(model.parameters(), lr, momentum, weight_decay)
-    x, y = _relabel(forget, retain, generator)
-    _descend(model, opt, metered(meter, x, y, batch_size, generator))
-
-
-def _saliency_masks(model, forget: Pair, meter: Meter, generator, saliency: float):
-    """1 on the `saliency` fraction of weights with the largest |d forget loss / d weight|, else 0.
-
-    One forward+backward per forget row (model in eval mode, as Fan et al. do), on a subsample
-    if that would take more than half of what is left; None if not even one row is affordable.
-    """
-    x, y = _subset(meter, *forget, generator, 1.0, math.floor(meter.left / 2))
-    if len(y) == 0:
-        return None
-    params = list(model.parameters())
-    model.eval()
-    model.zero_grad(set_to_none=True)
-    for i in range(0, len(y), 256):
-        F.cross_entropy(model(x[i : i + 256]), y[i : i + 256], reduction="sum").backward()
-    score = torch.cat([p.grad.abs().flatten() for p in params])
-    model.zero_grad(set_to_none=True)
-    mask = torch.zeros_like(score)
-    mask[score.topk(round(saliency * len(score))).indices] = 1.0
-    return [m.view_as(p) for m, p in zip(mask.split([p.numel() for p in params]), params)]
+    opt = sgd(model.parameters(), lr, momentum, weight_decay)
+    x, y = relabel(forget, retain, generator)
+    descend(model, opt, metered(meter, x, y, batch_size, generator))
 
 
 def salun(
@@ -411,7 +319,7 @@ def salun(
     weight_decay: float = 5e-4,
 ) -> None:
     """SalUn (Fan et al. 2024): random-label training that moves only the salient weights."""
-    masks = _saliency_masks(model, forget, meter, generator, saliency)
+    masks = saliency_masks(model, forget, meter, generator, saliency)
     if masks is None:
         return
     params = list(model.parameters())
@@ -422,9 +330,9 @@ def salun(
         for p, m in zip(params, masks):
             p.grad.add_(p, alpha=weight_decay).mul_(m)
 
-    opt = _sgd(params, lr, momentum, 0.0)
-    x, y = _relabel(forget, retain, generator)
-    _descend(model, opt, metered(meter, x, y, batch_size, generator), before_step=mask_update)
+    opt = sgd(params, lr, momentum, 0.0)
+    x, y = relabel(forget, retain, generator)
+    descend(model, opt, metered(meter, x, y, batch_size, generator), before_step=mask_update)
 
 
 def l1_sparse(
@@ -443,31 +351,15 @@ def l1_sparse(
     """l1-sparse unlearning (Jia et al. 2023): GD on S_r plus alpha_t * ||theta||_1, with alpha_t
     decaying linearly to 0 over the steps the budget allows."""
     params = list(model.parameters())
-    opt = _sgd(params, lr, momentum, weight_decay)
+    opt = sgd(params, lr, momentum, weight_decay)
     planned = max(1, math.ceil(meter.left / batch_size))
     model.train()
     for t, (xb, yb) in enumerate(metered(meter, *retain, batch_size, generator)):
         l1 = sum(p.abs().sum() for p in params)
-        _step(opt, F.cross_entropy(model(xb), yb) + alpha * (1.0 - t / planned) * l1)
+        step(opt, F.cross_entropy(model(xb), yb) + alpha * (1.0 - t / planned) * l1)
 
 
 # --- Selective Synaptic Dampening (Foster et al. 2024) ------------------------------------------
-
-
-def _fisher(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Per parameter, the sum over rows of squared per-example loss gradients (eval mode).
-
-    A plain loop of one-row backward passes: on CPU it beat torch.func.vmap by about 3x here,
-    since each row's gradient is as large as the model either way.
-    """
-    model.eval()
-    names, params = zip(*model.named_parameters())
-    total = [torch.zeros_like(p) for p in params]
-    for i in range(len(y)):
-        loss = F.cross_entropy(model(x[i : i + 1]), y[i : i + 1])
-        for t, g in zip(total, torch.autograd.grad(loss, params)):
-            t.addcmul_(g, g)
-    return dict(zip(names, total))
 
 
 def ssd(
@@ -487,11 +379,11 @@ def ssd(
     pay for every row, S_f gets at most half of it and S_r the rest, each a random subsample.
     """
     n_f, n_r = len(forget[1]), len(retain[1])
-    xf, yf = _subset(meter, *forget, generator, 1.0, math.floor(meter.left / 2))
-    xr, yr = _subset(meter, *retain, generator, 1.0, math.floor(meter.left))
+    xf, yf = subset(meter, *forget, generator, 1.0, math.floor(meter.left / 2))
+    xr, yr = subset(meter, *retain, generator, 1.0, math.floor(meter.left))
     if len(yf) == 0 or len(yr) == 0:
         return
-    fisher_f, fisher_r = _fisher(model, xf, yf), _fisher(model, xr, yr)
+    fisher_f, fisher_r = fisher(model, xf, yf), fisher(model, xr, yr)
     with torch.no_grad():
         for name, p in model.named_parameters():
             i_f = fisher_f[name] / len(yf)

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from raysweep import steps
 from raysweep import unlearners as U
 from raysweep.budget import FORWARD_ONLY, Meter
 from raysweep.models import MODELS, blocks, seeded
@@ -116,13 +117,13 @@ def test_budget_never_exceeded_and_every_pass_paid(method, model_name, data):
 
 def test_ssd_pays_for_every_fisher_row(data, monkeypatch):
     rows = [0]
-    fisher = U._fisher
+    fisher = steps.fisher
 
     def counting(model, x, y, *args, **kwargs):
         rows[0] += len(y)
         return fisher(model, x, y, *args, **kwargs)
 
-    monkeypatch.setattr(U, "_fisher", counting)
+    monkeypatch.setattr(U, "fisher", counting)
     for cap in [1.0, 2.0, 5.0, 30.0, 1000.0]:
         rows[0] = 0
         meter = unlearn("ssd", build("cnn"), data, cap=cap)
@@ -251,7 +252,7 @@ def _teacher_student():
 def test_scrub_max_steps_raise_the_forget_kl(data):
     teacher, student, opt = _teacher_student()
     xf = data[0][0]
-    kl = lambda: U._kl(student(xf), teacher(xf), 4.0).item()
+    kl = lambda: steps.kl(student(xf), teacher(xf), 4.0).item()
     start = kl()
     for _ in range(5):
         U.scrub_max_step(student, teacher, xf, opt, 4.0)
