@@ -13,16 +13,17 @@ import datetime as dt
 import math
 import os
 import socket
-import time
 import traceback
 
 import optuna
+import pandas as pd
 import pyarrow.fs as pafs
 import ray
 from ray import tune
 from ray.tune.search import Searcher
 
 from . import results
+from .progress import Progress
 from .spec import Spec, distributions
 from .storage import Store, open_store
 from .trial import derive_seed, run_trial
@@ -33,6 +34,15 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 def cell_name(method: str, budget: float) -> str:
     return f"{method}-b{budget:g}"
+
+
+def make_sampler(kind: str, seed: int, trials_per_cell: int) -> optuna.samplers.BaseSampler:
+    """The spec's sampler for one cell's study (bench/tpe_vs_random.py compares the two)."""
+    if kind == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    # constant_liar: parallel trials of a cell see each other as pending, not absent.
+    startup = max(2, trials_per_cell // 3)
+    return optuna.samplers.TPESampler(seed=seed, constant_liar=True, n_startup_trials=startup)
 
 
 def open_studies(spec: Spec, store: Store) -> dict[str, optuna.Study]:
@@ -48,14 +58,7 @@ def open_studies(spec: Spec, store: Store) -> dict[str, optuna.Study]:
     for method, budget in spec.cells():
         name = cell_name(method, budget)
         seed = derive_seed(spec.seed, name) % 2**32
-        if spec.sampler == "random":
-            sampler = optuna.samplers.RandomSampler(seed=seed)
-        else:
-            # constant_liar: parallel trials of a cell see each other as pending, not absent.
-            startup = max(2, spec.trials_per_cell // 3)
-            sampler = optuna.samplers.TPESampler(
-                seed=seed, constant_liar=True, n_startup_trials=startup
-            )
+        sampler = make_sampler(spec.sampler, seed, spec.trials_per_cell)
         studies[name] = optuna.create_study(
             study_name=name, storage=storage, sampler=sampler, load_if_exists=True
         )
@@ -85,10 +88,13 @@ class CellSearcher(Searcher):
         self.started[name] += 1
         self.live[trial_id] = (name, trial.number)
         return {
+            "phase": "tune",
             "cell": name,
             "method": method,
             "budget": budget,
             "number": trial.number,
+            "seed": self.spec.seed,
+            "tuned_trial": None,
             "params": {**fixed, **trial.params},
         }
 
@@ -138,80 +144,144 @@ def _now() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
 
 
+def execute(spec: Spec, store: Store, config: dict) -> dict:
+    """Run one trial of either phase from its config and write its row (ok or failed)."""
+    row = {
+        "experiment": spec.name,
+        "spec_name": spec.name,
+        "spec_hash": spec.hash,
+        "phase": config["phase"],
+        "cell": config["cell"],
+        "trial_number": config["number"],
+        "tuned_trial": config["tuned_trial"],
+        "attack": spec.attack["name"],
+        "method": config["method"],
+        "budget": config["budget"],
+        "seed": config["seed"],
+        "host": socket.gethostname(),
+        "versions": results.versions(),
+        "started_at": _now(),
+        **{c: None for c in results.hyperparameter_types(spec)},
+        **{f"hp_{k}": v for k, v in config["params"].items()},
+    }
+    try:
+        args = (config["method"], config["budget"], config["params"], config["number"])
+        row |= run_trial(spec, store, *args, report=lambda r: None, seed=config["seed"])
+        row |= {"status": "ok", "error": None}
+    except Exception as e:  # a failing trial is a row, not a crashed sweep
+        row |= {"status": "failed", "error": f"{type(e).__name__}: {e}"}
+        row |= {"objective": float("nan"), "wall_s": None}
+        traceback.print_exc()
+    row["finished_at"] = _now()
+    results.write_row(store, spec, row)
+    return row
+
+
 def make_trainable(spec: Spec, store_uri: str, threads: int):
-    """The Tune function trainable: run one trial, write its row (ok or failed), report it."""
+    """The Tune function trainable: run one trial, write its row, report what Progress shows."""
     raw, source = spec.raw, spec.source
-    hp_columns = results.hyperparameter_types(spec)
 
     def trainable(config: dict) -> None:
         import torch
 
         torch.set_num_threads(threads)
-        spec, store = Spec(source, raw), open_store(store_uri)
-        row = {
-            "experiment": spec.name,
-            "spec_name": spec.name,
-            "spec_hash": spec.hash,
-            "phase": "tune",
-            "cell": config["cell"],
-            "trial_number": config["number"],
-            "attack": spec.attack["name"],
-            "method": config["method"],
-            "budget": config["budget"],
-            "seed": spec.seed,
-            "host": socket.gethostname(),
-            "versions": results.versions(),
-            "started_at": _now(),
-            **{c: None for c in hp_columns},
-            **{f"hp_{k}": v for k, v in config["params"].items()},
-        }
-        try:
-            args = (config["method"], config["budget"], config["params"], config["number"])
-            row |= run_trial(spec, store, *args, report=lambda r: None)
-            row |= {"status": "ok", "error": None}
-        except Exception as e:  # a failing trial is a row, not a crashed sweep
-            row |= {"status": "failed", "error": f"{type(e).__name__}: {e}"}
-            row |= {"objective": float("nan"), "wall_s": None}
-            traceback.print_exc()
-        row["finished_at"] = _now()
-        results.write_row(store, spec, row)
-        tune.report({"objective": row["objective"], "ok": row["status"] == "ok"})
+        row = execute(Spec(source, raw), open_store(store_uri), config)
+        ok = row["status"] == "ok"
+        tune.report(
+            {
+                "objective": row["objective"],
+                "ok": ok,
+                "feasible": ok and bool(row["feasible"]),
+                "r_val": row["residual_val"] if ok else math.nan,
+                "r": row["residual"] if ok else math.nan,
+            }
+        )
 
     return trainable
 
 
-class Progress(tune.Callback):
-    """One compact line per finished trial: cell, done/planned, best r so far, failures."""
+def confirm_plan(spec: Spec, df: pd.DataFrame) -> list[dict]:
+    """The confirm trials still to run: each cell's best tuned setting on each fresh seed.
 
-    def __init__(self, spec: Spec, searcher: CellSearcher):
-        self.spec, self.searcher = spec, searcher
-        self.best: dict[str, float] = {}
-        self.finished: dict[str, int] = {}
-        self.failed: dict[str, int] = {}
-        self.t0 = time.time()
+    A (cell, seed) is done when its ok row re-ran the current best; if more tuning changed the
+    best, the row (same file name: phase, cell, seed) is re-run and replaced, never duplicated.
+    """
+    if not spec.confirm["seeds"] or not len(df):
+        return []
+    confirmed = df[(df["phase"] == "confirm") & (df["status"] == "ok")]
+    done = set(zip(confirmed["cell"], confirmed["seed"], confirmed["tuned_trial"]))
+    configs = []
+    for best in results.best_per_cell(df).to_dict("records"):
+        for seed in spec.confirm["seeds"]:
+            if (best["cell"], seed, best["trial_number"]) in done:
+                continue
+            configs.append(
+                {
+                    "phase": "confirm",
+                    "cell": best["cell"],
+                    "method": best["method"],
+                    "budget": best["budget"],
+                    "number": seed,
+                    "seed": seed,
+                    "tuned_trial": best["trial_number"],
+                    "params": results.params_of(spec, best),
+                }
+            )
+    # Seed-major: a seed's two checkpoints are trained by its first trial, then loaded.
+    return sorted(configs, key=lambda c: (c["seed"], c["cell"]))
 
-    def on_trial_complete(self, iteration, trials, trial, **info):
-        self._count(trial, trial.last_result or {})
 
-    def on_trial_error(self, iteration, trials, trial, **info):
-        self._count(trial, {})
+class ListSearcher(Searcher):
+    """Hands out a fixed list of configs in order: the confirm phase has nothing to search."""
 
-    def _count(self, trial, result):
-        cell = trial.config["cell"]
-        self.finished[cell] = self.finished.get(cell, 0) + 1
-        if result.get("ok"):
-            self.best[cell] = min(self.best.get(cell, math.inf), result["objective"])
-        else:
-            self.failed[cell] = self.failed.get(cell, 0) + 1
-        done = sum(self.finished.values())
-        total = len(self.searcher.cells) * self.spec.trials_per_cell
-        print(
-            f"[{time.time() - self.t0:6.1f}s] {done}/{total} trials | {cell}: "
-            f"{self.finished[cell]}/{self.spec.trials_per_cell} done, "
-            f"best objective {self.best.get(cell, math.nan):.3f}, "
-            f"failed {self.failed.get(cell, 0)}",
-            flush=True,
-        )
+    def __init__(self, configs: list[dict]):
+        super().__init__(metric="objective", mode="min")
+        self.queue = list(configs)
+
+    def suggest(self, trial_id: str):
+        return self.queue.pop(0) if self.queue else Searcher.FINISHED
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
+        pass
+
+    # What is left to run is recomputed from the Parquet rows on every start.
+    def save(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "w") as f:
+            f.write("plan is recomputed from results/\n")
+
+    def restore(self, checkpoint_path: str) -> None:
+        pass
+
+
+def confirm(spec: Spec, storage: str, slots: int) -> None:
+    """Re-run each cell's best setting on every `confirm.seeds` seed, as Ray trials like tuning."""
+    store = open_store(storage)
+    configs = confirm_plan(spec, results.read(store, spec.name))
+    if not configs:
+        return
+    planned: dict[str, int] = {}
+    for c in configs:
+        planned[c["cell"]] = planned.get(c["cell"], 0) + 1
+    cpu, gpu = spec.resources.get("cpu", 1), spec.resources.get("gpu", 0)
+    trainable = make_trainable(spec, storage, threads=max(1, int(cpu)))
+    tuner = tune.Tuner(
+        tune.with_resources(trainable, {"cpu": cpu, "gpu": gpu}),
+        tune_config=tune.TuneConfig(
+            search_alg=ListSearcher(configs),
+            num_samples=len(configs),
+            max_concurrent_trials=max(1, int(slots)),
+            reuse_actors=True,
+        ),
+        run_config=tune.RunConfig(
+            name=f"confirm-{_now():%Y%m%d-%H%M%S}",
+            storage_path=store.path(f"{spec.name}/tune"),
+            storage_filesystem=store.fs,
+            callbacks=[Progress("confirm", planned)],
+            verbose=0,
+            failure_config=tune.FailureConfig(max_failures=2),
+        ),
+    )
+    tuner.fit()
 
 
 def start_ray(address: str | None, num_cpus: int | None = None) -> None:
@@ -242,8 +312,9 @@ def run(spec: Spec, storage: str, address: str | None = None, num_cpus: int | No
     if gpu:
         slots = min(slots, cluster.get("GPU", 0) / gpu)
     remaining = sum(spec.trials_per_cell - searcher.started[c] for c in searcher.cells)
+    planned = dict.fromkeys(searcher.cells, spec.trials_per_cell)
     if remaining > 0:
-        trainable = make_trainable(spec, storage, threads=max(1, int(cpu)))
+        trainable = make_trainable(spec, store.uri, threads=max(1, int(cpu)))
         tuner = tune.Tuner(
             tune.with_resources(trainable, {"cpu": cpu, "gpu": gpu}),
             tune_config=tune.TuneConfig(
@@ -256,10 +327,11 @@ def run(spec: Spec, storage: str, address: str | None = None, num_cpus: int | No
                 name=f"tune-{_now():%Y%m%d-%H%M%S}",
                 storage_path=store.path(f"{spec.name}/tune"),
                 storage_filesystem=store.fs,
-                callbacks=[Progress(spec, searcher)],
+                callbacks=[Progress("tune", planned, results.read(store, spec.name))],
                 verbose=0,
                 failure_config=tune.FailureConfig(max_failures=2),
             ),
         )
         tuner.fit()
+    confirm(spec, storage, slots)
     return results.read(store, spec.name)

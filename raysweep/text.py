@@ -365,9 +365,10 @@ def insert_trigger(x: torch.Tensor, trigger: torch.Tensor, generator: torch.Gene
     """
     n, t = x.shape
     k = len(trigger)
-    room = torch.minimum(lengths(x), torch.tensor(t - k)).clamp_min(0)
-    at = (torch.rand(n, generator=generator) * (room + 1)).long().unsqueeze(1)
-    j = torch.arange(t).unsqueeze(0)
+    room = lengths(x).clamp(0, t - k)
+    u = torch.rand(n, generator=generator).to(x.device)  # generators live on the CPU
+    at = (u * (room + 1)).long().unsqueeze(1)
+    j = torch.arange(t, device=x.device).unsqueeze(0)
     shifted = x.gather(1, torch.where(j < at, j, j - k).clamp_min(0))
     inside = (j >= at) & (j < at + k)
     return torch.where(inside, trigger[(j - at).clamp(0, k - 1)], shifted)

@@ -11,6 +11,9 @@ import torch
 # Nothing may download at test time: make any hub access fail fast.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# One thread per test process, as in a 1-CPU trial: on a shared 2-core machine two torch threads
+# per process are many times slower, and results then match what the sweep computes.
+torch.set_num_threads(1)
 
 TINY_SPEC = {
     "name": "tiny",

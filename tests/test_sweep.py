@@ -21,10 +21,11 @@ def test_trial_runs_without_ray(tmp_path, tiny_spec_dict):
 
 
 @pytest.mark.integration
-def test_sweep_two_cells_two_trials(tmp_path, tiny_spec_dict, local_ray):
+def test_sweep_two_cells_two_trials(tmp_path, tiny_spec_dict, local_ray, monkeypatch):
     tiny_spec_dict["budgets"] = [0.05]
     spec = validate(tiny_spec_dict)
-    df = sweep.run(spec, str(tmp_path))
+    monkeypatch.chdir(tmp_path)  # a relative --storage must mean the same place in Ray workers
+    df = sweep.run(spec, ".")
     back = pd.read_parquet(tmp_path / "tiny" / "results")
     assert len(back) == len(df) == 4
     assert set(results.schema(spec).names) == set(back.columns)
