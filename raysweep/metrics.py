@@ -166,7 +166,7 @@ EFFECTS = {
 ATTACK_OK = {
     "gaussian": lambda before, retrain: before["gus_p"] < 0.01 and before["gus"] < 0,
     # the trigger flips at least half of the other class, and 0.2 more than without poisons
-    "text_backdoor": lambda before, retrain: before["asr_val"] >= max(0.5, retrain["asr_val"] + 0.2),
+    "text_backdoor": lambda b, r: b["asr_val"] >= max(0.5, r["asr_val"] + 0.2),
 }
 
 
