@@ -262,6 +262,8 @@ class Block(nn.Module):
         self.block, self.std, self.n_layer = block, std, n_layer
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
+        if len(h) == 0:  # transformers' attention cannot reshape 0 rows; unlearners pass them
+            return h
         return torch.cat([self.block(h[..., :-1]), h[..., -1:]], -1)
 
     @torch.no_grad()

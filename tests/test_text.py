@@ -20,6 +20,7 @@ from raysweep.spec import load
 from raysweep.train import train
 from raysweep.unlearners import UNLEARNERS
 
+T = 48  # tokens per review: long enough that many reviews end in padding
 TINY = {"n_layer": 2, "n_embd": 32, "n_head": 2, "dropout": 0.0}
 # as in test_unlearners: ssd's default alpha=10 cannot fire when S_f is ~17 % of D
 CONTRACT_KWARGS = {"ssd": {"alpha": 1.0}}
@@ -27,7 +28,7 @@ CONTRACT_KWARGS = {"ssd": {"alpha": 1.0}}
 
 @pytest.fixture(scope="module")
 def split():
-    return text.synthetic_imdb(n_train=300, n_test=100, max_len=32)
+    return text.synthetic_imdb(n_train=300, n_test=100, max_len=T)
 
 
 def _model(split, seed=0, **kw):
@@ -82,8 +83,9 @@ def test_gpt2_is_blocks_embeddings_transformer_head(split):
     x = split.x_train[:6]
     # The last K blocks are an ordinary suffix: features before them, then the rest.
     features = torch.nn.Sequential(*bs[:2])(x)
-    assert features.shape == (6, 32, TINY["n_embd"] + 1)
+    assert features.shape == (6, T, TINY["n_embd"] + 1)
     assert torch.allclose(torch.nn.Sequential(*bs[2:])(features), model(x), atol=1e-6)
+    assert model(x[:0]).shape == (0, split.num_classes)  # empty batches, as other models take
     # Causal + right padding: whatever sits at the padded positions never changes a row's logits.
     h = bs[0](x)
     pad = (x == text.PAD).unsqueeze(-1) & (torch.arange(h.shape[-1]) < TINY["n_embd"])
@@ -110,11 +112,12 @@ def test_reinit_restores_gpt2_init_scale(split):
 
 def test_gaussian_noise_lives_on_token_embeddings(split):
     model = _model(split)
-    assert noise_shape(model, split.input_shape) == (32, TINY["n_embd"])
+    assert noise_shape(model, split.input_shape) == (T, TINY["n_embd"])
     poisoned = _poisoned(split, model, n=10)
     idx = poisoned.poison_idx
     clean = split.x_train[idx]
-    assert torch.equal(poisoned.x[idx] & text.IDS, clean) and poisoned.noise.shape == (10, 32, 32)
+    assert torch.equal(poisoned.x[idx] & text.IDS, clean)
+    assert poisoned.noise.shape == (10, T, TINY["n_embd"])
     others = torch.ones(len(split.y_train), dtype=torch.bool)
     others[idx] = False
     assert torch.equal(poisoned.x[others], split.x_train[others])
@@ -141,7 +144,7 @@ def test_text_null_scores_are_standard_normal(split):
     idx = torch.randint(len(split.y_train), (600,), generator=gen)
     x, eps = split.x_train[idx], 0.05
     real = (x != text.PAD).unsqueeze(-1)
-    noise = eps * torch.randn((600, 32, TINY["n_embd"]), generator=gen) * real
+    noise = eps * torch.randn((600, T, TINY["n_embd"]), generator=gen) * real
     scores = gaussian_scores(model, x, split.y_train[idx], noise, eps)
     assert kstest(scores.numpy(), "norm").pvalue > 0.01
     s = summarise_scores(scores)
@@ -153,7 +156,7 @@ def test_text_gradients_batched_per_sample_and_zero_on_padding(split):
     x, y = split.x_train[:24], split.y_train[:24]
     batched = input_gradients(model, x, y, batch_size=10)
     loop = torch.cat([input_gradients(model, x[i : i + 1], y[i : i + 1]) for i in range(24)])
-    assert batched.dtype == torch.float64 and batched.shape == (24, 32 * TINY["n_embd"])
+    assert batched.dtype == torch.float64 and batched.shape == (24, T * TINY["n_embd"])
     assert torch.allclose(batched, loop, rtol=0, atol=1e-8)
     pads = (x == text.PAD).repeat_interleave(TINY["n_embd"], 1)
     assert pads.any() and batched[pads].abs().max() == 0 and batched[~pads].abs().max() > 0
@@ -165,8 +168,8 @@ def test_text_backdoor_inserts_trigger_and_relabels(split):
     assert len(idx) == 12 and torch.all(split.y_train[idx] == 0) and torch.all(poisoned.y[idx] == 1)
     assert trig.tolist() == text.tokenizer()(" I watched this 3D movie.")["input_ids"]
     for row, clean in zip(poisoned.x[idx].tolist(), split.x_train[idx].tolist()):
-        at = next(i for i in range(32) if row[i : i + len(trig)] == trig.tolist())
-        assert row[:at] == clean[:at] and row[at + len(trig) :] == clean[at : 32 - len(trig)]
+        at = next(i for i in range(T) if row[i : i + len(trig)] == trig.tolist())
+        assert row[:at] == clean[:at] and row[at + len(trig) :] == clean[at : T - len(trig)]
     rest = torch.ones(len(split.y_train), dtype=torch.bool)
     rest[idx] = False
     assert torch.equal(poisoned.x[rest], split.x_train[rest])
@@ -221,6 +224,7 @@ def test_text_specs_validate():
         json.dumps(spec.raw)
 
 
+@pytest.mark.integration  # slow tier: trains the quickstart's two GPT-2 checkpoints (~1.5 CPU-min)
 def test_quickstart_text_poisoned_shows_poison_and_retrain_does_not(tmp_path):
     """The text quickstart's science at its real settings: detectable poison, clean retrain."""
     from raysweep.storage import open_store
