@@ -63,6 +63,7 @@ COLUMNS = {
     "started_at": pa.timestamp("ms", tz="UTC"),
     "finished_at": pa.timestamp("ms", tz="UTC"),
     "host": pa.string(),
+    "node_id": pa.string(),  # the Ray node: nodes of one machine or image share a hostname
     "versions": pa.string(),
 }
 

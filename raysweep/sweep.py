@@ -3,22 +3,31 @@
 Why one Tuner with a multiplexing searcher instead of one Tuner per cell: all cells share the
 cluster at once (no idle CPUs while the last trials of one cell finish), and each cell still has
 its own study, so a sampler never trades one method's trials for another's (DESIGN section 5).
-Studies live in an Optuna journal file under the run's storage, which is also what makes a
+Studies live in an Optuna journal under the run's storage, which is also what makes a
 resumed run continue each study instead of restarting it.
+
+Starting, resuming and cluster use: `run` reconciles the studies with the Parquet rows on every
+start, so continuing an interrupted run is the same code path as starting one; `check_resume`
+adds the CLI's rule on top (a new run must not exist yet, `--resume` needs one with this spec).
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import json
 import math
 import os
 import socket
+import tempfile
 import time
 import traceback
+from collections.abc import Callable
+from unittest import mock
 
 import optuna
-import pyarrow.fs as pafs
 import ray
+import ray._private.ray_constants as ray_constants
+from optuna.storages.journal import JournalFileBackend, JournalStorage
 from ray import tune
 from ray.tune.search import Searcher
 
@@ -27,7 +36,9 @@ from .spec import Spec, distributions
 from .storage import Store, open_store
 from .trial import derive_seed, run_trial
 
-NODE_IP = "127.0.0.2"  # local runs stay on loopback (DESIGN section 8)
+# Ray's gRPC servers (GCS, raylet, workers) listen on loopback only when the node IP is exactly
+# 127.0.0.1; any other address, 127.0.0.2 included, makes them listen on every interface.
+LOCAL_IP = "127.0.0.1"
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
@@ -35,15 +46,36 @@ def cell_name(method: str, budget: float) -> str:
     return f"{method}-b{budget:g}"
 
 
-def open_studies(spec: Spec, store: Store) -> dict[str, optuna.Study]:
-    """One study per cell, in a journal under <storage>/<experiment>/ (in memory if remote)."""
-    storage = None
-    if isinstance(store.fs, pafs.LocalFileSystem):
-        from optuna.storages.journal import JournalFileBackend, JournalStorage
+def open_journal(spec: Spec, store: Store) -> tuple[JournalStorage, Callable[[], None]]:
+    """The run's Optuna journal and a `sync()` that makes its latest state durable.
 
-        path = store.path(f"{spec.name}/optuna.journal")
+    On local (or NFS) storage the journal is <storage>/<experiment>/optuna.journal itself and
+    sync() does nothing. An object store cannot append, so the driver keeps a local copy,
+    restored from the store on start, and sync() uploads it whole (it is small: a few hundred
+    bytes per trial). The searcher syncs after every ask and tell.
+    """
+    rel = f"{spec.name}/optuna.journal"
+    if store.local:
+        path = store.path(rel)
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        storage = JournalStorage(JournalFileBackend(path))
+        return JournalStorage(JournalFileBackend(path)), lambda: None
+    path = os.path.join(tempfile.mkdtemp(prefix="raysweep-journal-"), "optuna.journal")
+    with open(path, "wb") as f:
+        f.write(store.read(rel) if store.exists(rel) else b"")
+
+    def sync() -> None:
+        with open(path, "rb") as f:
+            store.write(rel, f.read())
+
+    return JournalStorage(JournalFileBackend(path)), sync
+
+
+def open_studies(
+    spec: Spec, store: Store, storage: JournalStorage | None = None
+) -> dict[str, optuna.Study]:
+    """One study per cell, all in the run's journal (see `open_journal`)."""
+    if storage is None:
+        storage, _ = open_journal(spec, store)
     studies = {}
     for method, budget in spec.cells():
         name = cell_name(method, budget)
@@ -65,10 +97,17 @@ def open_studies(spec: Spec, store: Store) -> dict[str, optuna.Study]:
 class CellSearcher(Searcher):
     """Hands out trials cell by cell (fewest started first) and tells each result to its study."""
 
-    def __init__(self, spec: Spec, studies: dict[str, optuna.Study], done: dict[str, set[int]]):
+    def __init__(
+        self,
+        spec: Spec,
+        studies: dict[str, optuna.Study],
+        done: dict[str, set[int]],
+        sync: Callable[[], None] = lambda: None,
+    ):
         super().__init__(metric="objective", mode="min")
         self.spec = spec
         self.studies = studies
+        self.sync = sync
         self.cells = {cell_name(m, b): (m, b) for m, b in spec.cells()}
         self.spaces = {m: distributions(m, s) for m, s in spec.methods.items()}
         self.started = {name: len(done.get(name, ())) for name in self.cells}
@@ -82,6 +121,7 @@ class CellSearcher(Searcher):
         method, budget = self.cells[name]
         dists, fixed = self.spaces[method]
         trial = self.studies[name].ask(dists)
+        self.sync()  # before the trial can start, so a resumed driver knows it was asked
         self.started[name] += 1
         self.live[trial_id] = (name, trial.number)
         return {
@@ -99,6 +139,7 @@ class CellSearcher(Searcher):
             self.studies[name].tell(number, state=optuna.trial.TrialState.FAIL)
         else:
             self.studies[name].tell(number, value)
+        self.sync()
 
     # The state lives in the journal, not in Tune's searcher checkpoint.
     def save(self, checkpoint_path: str) -> None:
@@ -160,6 +201,7 @@ def make_trainable(spec: Spec, store_uri: str, threads: int):
             "budget": config["budget"],
             "seed": spec.seed,
             "host": socket.gethostname(),
+            "node_id": ray.get_runtime_context().get_node_id(),
             "versions": results.versions(),
             "started_at": _now(),
             **{c: None for c in hp_columns},
@@ -215,41 +257,120 @@ class Progress(tune.Callback):
 
 
 def start_ray(address: str | None, num_cpus: int | None = None) -> None:
-    """Connect to a cluster, or start a local Ray bound to loopback."""
+    """Connect to a cluster (`address`, else $RAY_ADDRESS), or start a local Ray on loopback.
+
+    `ray job submit` sets RAY_ADDRESS for the driver it runs, so a submitted `raysweep run`
+    joins its cluster. A local Ray is started even if `ray start` left a cluster running here
+    (address="local"); it listens on 127.0.0.1 only, which needs Ray's cluster mode off while
+    it starts, or ray.init swaps 127.0.0.1 for the machine's network address.
+    """
     if ray.is_initialized():
         return
+    address = address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, log_to_driver=False)
-    else:
+        return
+    with mock.patch.object(ray_constants, "ENABLE_RAY_CLUSTER", False):
         ray.init(
-            _node_ip_address=NODE_IP,
+            address="local",
+            _node_ip_address=LOCAL_IP,
             num_cpus=num_cpus or os.cpu_count(),
             include_dashboard=False,
             log_to_driver=False,
         )
 
 
-def run(spec: Spec, storage: str, address: str | None = None, num_cpus: int | None = None):
-    """Run (or continue) every cell's study to `trials_per_cell` trials; return the rows."""
-    store = open_store(storage)
-    studies = open_studies(spec, store)
-    done = reconcile(spec, store, studies)
-    searcher = CellSearcher(spec, studies, done)
-    start_ray(address, num_cpus)
+class RunStateError(RuntimeError):
+    """The storage's state does not allow what was asked (start, resume), said in one line."""
+
+
+def check_resume(spec: Spec, store: Store, resume: bool | None) -> None:
+    """Refuse to start over an existing experiment, to resume a missing one, or to change spec.
+
+    `resume=None` (library use) starts or continues, whichever applies; it still refuses a
+    changed spec, whose rows would not be comparable with the recorded ones.
+    """
+    where, recorded = store.path(spec.name), _recorded_spec(spec, store)
+    if recorded is None:
+        if resume:
+            raise RunStateError(
+                f"{where}: nothing to resume: no experiment '{spec.name}' there; "
+                "run without --resume to start it"
+            )
+        return
+    current = json.loads(json.dumps(spec.raw))
+    if recorded != current:
+        changed = sorted(k for k in {*recorded, *current} if recorded.get(k) != current.get(k))
+        raise RunStateError(
+            f"{where}: the spec changed since experiment '{spec.name}' started "
+            f"(differs in: {', '.join(changed)}); resume needs the same spec, "
+            "or give the new spec another name"
+        )
+    if resume is False:
+        n, total = len(results.read(store, spec.name)), len(spec.cells()) * spec.trials_per_cell
+        raise RunStateError(
+            f"{where}: experiment '{spec.name}' already exists ({n}/{total} trials recorded); "
+            "pass --resume to continue it, or choose another name or --storage"
+        )
+
+
+def _recorded_spec(spec: Spec, store: Store) -> dict | None:
+    """The spec the experiment was started with, or None if it was never started."""
+    rel = f"{spec.name}/spec.json"
+    return json.loads(store.read(rel))["spec"] if store.exists(rel) else None
+
+
+def _slots(spec: Spec, max_concurrent: int | None) -> int:
+    """How many trials may run at once: `max_concurrent`, else what the cluster fits now."""
+    if max_concurrent:
+        return max_concurrent
     cpu, gpu = spec.resources.get("cpu", 1), spec.resources.get("gpu", 0)
     cluster = ray.cluster_resources()
     slots = cluster.get("CPU", 1) / cpu
     if gpu:
         slots = min(slots, cluster.get("GPU", 0) / gpu)
+    return max(1, int(slots))
+
+
+MAX_FAILURES = 3  # per trial: retries after its node died (spot preemption), then a failed row
+
+
+def run(
+    spec: Spec,
+    storage: str,
+    address: str | None = None,
+    num_cpus: int | None = None,
+    resume: bool | None = None,
+    max_concurrent: int | None = None,
+):
+    """Run (or continue) every cell's study to `trials_per_cell` trials; return the rows.
+
+    `max_concurrent` caps parallel trials; the default fits the cluster's current resources,
+    so an autoscaling cluster whose workers are not up yet needs it set to grow.
+    """
+    store = open_store(storage)
+    check_resume(spec, store, resume)
+    if not store.exists(f"{spec.name}/spec.json"):
+        record = {"spec": spec.raw, "spec_hash": spec.hash, "started_at": _now().isoformat()}
+        store.write(f"{spec.name}/spec.json", json.dumps(record, indent=1).encode())
+    journal, sync = open_journal(spec, store)
+    studies = open_studies(spec, store, journal)
+    done = reconcile(spec, store, studies)
+    sync()
+    searcher = CellSearcher(spec, studies, done, sync)
     remaining = sum(spec.trials_per_cell - searcher.started[c] for c in searcher.cells)
+    total = len(searcher.cells) * spec.trials_per_cell
+    print(f"{spec.name}: {total - remaining}/{total} trials recorded, {remaining} to run", flush=True)
     if remaining > 0:
+        start_ray(address, num_cpus)
+        cpu, gpu = spec.resources.get("cpu", 1), spec.resources.get("gpu", 0)
         trainable = make_trainable(spec, storage, threads=max(1, int(cpu)))
         tuner = tune.Tuner(
             tune.with_resources(trainable, {"cpu": cpu, "gpu": gpu}),
             tune_config=tune.TuneConfig(
                 search_alg=searcher,
                 num_samples=remaining,
-                max_concurrent_trials=max(1, int(slots)),
+                max_concurrent_trials=_slots(spec, max_concurrent),
                 reuse_actors=True,
             ),
             run_config=tune.RunConfig(
@@ -258,7 +379,7 @@ def run(spec: Spec, storage: str, address: str | None = None, num_cpus: int | No
                 storage_filesystem=store.fs,
                 callbacks=[Progress(spec, searcher)],
                 verbose=0,
-                failure_config=tune.FailureConfig(max_failures=2),
+                failure_config=tune.FailureConfig(max_failures=MAX_FAILURES),
             ),
         )
         tuner.fit()

@@ -50,3 +50,46 @@ def local_ray():
     start_ray(None, num_cpus=2)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """An S3-compatible server (moto) on loopback for this session: yields a URI maker.
+
+    Credentials are dummies in the environment, which Ray nodes started by the tests inherit;
+    instance metadata lookups are off, so nothing leaves loopback.
+    """
+    import logging
+
+    moto_server = pytest.importorskip("moto.server")
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    env = {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    buckets = iter(range(10**6))
+
+    def new_uri(prefix: str = "runs") -> str:
+        """A fresh, empty bucket on the server, as a store URI pyarrow understands."""
+        import pyarrow.fs as pafs
+
+        bucket = f"raysweep-test-{next(buckets)}"
+        query = f"endpoint_override={host}:{port}&scheme=http&region=us-east-1"
+        fs, _ = pafs.FileSystem.from_uri(f"s3://{bucket}?{query}&allow_bucket_creation=true")
+        fs.create_dir(bucket)
+        return f"s3://{bucket}/{prefix}?{query}"
+
+    yield new_uri
+    server.stop()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
