@@ -360,7 +360,9 @@ def run(
     searcher = CellSearcher(spec, studies, done, sync)
     remaining = sum(spec.trials_per_cell - searcher.started[c] for c in searcher.cells)
     total = len(searcher.cells) * spec.trials_per_cell
-    print(f"{spec.name}: {total - remaining}/{total} trials recorded, {remaining} to run", flush=True)
+    print(
+        f"{spec.name}: {total - remaining}/{total} trials recorded, {remaining} to run", flush=True
+    )
     if remaining > 0:
         start_ray(address, num_cpus)
         cpu, gpu = spec.resources.get("cpu", 1), spec.resources.get("gpu", 0)
