@@ -92,7 +92,10 @@ def check_nodes(storage: str | None, driver_rel: str | None) -> tuple[list[dict]
         problems += [f"node {row['node']}: {k} {report[k]} != driver's {mine[k]}" for k in differ]
         if storage is not None and report["storage"] != "ok":
             problems.append(f"node {row['node']}: storage {report['storage']}")
-        rows.append(row | {k: report[k] for k in (*mine, "storage", "probe") if k in report})
+        row |= {k: report[k] for k in (*mine, "probe") if k in report}
+        if storage is not None:
+            row["storage"] = "ok" if report["storage"] == "ok" else "error (below)"
+        rows.append(row)
     if not nodes:
         problems.append("no alive nodes")
     return rows, problems

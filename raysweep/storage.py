@@ -145,6 +145,9 @@ def leases_actor():
             get_if_exists=True,
             num_cpus=0,
             resources={"node:__internal_head__": 0.001},
+            # Outside the caller's placement group: Tune runs trials in one, and Ray would
+            # otherwise try to fit this actor into the trial's bundle.
+            scheduling_strategy="DEFAULT",
         )
         .remote()
     )

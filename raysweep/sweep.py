@@ -13,10 +13,12 @@ adds the CLI's rule on top (a new run must not exist yet, `--resume` needs one w
 
 from __future__ import annotations
 
+import atexit
 import datetime as dt
 import json
 import math
 import os
+import shutil
 import socket
 import tempfile
 import time
@@ -59,7 +61,9 @@ def open_journal(spec: Spec, store: Store) -> tuple[JournalStorage, Callable[[],
         path = store.path(rel)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         return JournalStorage(JournalFileBackend(path)), lambda: None
-    path = os.path.join(tempfile.mkdtemp(prefix="raysweep-journal-"), "optuna.journal")
+    local = tempfile.mkdtemp(prefix="raysweep-journal-")
+    atexit.register(shutil.rmtree, local, ignore_errors=True)
+    path = os.path.join(local, "optuna.journal")
     with open(path, "wb") as f:
         f.write(store.read(rel) if store.exists(rel) else b"")
 
@@ -228,7 +232,7 @@ class Progress(tune.Callback):
     def __init__(self, spec: Spec, searcher: CellSearcher):
         self.spec, self.searcher = spec, searcher
         self.best: dict[str, float] = {}
-        self.finished: dict[str, int] = {}
+        self.finished = dict(searcher.started)  # a resumed run counts on from its rows
         self.failed: dict[str, int] = {}
         self.t0 = time.time()
 
@@ -237,6 +241,15 @@ class Progress(tune.Callback):
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self._count(trial, {})
+
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        # Its worker or node died (spot preemption): Tune runs the same trial again.
+        print(
+            f"[{time.time() - self.t0:6.1f}s] {trial.config['cell']} trial "
+            f"{trial.config['number']}: its worker failed; retrying "
+            f"({trial.num_failures}/{MAX_FAILURES} failures)",
+            flush=True,
+        )
 
     def _count(self, trial, result):
         cell = trial.config["cell"]
