@@ -123,7 +123,9 @@ def main(address: str | None = None, storage: str | None = None) -> int:
     if storage is not None and driver_rel is not None:
         problems += _collect_probes(storage, driver_rel, rows)
     total = ray.cluster_resources()
-    print(f"ray      {len(rows)} nodes, {total.get('CPU', 0):g} CPUs, {total.get('GPU', 0):g} GPUs")
+    print(
+        f"ray      {len(rows)} node{'s' * (len(rows) != 1)}, {total.get('CPU', 0):g} CPUs, {total.get('GPU', 0):g} GPUs"
+    )
     print(f"driver   {json.dumps(installed())}\n")
     print(_table([{k: v for k, v in r.items() if k != "probe"} for r in rows]))
     return _finish(problems)

@@ -11,6 +11,15 @@ import torch
 # Nothing may download at test time: make any hub access fail fast.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# Dummy credentials for the loopback S3 server (s3_server), set before any test starts Ray so
+# every Ray worker inherits them; no instance-metadata lookups (they would leave loopback).
+for _k, _v in {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "AWS_EC2_METADATA_DISABLED": "true",
+}.items():
+    os.environ.setdefault(_k, _v)
 
 TINY_SPEC = {
     "name": "tiny",
@@ -54,23 +63,11 @@ def local_ray():
 
 @pytest.fixture(scope="session")
 def s3_server():
-    """An S3-compatible server (moto) on loopback for this session: yields a URI maker.
-
-    Credentials are dummies in the environment, which Ray nodes started by the tests inherit;
-    instance metadata lookups are off, so nothing leaves loopback.
-    """
+    """An S3-compatible server (moto) on loopback for this session: yields a URI maker."""
     import logging
 
     moto_server = pytest.importorskip("moto.server")
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    env = {
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_EC2_METADATA_DISABLED": "true",
-    }
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
     server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
@@ -88,8 +85,3 @@ def s3_server():
 
     yield new_uri
     server.stop()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
