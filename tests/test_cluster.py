@@ -140,12 +140,21 @@ class LoopbackCluster:
                 found.append(p)
         return found
 
-    def kill_node(self, index: int) -> None:
-        """SIGKILL a worker node's raylet, as when a spot instance is reclaimed."""
+    def raylet(self, index: int):
         port = self.nodes[index]["node-manager-port"]
-        raylets = self.processes(f"--node_manager_port={port}")
-        assert raylets, f"no raylet with node manager port {port}"
-        for p in raylets:
+        (raylet,) = self.processes(f"--node_manager_port={port}")
+        return raylet
+
+    def running_trial(self, index: int) -> bool:
+        """Whether a Tune trial is executing on the node (its actor's title while in train())."""
+        titles = [" ".join(p.cmdline()) for p in self.raylet(index).children(recursive=True)]
+        return any(t.startswith("ray::ImplicitFunc.train") for t in titles)
+
+    def kill_node(self, index: int) -> None:
+        """SIGKILL a worker node's raylet and everything it started (its Ray workers, agents),
+        as when a spot instance is reclaimed: the raylet alone would let a running trial end."""
+        raylet = self.raylet(index)
+        for p in [*raylet.children(recursive=True), raylet]:
             p.kill()
 
     def stop(self) -> None:
@@ -387,6 +396,10 @@ def test_worker_node_killed_mid_sweep(tmp_path):
         store = open_store(storage)
         try:
             _wait_rows(store, "slow", 1, driver, log)
+            deadline = time.monotonic() + 60
+            while not cluster.running_trial(1):  # kill mid-trial, not between two
+                assert time.monotonic() < deadline and driver.poll() is None, _tail(log)
+                time.sleep(0.05)
             cluster.kill_node(1)
             killed_at = pd.Timestamp.now(tz="UTC")
             driver.wait(timeout=150)
