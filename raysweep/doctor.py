@@ -102,7 +102,7 @@ def check_nodes(storage: str | None, driver_rel: str | None) -> tuple[list[dict]
 
 
 def main(address: str | None = None, storage: str | None = None) -> int:
-    from .sweep import start_ray
+    from .cluster import start_ray
 
     problems: list[str] = []
     driver_rel = None

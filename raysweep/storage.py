@@ -181,6 +181,7 @@ def open_store(uri: str) -> Store:
     if "://" in uri and not uri.startswith("file://"):
         fs, root = pafs.FileSystem.from_uri(uri)
         return Store(uri, fs, root)
+    # Absolute, so the same Store means the same place in Ray workers, whose cwd differs.
     root = os.path.abspath(os.path.expanduser(uri.removeprefix("file://")))
     os.makedirs(root, exist_ok=True)
-    return Store(uri, pafs.LocalFileSystem(), root)
+    return Store(root, pafs.LocalFileSystem(), root)

@@ -20,6 +20,9 @@ for _k, _v in {
     "AWS_EC2_METADATA_DISABLED": "true",
 }.items():
     os.environ.setdefault(_k, _v)
+# One thread per test process, as in a 1-CPU trial: on a shared 2-core machine two torch threads
+# per process are many times slower, and results then match what the sweep computes.
+torch.set_num_threads(1)
 
 TINY_SPEC = {
     "name": "tiny",

@@ -325,7 +325,7 @@ def test_driver_killed_then_resume(tmp_path):
 
     done = _raysweep(*args, "--resume", log=log, timeout=60)
     assert done.returncode == 0
-    assert "8/8 trials recorded, 0 to run" in _tail(log)
+    assert "8/8 tuning trials recorded, 0 to run" in _tail(log)
 
 
 # ---------------------------------------------------------------- two nodes

@@ -16,7 +16,7 @@ import pytest
 import torch
 from torch import nn
 
-from raysweep import checkpoints, results, sweep
+from raysweep import checkpoints, cluster, results, sweep
 from raysweep.spec import validate
 from raysweep.storage import Leases, open_store
 
@@ -113,7 +113,7 @@ def test_rows_round_trip(store, tiny_spec_dict):
 def test_journal_survives_the_driver(store, tiny_spec_dict):
     """Studies reopened from the store (a new driver) continue where the last one stopped."""
     spec = validate(tiny_spec_dict, "tiny")
-    journal, sync = sweep.open_journal(spec, store)
+    journal, sync = cluster.open_journal(spec, store)
     studies = sweep.open_studies(spec, store, journal)
     study = studies["gd-b0.1"]
     done = study.ask()
@@ -134,18 +134,18 @@ def test_journal_survives_the_driver(store, tiny_spec_dict):
 
 def test_check_resume_rules(store, tiny_spec_dict):
     spec = validate(tiny_spec_dict, "tiny")
-    sweep.check_resume(spec, store, resume=False)  # nothing there: a new run may start
-    with pytest.raises(sweep.RunStateError, match="nothing to resume"):
-        sweep.check_resume(spec, store, resume=True)
+    cluster.check_resume(spec, store, resume=False)  # nothing there: a new run may start
+    with pytest.raises(cluster.RunStateError, match="nothing to resume"):
+        cluster.check_resume(spec, store, resume=True)
     record = {"spec": spec.raw, "spec_hash": spec.hash}
     store.write("tiny/spec.json", json.dumps(record).encode())
-    with pytest.raises(sweep.RunStateError, match="already exists .*--resume"):
-        sweep.check_resume(spec, store, resume=False)
-    sweep.check_resume(spec, store, resume=True)
-    sweep.check_resume(spec, store, resume=None)
+    with pytest.raises(cluster.RunStateError, match="already exists .*--resume"):
+        cluster.check_resume(spec, store, resume=False)
+    cluster.check_resume(spec, store, resume=True)
+    cluster.check_resume(spec, store, resume=None)
     changed = validate(tiny_spec_dict | {"trials_per_cell": 5}, "tiny")
-    with pytest.raises(sweep.RunStateError, match="differs in: trials_per_cell"):
-        sweep.check_resume(changed, store, resume=True)
+    with pytest.raises(cluster.RunStateError, match="differs in: trials_per_cell"):
+        cluster.check_resume(changed, store, resume=True)
 
 
 def test_leases_expire_and_pass_on():
