@@ -95,11 +95,16 @@ class RunStateError(RuntimeError):
     """The storage's state does not allow what was asked (start, resume), said in one line."""
 
 
+# Spec keys a resumed run may change: how many trials, confirm seeds, per-trial resources.
+# Any other change would make new rows incomparable with the recorded ones.
+RESUMABLE_CHANGES = {"trials_per_cell", "confirm", "resources"}
+
+
 def check_resume(spec: Spec, store: Store, resume: bool | None) -> None:
     """Refuse to start over an existing experiment, to resume a missing one, or to change spec.
 
     `resume=None` (library use) starts or continues, whichever applies; it still refuses a
-    changed spec, whose rows would not be comparable with the recorded ones.
+    spec changed beyond RESUMABLE_CHANGES.
     """
     where, recorded = store.path(spec.name), recorded_spec(spec, store)
     if recorded is None:
@@ -110,12 +115,12 @@ def check_resume(spec: Spec, store: Store, resume: bool | None) -> None:
             )
         return
     current = json.loads(json.dumps(spec.raw))
-    if recorded != current:
-        changed = sorted(k for k in {*recorded, *current} if recorded.get(k) != current.get(k))
+    changed = sorted(k for k in {*recorded, *current} if recorded.get(k) != current.get(k))
+    if set(changed) - RESUMABLE_CHANGES:
         raise RunStateError(
             f"{where}: the spec changed since experiment '{spec.name}' started "
-            f"(differs in: {', '.join(changed)}); resume needs the same spec, "
-            "or give the new spec another name"
+            f"(differs in: {', '.join(changed)}); a resume may change only "
+            f"{', '.join(sorted(RESUMABLE_CHANGES))}; give the new spec another name"
         )
     if resume is False:
         df = results.read(store, spec.name)
@@ -134,11 +139,14 @@ def recorded_spec(spec: Spec, store: Store) -> dict | None:
 
 
 def record_spec(spec: Spec, store: Store) -> None:
-    """Write <experiment>/spec.json on the first start: what `check_resume` compares against."""
-    if not store.exists(f"{spec.name}/spec.json"):
+    """Keep <experiment>/spec.json at the spec of the latest start (what resumes compare to)."""
+    rel = f"{spec.name}/spec.json"
+    old = json.loads(store.read(rel)) if store.exists(rel) else {}
+    if old.get("spec_hash") != spec.hash:
         now = dt.datetime.now(dt.timezone.utc).isoformat()
-        record = {"spec": spec.raw, "spec_hash": spec.hash, "started_at": now}
-        store.write(f"{spec.name}/spec.json", json.dumps(record, indent=1).encode())
+        record = {"spec": spec.raw, "spec_hash": spec.hash, "spec_since": now}
+        record["started_at"] = old.get("started_at", now)  # the experiment's first start
+        store.write(rel, json.dumps(record, indent=1).encode())
 
 
 def open_journal(spec: Spec, store: Store) -> tuple[JournalStorage, Callable[[], None]]:

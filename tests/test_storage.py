@@ -143,8 +143,10 @@ def test_check_resume_rules(store, tiny_spec_dict):
         cluster.check_resume(spec, store, resume=False)
     cluster.check_resume(spec, store, resume=True)
     cluster.check_resume(spec, store, resume=None)
-    changed = validate(tiny_spec_dict | {"trials_per_cell": 5}, "tiny")
-    with pytest.raises(cluster.RunStateError, match="differs in: trials_per_cell"):
+    more = validate(tiny_spec_dict | {"trials_per_cell": 5}, "tiny")
+    cluster.check_resume(more, store, resume=True)  # more trials: the same experiment, continued
+    changed = validate(tiny_spec_dict | {"delta": 0.2, "trials_per_cell": 5}, "tiny")
+    with pytest.raises(cluster.RunStateError, match="differs in: delta, trials_per_cell"):
         cluster.check_resume(changed, store, resume=True)
 
 
