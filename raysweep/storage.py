@@ -83,7 +83,7 @@ class Store:
         """
         if self.local:
             return _flock(self.path(rel))
-        import ray
+        import ray  # here, not at the top: reading results and checkpoints needs no Ray
 
         if ray.is_initialized():
             return _lease(f"{self.uri}#{rel}")
@@ -164,7 +164,8 @@ def _lease(name: str, ttl: float = LEASE_S) -> Iterator[None]:
 
     def renew():
         while not stop.wait(ttl / 4):
-            ray.get(table.acquire.remote(name, holder, ttl))
+            if not ray.get(table.acquire.remote(name, holder, ttl)):  # stalled past the ttl
+                print(f"warning: lost the lease on {name}; its work may be repeated", flush=True)
 
     renewer = threading.Thread(target=renew, name=f"lease-{name}", daemon=True)
     renewer.start()
