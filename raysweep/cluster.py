@@ -103,6 +103,8 @@ RESUMABLE_CHANGES = {"trials_per_cell", "confirm", "resources"}
 def check_resume(spec: Spec, store: Store, resume: bool | None) -> None:
     """Refuse to start over an existing experiment, to resume a missing one, or to change spec.
 
+    Re-running an identical spec whose experiment is complete is allowed (it only reprints).
+
     `resume=None` (library use) starts or continues, whichever applies; it still refuses a
     spec changed beyond RESUMABLE_CHANGES.
     """
@@ -126,6 +128,8 @@ def check_resume(spec: Spec, store: Store, resume: bool | None) -> None:
         df = results.read(store, spec.name)
         n = int((df["phase"] == "tune").sum()) if len(df) else 0
         total = len(spec.cells()) * spec.trials_per_cell
+        if not changed and n >= total:
+            return  # the same spec, already complete: nothing runs, the table is shown again
         raise RunStateError(
             f"{where}: experiment '{spec.name}' already exists ({n}/{total} tuning trials "
             "recorded); pass --resume to continue it, or choose another name or --storage"
