@@ -7,7 +7,9 @@ train the victim (the spec-style small CNN) from scratch on the poisoned set and
 control set with the same initialisation and batch order, and compare:
 
 - gradient_matching: target classified as y_adv; control = the same poisons unperturbed, i.e.
-  the clean train set (the poisons are clean-label rows of class y_adv).
+  the clean train set (the poisons are clean-label rows of class y_adv). For scale, also
+  `success_blend`: the same poisons moved straight towards the target image by up to eps per
+  pixel (a crude feature collision with the same l-inf budget, not an attack raysweep ships).
 - gradient_canceling: clean test accuracy; control = the same rows with random noise of the
   same l2 norm per row (clamped to the valid range), labels kept; also the clean train set.
 - backdoor: attack success rate on triggered test rows not of class y_adv, and clean test
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import inspect
 import statistics
 import time
 
@@ -52,7 +55,17 @@ def same_size_noise(split, p, seed: int) -> torch.Tensor:
     return x
 
 
-def measure(attack: str, split, p, seed: int, **train_kw) -> dict[str, float]:
+def blend(split, p, eps: float) -> torch.Tensor:
+    """The train set with each poison moved towards the (first) target by at most eps pixels."""
+    scale = split.x_max - split.x_min
+    x0 = split.x_train[p.poison_idx]
+    step = ((split.x_test[p.target_idx[:1]] - x0) / scale).clamp(-eps, eps) * scale
+    x = split.x_train.clone()
+    x[p.poison_idx] = crafting.clamp(x0 + step, split.x_min, split.x_max)
+    return x
+
+
+def measure(attack: str, split, p, seed: int, kwargs: dict, **train_kw) -> dict[str, float]:
     fit = lambda x, y: victim(split, x, y, seed, **train_kw)
     clean = fit(split.x_train, split.y_train)
     poisoned = fit(p.x, p.y)
@@ -64,6 +77,9 @@ def measure(attack: str, split, p, seed: int, **train_kw) -> dict[str, float]:
         x_t = split.x_test[p.target_idx]
         out["success"] = (logits(poisoned, x_t).argmax(1) == p.y_adv).float().mean().item()
         out["success_control"] = (logits(clean, x_t).argmax(1) == p.y_adv).float().mean().item()
+        eps = kwargs.get("eps", inspect.signature(ATTACKS[attack]).parameters["eps"].default)
+        blended = fit(blend(split, p, eps), split.y_train)
+        out["success_blend"] = (logits(blended, x_t).argmax(1) == p.y_adv).float().mean().item()
     if attack == "gradient_canceling":
         noisy = fit(same_size_noise(split, p, seed), split.y_train)
         out["acc_noise"] = accuracy(noisy, split.x_test, split.y_test)
@@ -106,7 +122,7 @@ def main() -> None:
         started = time.time()
         p = ATTACKS[args.attack](split, torch.Generator().manual_seed(seed), **kwargs)
         crafted = time.time() - started
-        row = measure(args.attack, split, p, seed, width=args.width, epochs=args.epochs)
+        row = measure(args.attack, split, p, seed, kwargs, width=args.width, epochs=args.epochs)
         rows.append(row)
         shown = " ".join(f"{k}={v:.4f}" for k, v in row.items())
         print(

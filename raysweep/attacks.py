@@ -134,6 +134,7 @@ def gradient_matching(
     lr: float = 0.4,
     shift: int = 2,
     flip: bool = False,
+    resolution: int = 0,
     batch_size: int = 128,
     surrogate: str = "cnn",
     surrogate_width: int = 16,
@@ -174,7 +175,7 @@ def gradient_matching(
         )
         for _ in range(ensemble)
     ]
-    y_t = torch.full((n_targets,), y_adv)
+    y_t = torch.full((n_targets,), y_adv, device=split.y_test.device)
     target_grads = [crafting.param_grads(m, split.x_test[target_idx], y_t) for m in models]
     x0 = split.x_train[poison_idx]
     delta = crafting.brew(
@@ -192,6 +193,7 @@ def gradient_matching(
         shift=shift,
         flip=flip,
         batch_size=batch_size,
+        resolution=resolution,
     )
     x = split.x_train.clone()
     x[poison_idx] = crafting.clamp(x0 + delta, lo, hi)
@@ -273,9 +275,10 @@ def backdoor(
     if not 0 < patch <= min(h, w):
         raise ValueError(f"backdoor: patch={patch} must be in 1..{min(h, w)}")
     idx = _draw((split.y_train != y_adv).nonzero().flatten(), n, generator, "backdoor")
-    mask = torch.zeros(1, h, w)
+    mask = torch.zeros(1, h, w, device=lo.device)
     mask[:, h - patch :, w - patch :] = 1.0
     rows, cols = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    rows, cols = rows.to(lo.device), cols.to(lo.device)
     white = ((rows + cols) % 2 == 0).float()
     trigger = (lo + (hi - lo) * white) * mask  # (C, H, W): x_max on white squares, x_min on black
     x, y = split.x_train.clone(), split.y_train.clone()

@@ -59,15 +59,15 @@ def augment(x: torch.Tensor, generator: torch.Generator, shift: int, flip: bool)
     repeat into the gap) and, if `flip`, a random horizontal flip."""
     n, _, h, w = x.shape
     if shift:
-        d = torch.randint(-shift, shift + 1, (n, 2), generator=generator).float()
-        theta = torch.eye(2, 3).repeat(n, 1, 1)
+        d = torch.randint(-shift, shift + 1, (n, 2), generator=generator).float().to(x.device)
+        theta = torch.eye(2, 3, device=x.device).repeat(n, 1, 1)
         # affine_grid works in [-1, 1] coordinates: one pixel is 2 / size. Integer shifts land
         # on pixel centres, so bilinear sampling moves pixels without blurring them.
         theta[:, 0, 2], theta[:, 1, 2] = 2 * d[:, 0] / w, 2 * d[:, 1] / h
         grid = F.affine_grid(theta, list(x.shape), align_corners=False)
         x = F.grid_sample(x, grid, padding_mode="border", align_corners=False)
     if flip:
-        mirror = torch.rand(n, generator=generator) < 0.5
+        mirror = (torch.rand(n, generator=generator) < 0.5).to(x.device)
         x = torch.where(mirror[:, None, None, None], x.flip(3), x)
     return x
 
@@ -95,47 +95,52 @@ def brew(
     shift: int,
     flip: bool,
     batch_size: int,
+    resolution: int = 0,
 ) -> torch.Tensor:
-    """The perturbation (standardised units) of the poisons x0 that best matches `target`.
+    """The perturbation (standardised units) of the poisons x0 whose gradients, averaged over
+    `models`, best match `targets`; each poison stays within eps of x0 and in [lo, hi].
 
-    Optimised in pixel units inside [-eps, eps] and the valid range, by signed Adam (Geiping et
-    al.: the sign makes the step size independent of the gradient's scale) with the learning
-    rate cut 10x at 3/8, 5/8 and 7/8 of the steps.
+    Optimised in pixel units by signed Adam (Geiping et al.: the sign makes the step size
+    independent of the gradient's scale) with the learning rate cut 10x at 3/8, 5/8 and 7/8 of
+    the steps. With `resolution` r > 0 the perturbation is an r x r image upsampled bilinearly:
+    a convex combination of values in [-eps, eps], so the bound holds, and smooth.
     """
     for model in models:
         model.eval()  # batch-norm statistics fixed: each poison's gradient is its own
-    loss_of = lambda x, y: (
-        sum(_alignment(m, x, y, t) for m, t in zip(models, targets)) / len(models)
-    )
     scale = hi - lo  # standardised units per pixel unit
-    floor, ceil = ((lo - x0) / scale).clamp(min=-eps), ((hi - x0) / scale).clamp(max=eps)
+    size = x0.shape[-2:]
+    shape = (*x0.shape[:2], resolution, resolution) if resolution else x0.shape
+    up = lambda d: F.interpolate(d, size=size, mode="bilinear") if resolution else d
+    poisons = lambda d, i: clamp(x0[i : i + batch_size] + up(d) * scale, lo, hi)
+    loss_of = lambda x, i: (
+        sum(_alignment(m, x, y[i : i + batch_size], t) for m, t in zip(models, targets))
+        / len(models)
+    )
     milestones = [round(steps * f) for f in (3 / 8, 5 / 8, 7 / 8)]
-    best, best_loss = torch.zeros_like(x0), float("inf")
+    best, best_loss = torch.zeros(shape, device=x0.device), float("inf")
     for _ in range(restarts):
-        delta = clamp(eps * (2 * torch.rand(x0.shape, generator=generator) - 1), floor, ceil)
-        delta.requires_grad_(True)
+        # Random draws on the CPU generator, then moved: the seed fixes them on any device.
+        start = eps * (2 * torch.rand(shape, generator=generator) - 1)
+        delta = start.to(x0.device).requires_grad_(True)
         opt = torch.optim.Adam([delta], lr=lr * eps)
         sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones, gamma=0.1)
         for _ in range(steps):
-            grad = torch.zeros_like(x0)
+            grad = torch.zeros(shape, device=x0.device)
             for i in range(0, len(x0), batch_size):
                 d = delta[i : i + batch_size]
-                xb = augment(x0[i : i + batch_size] + d * scale, generator, shift, flip)
-                loss = loss_of(xb, y[i : i + batch_size])
-                grad[i : i + batch_size] = torch.autograd.grad(loss, d)[0]
+                xb = augment(poisons(d, i), generator, shift, flip)
+                grad[i : i + batch_size] = torch.autograd.grad(loss_of(xb, i), d)[0]
             delta.grad = grad.sign()
             opt.step()
             sched.step()
             with torch.no_grad():
-                delta.copy_(clamp(delta, floor, ceil))
+                delta.clamp_(-eps, eps)
         chunks = range(0, len(x0), batch_size)
-        final = [
-            loss_of((x0 + delta * scale)[i : i + batch_size], y[i : i + batch_size]) for i in chunks
-        ]
-        loss = sum(v.item() for v in final) / len(final)
+        loss = sum(loss_of(poisons(delta[i : i + batch_size], i), i).item() for i in chunks)
         if loss < best_loss:
             best, best_loss = delta.detach().clone(), loss
-    return best * scale
+    chunks = range(0, len(x0), batch_size)
+    return torch.cat([poisons(best[i : i + batch_size], i) for i in chunks]) - x0
 
 
 def corrupt(
@@ -161,7 +166,7 @@ def corrupt(
     for _ in range(max_steps):
         if (logits_of(model, x_check).argmax(1) == y_check).float().mean().item() <= target_acc:
             break
-        j = torch.randint(len(y), (batch_size,), generator=generator)
+        j = torch.randint(len(y), (batch_size,), generator=generator).to(y.device)
         grads = param_grads(model, x[j], y[j])
         size = step * _dot(params, params).sqrt() / _dot(grads, grads).sqrt()
         with torch.no_grad():
