@@ -12,7 +12,11 @@ import torch.nn.functional as F
 
 @dataclass(frozen=True)
 class Split:
-    """Train/val/test tensors; images are float32 (N, C, H, W) standardised per channel on train."""
+    """Train/val/test tensors; images are float32 (N, C, H, W) standardised per channel on train.
+
+    `x_min`, `x_max` (shape (C, 1, 1)) are the valid input range: the image of pixel values 0
+    and 1 under the standardisation. Attacks that edit pixels clamp to it.
+    """
 
     x_train: torch.Tensor
     y_train: torch.Tensor
@@ -21,6 +25,8 @@ class Split:
     x_test: torch.Tensor
     y_test: torch.Tensor
     num_classes: int
+    x_min: torch.Tensor | None = None
+    x_max: torch.Tensor | None = None
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -42,8 +48,11 @@ def _standardise(x_train, *others):
 
 
 def _make_split(x_tr, y_tr, x_va, y_va, x_te, y_te, num_classes) -> Split:
-    x_tr, x_va, x_te = _standardise(x_tr, x_va, x_te)
-    return Split(x_tr, y_tr, x_va, y_va, x_te, y_te, num_classes)
+    # Standardising an all-0 and an all-1 image gives the per-channel bounds of valid inputs.
+    black, white = torch.zeros_like(x_tr[:1]), torch.ones_like(x_tr[:1])
+    x_tr, x_va, x_te, lo, hi = _standardise(x_tr, x_va, x_te, black, white)
+    bounds = lo[0, :, :1, :1], hi[0, :, :1, :1]
+    return Split(x_tr, y_tr, x_va, y_va, x_te, y_te, num_classes, *bounds)
 
 
 def digits(
