@@ -139,8 +139,8 @@ def gradient_matching(
     surrogate: str = "cnn",
     surrogate_width: int = 16,
     surrogate_epochs: int = 20,
-    ensemble: int = 1,
     surrogate_lr: float = 0.05,
+    ensemble: int = 1,
 ) -> Poisoned:
     """Witches' Brew (Geiping et al. 2021): clean-label poisons whose gradient matches the target's.
 
@@ -149,7 +149,9 @@ def gradient_matching(
     on the clean train set gives the gradient that would classify the targets as `y_adv`; each
     restart runs `steps` signed-Adam steps on 1 - cos(poison gradient, target gradient) under
     random translations by up to `shift` pixels (and horizontal flips if `flip`; wrong for
-    digits), and the restart with the lowest final loss wins.
+    digits), and the restart with the lowest final loss wins. `ensemble` > 1 averages the loss
+    over that many independently trained surrogates; `resolution` r > 0 makes the perturbation
+    an r x r image upsampled to the input size (smooth, e.g. digits' native 8 x 8).
 
     `eps` is the l-inf bound in pixel units of the [0, 1] image (16/255 is the paper's CIFAR-10
     setting); `lr` is Adam's step as a fraction of `eps`. The surrogate is named here rather than
