@@ -53,7 +53,7 @@ def batches(
     while True:
         perm = torch.randperm(len(y), generator=generator)
         for i in range(0, len(y), batch_size):
-            j = perm[i : i + batch_size]
+            j = perm[i : i + batch_size].to(y.device)
             yield x[j], y[j]
 
 

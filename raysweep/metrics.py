@@ -55,24 +55,37 @@ def losses(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits(model, x), y, reduction="none")
 
 
-def input_gradients(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 256
-) -> torch.Tensor:
-    """Per-sample grad_x loss in float64, one backward pass per batch.
+def as_float64(model: nn.Module) -> nn.Module:
+    """A frozen float64 copy in eval mode: scores are computed in double precision."""
+    model64 = copy.deepcopy(model).double().eval()
+    for p in model64.parameters():
+        p.requires_grad_(False)
+    return model64
+
+
+def batch_input_gradients(model64: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per-sample grad_x loss of one batch, from one backward pass.
 
     In eval mode the samples of a batch do not interact, so the gradient of the summed loss with
     respect to the batch input is exactly the stack of per-sample input gradients.
     """
-    model64 = copy.deepcopy(model).double().eval()
-    for p in model64.parameters():
-        p.requires_grad_(False)
-    grads = []
-    for i in range(0, len(x), batch_size):
-        xb = x[i : i + batch_size].double().requires_grad_(True)
-        loss = F.cross_entropy(model64(xb), y[i : i + batch_size], reduction="sum")
-        (g,) = torch.autograd.grad(loss, xb)
-        grads.append(g.flatten(1))
-    return torch.cat(grads)
+    xb = x.double().requires_grad_(True)
+    (g,) = torch.autograd.grad(F.cross_entropy(model64(xb), y, reduction="sum"), xb)
+    return g.flatten(1)
+
+
+def input_gradients(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 256
+) -> torch.Tensor:
+    """Per-sample grad_x loss in float64, one backward pass per batch of `batch_size`."""
+    model64 = as_float64(model)
+    chunks = range(0, len(x), batch_size)
+    return torch.cat(
+        [
+            batch_input_gradients(model64, x[i : i + batch_size], y[i : i + batch_size])
+            for i in chunks
+        ]
+    )
 
 
 def gaussian_scores(
@@ -80,7 +93,7 @@ def gaussian_scores(
 ) -> torch.Tensor:
     """I_i = <xi_i, g_i> / (eps ||g_i||) in float64, one per row."""
     g = input_gradients(model, x_clean, y)
-    xi = noise.flatten(1).double()
+    xi = noise.flatten(1).double().to(g.device)
     return (xi * g).sum(1) / (eps * g.norm(dim=1).clamp_min(1e-300))
 
 

@@ -9,10 +9,12 @@ from torch import nn
 
 
 def mlp(input_shape, num_classes, *, width: int = 512, depth: int = 2) -> nn.Sequential:
-    """Flatten, then `depth` hidden Linear+ReLU blocks, then a linear head."""
+    """`depth` hidden Linear+ReLU blocks (the first one flattens its input), then a linear head."""
     dims = [math.prod(input_shape)] + [width] * depth
     hidden = [nn.Sequential(nn.Linear(a, b), nn.ReLU()) for a, b in zip(dims, dims[1:])]
-    return nn.Sequential(nn.Flatten(), *hidden, nn.Linear(dims[-1], num_classes))
+    # Flatten lives inside the first block so every block has weights: K counts layers.
+    hidden[0].insert(0, nn.Flatten())
+    return nn.Sequential(*hidden, nn.Linear(dims[-1], num_classes))
 
 
 def _conv_bn(c_in, c_out, stride=1):

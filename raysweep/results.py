@@ -41,6 +41,8 @@ METRICS = {
     "effect_test": "the attack's effect E on test (target_adv_rate is the same on both splits)",
 }
 MODELS_MEASURED = ("before", "after", "retrain")
+# Per-poison Gaussian scores I_i of each model (null for attacks without Gaussian noise).
+SCORES = {f"{m}_scores": pa.list_(pa.float64()) for m in MODELS_MEASURED}
 
 COLUMNS = {
     "experiment": pa.string(),
@@ -49,6 +51,7 @@ COLUMNS = {
     "phase": pa.string(),
     "cell": pa.string(),
     "trial_number": pa.int64(),
+    "tuned_trial": pa.int64(),  # confirm rows: the tuning trial whose setting they re-run
     "attack": pa.string(),
     "method": pa.string(),
     "budget": pa.float64(),
@@ -68,6 +71,7 @@ COLUMNS = {
     "started_at": pa.timestamp("ms", tz="UTC"),
     "finished_at": pa.timestamp("ms", tz="UTC"),
     "host": pa.string(),
+    "node_id": pa.string(),  # the Ray node: nodes of one machine or image share a hostname
     "versions": pa.string(),
 }
 
@@ -95,7 +99,7 @@ def _arrow_type(value) -> pa.DataType:
 
 def schema(spec: Spec) -> pa.Schema:
     metric_cols = {f"{m}_{k}": pa.float64() for m in MODELS_MEASURED for k in METRICS}
-    return pa.schema({**COLUMNS, **hyperparameter_types(spec), **metric_cols})
+    return pa.schema({**COLUMNS, **hyperparameter_types(spec), **metric_cols, **SCORES})
 
 
 def versions() -> str:
@@ -126,35 +130,102 @@ def read(store: Store, experiment: str) -> pd.DataFrame:
     return pq.read_table(paths, filesystem=store.fs).to_pandas()
 
 
+def params_of(spec: Spec, row: dict) -> dict:
+    """The hyperparameters a row's trial ran with, typed as its method takes them.
+
+    Parquet-to-pandas turns an int column with nulls into floats; cast back by the schema.
+    """
+    cast = {pa.int64(): int, pa.float64(): float, pa.bool_(): bool, pa.string(): str}
+    types = hyperparameter_types(spec)
+    names = spec.methods[row["method"]] or {}
+    return {n: cast[types[f"hp_{n}"]](row[f"hp_{n}"]) for n in names}
+
+
 def best_per_cell(df: pd.DataFrame) -> pd.DataFrame:
-    """The best ok trial of each (attack, method, budget): lowest objective, feasible first."""
-    ok = df[df["status"] == "ok"].sort_values(["feasible", "objective"], ascending=[False, True])
-    return ok.groupby(["attack", "method", "budget"], sort=True).head(1)
+    """The best ok tuning trial of each (attack, method, budget): feasible first, then lowest
+    objective (both from val), then the earliest trial."""
+    ok = df[(df["phase"] == "tune") & (df["status"] == "ok")]
+    ok = ok.sort_values(["feasible", "objective", "trial_number"], ascending=[False, True, True])
+    best = ok.groupby(["attack", "method", "budget"]).head(1)
+    return best.sort_values(["attack", "method", "budget"], kind="stable")
+
+
+# What the table reports per model: test-split accuracy, and the poison scores (computed on the
+# poisons themselves, in no evaluation split) and loss MIA (test rows as non-members).
+REPORTED = {
+    "clean_acc": "clean_acc_test",
+    "gus": "gus",
+    "tpr_at_1fpr": "tpr_at_1fpr",
+    "loss_mia_tpr": "loss_mia_tpr",
+}
+STATS = ("residual", *REPORTED)
+
+
+def _stats(rows: pd.DataFrame, columns: dict[str, str]) -> dict:
+    """Mean and sample std (NaN for one run) of each column, as <name> and <name>_std."""
+    out = {}
+    for name, col in columns.items():
+        values = rows[col].astype(float)
+        out[name] = values.mean()
+        out[f"{name}_std"] = values.std(ddof=1) if len(values) > 1 else float("nan")
+    return out
+
+
+def _setting(best: pd.Series) -> str:
+    hp = {k.removeprefix("hp_"): v for k, v in best.items() if k.startswith("hp_") and pd.notna(v)}
+    return ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in hp.items())
+
+
+def chosen(df: pd.DataFrame) -> list[tuple[pd.Series, pd.DataFrame, str]]:
+    """Each cell's best tuned row, the rows that report it, and their source: its ok confirm
+    rows (the same setting on fresh seeds) when there are any, else the tuning row itself."""
+    confirmed = df[(df["phase"] == "confirm") & (df["status"] == "ok")]
+    out = []
+    for i, best in best_per_cell(df).iterrows():
+        runs = confirmed[
+            (confirmed["attack"] == best["attack"])
+            & (confirmed["cell"] == best["cell"])
+            & (confirmed["tuned_trial"] == best["trial_number"])
+        ]
+        out.append((best, runs, "confirm") if len(runs) else (best, df.loc[[i]], "tune"))
+    return out
+
+
+def reference_rows(df: pd.DataFrame, attack: str, seeds) -> pd.DataFrame:
+    """One ok row per seed: the poisoned and retrain metrics depend on the seed only."""
+    ok = df[(df["status"] == "ok") & (df["attack"] == attack) & df["seed"].isin(seeds)]
+    return ok.drop_duplicates("seed").sort_values("seed")
 
 
 def table(df: pd.DataFrame) -> pd.DataFrame:
-    """The run's summary: poisoned and retrain references, then the best trial per cell (test split)."""
-    cols = {
-        "clean_acc_test": "clean_acc",
-        "gus": "gus",
-        "gus_z": "gus_z",
-        "tpr_at_1fpr": "tpr_at_1fpr",
-    }
-    cols |= {"loss_mia_tpr": "loss_mia_tpr"}
-    ok = df[df["status"] == "ok"]
+    """The paper-style table: per attack, the poisoned and retrain references, then each cell's
+    best setting (chosen on val), reported on test as mean and std over its confirmation seeds
+    (or the single tuning run when the cell has none)."""
+    counts = df[df["phase"] == "tune"].groupby(["attack", "method", "budget"])["status"]
+    cells, seeds = [], {}
+    for best, runs, source in chosen(df):
+        key = (best["attack"], best["method"], best["budget"])
+        seeds.setdefault(key[0], set()).update(runs["seed"])
+        row = {"attack": key[0], "method": key[1], "budget": key[2], "source": source}
+        row |= {"n": len(runs), "seeds": ",".join(map(str, sorted(runs["seed"])))}
+        row |= {"trials": counts.size()[key], "failed": int((counts.get_group(key) != "ok").sum())}
+        row |= {"tuned_trial": best["trial_number"], "feasible": best["feasible"]}
+        row |= {"setting": _setting(best)}
+        row |= _stats(
+            runs, {"residual": "residual"} | {k: f"after_{c}" for k, c in REPORTED.items()}
+        )
+        cells.append(row)
     refs = []
-    for label, prefix in (("poisoned", "before"), ("retrain", "retrain")):
-        ref = {"method": label, "budget": None, "trials": None, "failed": None}
-        ref |= {v: ok[f"{prefix}_{k}"].iloc[0] if len(ok) else None for k, v in cols.items()}
-        ref |= {"residual": 1.0 if label == "poisoned" else 0.0}
-        refs.append(ref)
-    rows = []
-    counts = df.groupby(["method", "budget"])["status"]
-    for _, best in best_per_cell(df).iterrows():
-        key = (best["method"], best["budget"])
-        row = {"method": best["method"], "budget": best["budget"]}
-        row |= {"trials": counts.size()[key], "failed": (counts.get_group(key) != "ok").sum()}
-        row |= {v: best[f"after_{k}"] for k, v in cols.items()}
-        row |= {"residual": best["residual"], "feasible": best["feasible"]}
-        rows.append(row)
-    return pd.DataFrame(refs + rows)
+    for attack, used in sorted(seeds.items()):
+        per_seed = reference_rows(df, attack, used)
+        for label, prefix, r in (("poisoned", "before", 1.0), ("retrain", "retrain", 0.0)):
+            ref = {"attack": attack, "method": label, "source": "reference", "n": len(per_seed)}
+            ref |= {"seeds": ",".join(map(str, per_seed["seed"]))}
+            ref |= {"residual": r, "residual_std": 0.0 if len(per_seed) > 1 else float("nan")}
+            ref |= _stats(per_seed, {k: f"{prefix}_{c}" for k, c in REPORTED.items()})
+            refs.append(ref)
+    out = pd.DataFrame(refs + cells)
+    order = ["attack", "method", "budget", "source", "n", "seeds", "trials", "failed"]
+    order += ["tuned_trial", "feasible", "setting"]
+    order += [c for s in STATS for c in (s, f"{s}_std")]
+    return out.reindex(columns=order).sort_values(["attack"], kind="stable", ignore_index=True)

@@ -38,6 +38,7 @@ TOP_KEYS = {
     "forget": "{known_fraction: (0, 1]}",
     "resources": "{cpu: > 0, gpu: >= 0} per trial",
     "sampler": "tpe | random",
+    "confirm": "{seeds: [int, ...]}: fresh seeds on which each cell's best setting is re-run",
 }
 REQUIRED = ("name", "dataset", "model", "attack", "train", "methods", "budgets")
 SAMPLERS = ("tpe", "random")
@@ -267,7 +268,29 @@ def validate(raw: Any, src: str = "<spec>") -> Spec:
     raw.setdefault("sampler", "tpe")
     if raw["sampler"] not in SAMPLERS:
         raise SpecError(f"{src}: sampler: '{raw['sampler']}'; allowed: {_allowed(SAMPLERS)}")
+    raw.setdefault("confirm", {"seeds": []})
+    _confirm(src, raw["confirm"], raw["seed"])
     return Spec(src, raw)
+
+
+def _confirm(src: str, confirm: Any, seed: int) -> None:
+    """Confirmation seeds must be fresh: distinct, and not the tuning seed (new poisons, new models)."""
+    if not isinstance(confirm, dict):
+        raise SpecError(f"{src}: confirm: must be a mapping; allowed keys: seeds")
+    for k in confirm:
+        if k != "seeds":
+            raise _unknown(src, "confirm", k, ["seeds"])
+    seeds = confirm.setdefault("seeds", [])
+    if not isinstance(seeds, list):
+        raise SpecError(f"{src}: confirm.seeds: {seeds!r}; allowed: a list of ints")
+    for i, s in enumerate(seeds):
+        _number(src, f"confirm.seeds[{i}]", s, 0, 2**31 - 1, False, int)
+    if len(set(seeds)) != len(seeds):
+        raise SpecError(f"{src}: confirm.seeds: {seeds} repeats a seed; allowed: distinct seeds")
+    if seed in seeds:
+        raise SpecError(
+            f"{src}: confirm.seeds: {seed} is the tuning seed; allowed: seeds other than {seed}"
+        )
 
 
 def load(path: str | Path) -> Spec:

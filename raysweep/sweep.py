@@ -3,31 +3,40 @@
 Why one Tuner with a multiplexing searcher instead of one Tuner per cell: all cells share the
 cluster at once (no idle CPUs while the last trials of one cell finish), and each cell still has
 its own study, so a sampler never trades one method's trials for another's (DESIGN section 5).
-Studies live in an Optuna journal file under the run's storage, which is also what makes a
-resumed run continue each study instead of restarting it.
+Studies live in an Optuna journal under the run's storage, which is also what makes a
+resumed run continue each study instead of restarting it (cluster.py: Ray, journal, resume).
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import math
-import os
 import socket
-import time
 import traceback
+from collections.abc import Callable
 
 import optuna
-import pyarrow.fs as pafs
+import pandas as pd
 import ray
+from optuna.storages.journal import JournalStorage
 from ray import tune
 from ray.tune.search import Searcher
 
 from . import results
+from .cluster import (
+    MAX_FAILURES,
+    Retries,
+    check_resume,
+    open_journal,
+    record_spec,
+    slots,
+    start_ray,
+)
+from .progress import Progress
 from .spec import Spec, distributions
 from .storage import Store, open_store
 from .trial import derive_seed, run_trial
 
-NODE_IP = "127.0.0.2"  # local runs stay on loopback (DESIGN section 8)
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
@@ -35,27 +44,26 @@ def cell_name(method: str, budget: float) -> str:
     return f"{method}-b{budget:g}"
 
 
-def open_studies(spec: Spec, store: Store) -> dict[str, optuna.Study]:
-    """One study per cell, in a journal under <storage>/<experiment>/ (in memory if remote)."""
-    storage = None
-    if isinstance(store.fs, pafs.LocalFileSystem):
-        from optuna.storages.journal import JournalFileBackend, JournalStorage
+def make_sampler(kind: str, seed: int, trials_per_cell: int) -> optuna.samplers.BaseSampler:
+    """The spec's sampler for one cell's study (bench/tpe_vs_random.py compares the two)."""
+    if kind == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    # constant_liar: parallel trials of a cell see each other as pending, not absent.
+    startup = max(2, trials_per_cell // 3)
+    return optuna.samplers.TPESampler(seed=seed, constant_liar=True, n_startup_trials=startup)
 
-        path = store.path(f"{spec.name}/optuna.journal")
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        storage = JournalStorage(JournalFileBackend(path))
+
+def open_studies(
+    spec: Spec, store: Store, storage: JournalStorage | None = None
+) -> dict[str, optuna.Study]:
+    """One study per cell, all in the run's journal (see `cluster.open_journal`)."""
+    if storage is None:
+        storage, _ = open_journal(spec, store)
     studies = {}
     for method, budget in spec.cells():
         name = cell_name(method, budget)
         seed = derive_seed(spec.seed, name) % 2**32
-        if spec.sampler == "random":
-            sampler = optuna.samplers.RandomSampler(seed=seed)
-        else:
-            # constant_liar: parallel trials of a cell see each other as pending, not absent.
-            startup = max(2, spec.trials_per_cell // 3)
-            sampler = optuna.samplers.TPESampler(
-                seed=seed, constant_liar=True, n_startup_trials=startup
-            )
+        sampler = make_sampler(spec.sampler, seed, spec.trials_per_cell)
         studies[name] = optuna.create_study(
             study_name=name, storage=storage, sampler=sampler, load_if_exists=True
         )
@@ -65,10 +73,17 @@ def open_studies(spec: Spec, store: Store) -> dict[str, optuna.Study]:
 class CellSearcher(Searcher):
     """Hands out trials cell by cell (fewest started first) and tells each result to its study."""
 
-    def __init__(self, spec: Spec, studies: dict[str, optuna.Study], done: dict[str, set[int]]):
+    def __init__(
+        self,
+        spec: Spec,
+        studies: dict[str, optuna.Study],
+        done: dict[str, set[int]],
+        sync: Callable[[], None] = lambda: None,
+    ):
         super().__init__(metric="objective", mode="min")
         self.spec = spec
         self.studies = studies
+        self.sync = sync  # makes the journal durable (object stores): after every ask and tell
         self.cells = {cell_name(m, b): (m, b) for m, b in spec.cells()}
         self.spaces = {m: distributions(m, s) for m, s in spec.methods.items()}
         self.started = {name: len(done.get(name, ())) for name in self.cells}
@@ -82,13 +97,17 @@ class CellSearcher(Searcher):
         method, budget = self.cells[name]
         dists, fixed = self.spaces[method]
         trial = self.studies[name].ask(dists)
+        self.sync()  # before the trial can start, so a resumed driver knows it was asked
         self.started[name] += 1
         self.live[trial_id] = (name, trial.number)
         return {
+            "phase": "tune",
             "cell": name,
             "method": method,
             "budget": budget,
             "number": trial.number,
+            "seed": self.spec.seed,
+            "tuned_trial": None,
             "params": {**fixed, **trial.params},
         }
 
@@ -99,6 +118,7 @@ class CellSearcher(Searcher):
             self.studies[name].tell(number, state=optuna.trial.TrialState.FAIL)
         else:
             self.studies[name].tell(number, value)
+        self.sync()
 
     # The state lives in the journal, not in Tune's searcher checkpoint.
     def save(self, checkpoint_path: str) -> None:
@@ -138,128 +158,196 @@ def _now() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
 
 
+def execute(spec: Spec, store: Store, config: dict) -> dict:
+    """Run one trial of either phase from its config and write its row (ok or failed)."""
+    row = {
+        "experiment": spec.name,
+        "spec_name": spec.name,
+        "spec_hash": spec.hash,
+        "phase": config["phase"],
+        "cell": config["cell"],
+        "trial_number": config["number"],
+        "tuned_trial": config["tuned_trial"],
+        "attack": spec.attack["name"],
+        "method": config["method"],
+        "budget": config["budget"],
+        "seed": config["seed"],
+        "host": socket.gethostname(),
+        # Nodes of one machine or one image share a hostname; None outside Ray.
+        "node_id": ray.get_runtime_context().get_node_id() if ray.is_initialized() else None,
+        "versions": results.versions(),
+        "started_at": _now(),
+        **{c: None for c in results.hyperparameter_types(spec)},
+        **{f"hp_{k}": v for k, v in config["params"].items()},
+    }
+    try:
+        args = (config["method"], config["budget"], config["params"], config["number"])
+        row |= run_trial(spec, store, *args, report=lambda r: None, seed=config["seed"])
+        row |= {"status": "ok", "error": None}
+    except Exception as e:  # a failing trial is a row, not a crashed sweep
+        row |= {"status": "failed", "error": f"{type(e).__name__}: {e}"}
+        row |= {"objective": float("nan"), "wall_s": None}
+        traceback.print_exc()
+    row["finished_at"] = _now()
+    results.write_row(store, spec, row)
+    return row
+
+
 def make_trainable(spec: Spec, store_uri: str, threads: int):
-    """The Tune function trainable: run one trial, write its row (ok or failed), report it."""
+    """The Tune function trainable: run one trial, write its row, report what Progress shows."""
     raw, source = spec.raw, spec.source
-    hp_columns = results.hyperparameter_types(spec)
 
     def trainable(config: dict) -> None:
         import torch
 
         torch.set_num_threads(threads)
-        spec, store = Spec(source, raw), open_store(store_uri)
-        row = {
-            "experiment": spec.name,
-            "spec_name": spec.name,
-            "spec_hash": spec.hash,
-            "phase": "tune",
-            "cell": config["cell"],
-            "trial_number": config["number"],
-            "attack": spec.attack["name"],
-            "method": config["method"],
-            "budget": config["budget"],
-            "seed": spec.seed,
-            "host": socket.gethostname(),
-            "versions": results.versions(),
-            "started_at": _now(),
-            **{c: None for c in hp_columns},
-            **{f"hp_{k}": v for k, v in config["params"].items()},
-        }
-        try:
-            args = (config["method"], config["budget"], config["params"], config["number"])
-            row |= run_trial(spec, store, *args, report=lambda r: None)
-            row |= {"status": "ok", "error": None}
-        except Exception as e:  # a failing trial is a row, not a crashed sweep
-            row |= {"status": "failed", "error": f"{type(e).__name__}: {e}"}
-            row |= {"objective": float("nan"), "wall_s": None}
-            traceback.print_exc()
-        row["finished_at"] = _now()
-        results.write_row(store, spec, row)
-        tune.report({"objective": row["objective"], "ok": row["status"] == "ok"})
+        row = execute(Spec(source, raw), open_store(store_uri), config)
+        ok = row["status"] == "ok"
+        tune.report(
+            {
+                "objective": row["objective"],
+                "ok": ok,
+                "feasible": ok and bool(row["feasible"]),
+                "r_val": row["residual_val"] if ok else math.nan,
+                "r": row["residual"] if ok else math.nan,
+            }
+        )
 
     return trainable
 
 
-class Progress(tune.Callback):
-    """One compact line per finished trial: cell, done/planned, best r so far, failures."""
+def confirm_plan(spec: Spec, df: pd.DataFrame) -> list[dict]:
+    """The confirm trials still to run: each cell's best tuned setting on each fresh seed.
 
-    def __init__(self, spec: Spec, searcher: CellSearcher):
-        self.spec, self.searcher = spec, searcher
-        self.best: dict[str, float] = {}
-        self.finished: dict[str, int] = {}
-        self.failed: dict[str, int] = {}
-        self.t0 = time.time()
-
-    def on_trial_complete(self, iteration, trials, trial, **info):
-        self._count(trial, trial.last_result or {})
-
-    def on_trial_error(self, iteration, trials, trial, **info):
-        self._count(trial, {})
-
-    def _count(self, trial, result):
-        cell = trial.config["cell"]
-        self.finished[cell] = self.finished.get(cell, 0) + 1
-        if result.get("ok"):
-            self.best[cell] = min(self.best.get(cell, math.inf), result["objective"])
-        else:
-            self.failed[cell] = self.failed.get(cell, 0) + 1
-        done = sum(self.finished.values())
-        total = len(self.searcher.cells) * self.spec.trials_per_cell
-        print(
-            f"[{time.time() - self.t0:6.1f}s] {done}/{total} trials | {cell}: "
-            f"{self.finished[cell]}/{self.spec.trials_per_cell} done, "
-            f"best objective {self.best.get(cell, math.nan):.3f}, "
-            f"failed {self.failed.get(cell, 0)}",
-            flush=True,
-        )
+    A (cell, seed) is done when its ok row re-ran the current best; if more tuning changed the
+    best, the row (same file name: phase, cell, seed) is re-run and replaced, never duplicated.
+    """
+    if not spec.confirm["seeds"] or not len(df):
+        return []
+    confirmed = df[(df["phase"] == "confirm") & (df["status"] == "ok")]
+    done = set(zip(confirmed["cell"], confirmed["seed"], confirmed["tuned_trial"]))
+    configs = []
+    for best in results.best_per_cell(df).to_dict("records"):
+        for seed in spec.confirm["seeds"]:
+            if (best["cell"], seed, best["trial_number"]) in done:
+                continue
+            configs.append(
+                {
+                    "phase": "confirm",
+                    "cell": best["cell"],
+                    "method": best["method"],
+                    "budget": best["budget"],
+                    "number": seed,
+                    "seed": seed,
+                    "tuned_trial": best["trial_number"],
+                    "params": results.params_of(spec, best),
+                }
+            )
+    # Seed-major: a seed's two checkpoints are trained by its first trial, then loaded.
+    return sorted(configs, key=lambda c: (c["seed"], c["cell"]))
 
 
-def start_ray(address: str | None, num_cpus: int | None = None) -> None:
-    """Connect to a cluster, or start a local Ray bound to loopback."""
-    if ray.is_initialized():
-        return
-    if address:
-        ray.init(address=address, log_to_driver=False)
-    else:
-        ray.init(
-            _node_ip_address=NODE_IP,
-            num_cpus=num_cpus or os.cpu_count(),
-            include_dashboard=False,
-            log_to_driver=False,
-        )
+class ListSearcher(Searcher):
+    """Hands out a fixed list of configs in order: the confirm phase has nothing to search."""
+
+    def __init__(self, configs: list[dict]):
+        super().__init__(metric="objective", mode="min")
+        self.queue = list(configs)
+
+    def suggest(self, trial_id: str):
+        return self.queue.pop(0) if self.queue else Searcher.FINISHED
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
+        pass
+
+    # What is left to run is recomputed from the Parquet rows on every start.
+    def save(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "w") as f:
+            f.write("plan is recomputed from results/\n")
+
+    def restore(self, checkpoint_path: str) -> None:
+        pass
 
 
-def run(spec: Spec, storage: str, address: str | None = None, num_cpus: int | None = None):
-    """Run (or continue) every cell's study to `trials_per_cell` trials; return the rows."""
+def confirm(spec: Spec, storage: str, slots: int) -> None:
+    """Re-run each cell's best setting on every `confirm.seeds` seed, as Ray trials like tuning."""
     store = open_store(storage)
-    studies = open_studies(spec, store)
-    done = reconcile(spec, store, studies)
-    searcher = CellSearcher(spec, studies, done)
-    start_ray(address, num_cpus)
+    configs = confirm_plan(spec, results.read(store, spec.name))
+    if not configs:
+        return
+    planned: dict[str, int] = {}
+    for c in configs:
+        planned[c["cell"]] = planned.get(c["cell"], 0) + 1
     cpu, gpu = spec.resources.get("cpu", 1), spec.resources.get("gpu", 0)
-    cluster = ray.cluster_resources()
-    slots = cluster.get("CPU", 1) / cpu
-    if gpu:
-        slots = min(slots, cluster.get("GPU", 0) / gpu)
+    trainable = make_trainable(spec, storage, threads=max(1, int(cpu)))
+    tuner = tune.Tuner(
+        tune.with_resources(trainable, {"cpu": cpu, "gpu": gpu}),
+        tune_config=tune.TuneConfig(
+            search_alg=ListSearcher(configs),
+            num_samples=len(configs),
+            max_concurrent_trials=max(1, int(slots)),
+            reuse_actors=True,
+        ),
+        run_config=tune.RunConfig(
+            name=f"confirm-{_now():%Y%m%d-%H%M%S}",
+            storage_path=store.path(f"{spec.name}/tune"),
+            storage_filesystem=store.fs,
+            callbacks=[Progress("confirm", planned), Retries()],
+            verbose=0,
+            failure_config=tune.FailureConfig(max_failures=MAX_FAILURES),
+        ),
+    )
+    tuner.fit()
+
+
+def run(
+    spec: Spec,
+    storage: str,
+    address: str | None = None,
+    num_cpus: int | None = None,
+    resume: bool | None = None,
+    max_concurrent: int | None = None,
+):
+    """Run (or continue) every cell's study to `trials_per_cell` trials, confirm; return the rows.
+
+    `resume`: None starts or continues; False refuses an existing experiment; True needs one
+    (`cluster.check_resume`). `max_concurrent` caps parallel trials (`cluster.slots`).
+    """
+    store = open_store(storage)
+    check_resume(spec, store, resume)
+    record_spec(spec, store)
+    journal, sync = open_journal(spec, store)
+    studies = open_studies(spec, store, journal)
+    done = reconcile(spec, store, studies)
+    sync()
+    searcher = CellSearcher(spec, studies, done, sync)
     remaining = sum(spec.trials_per_cell - searcher.started[c] for c in searcher.cells)
+    planned = dict.fromkeys(searcher.cells, spec.trials_per_cell)
+    total = sum(planned.values())
+    print(f"{spec.name}: {total - remaining}/{total} tuning trials recorded, {remaining} to run")
     if remaining > 0:
-        trainable = make_trainable(spec, storage, threads=max(1, int(cpu)))
+        start_ray(address, num_cpus)
+        cpu, gpu = spec.resources.get("cpu", 1), spec.resources.get("gpu", 0)
+        trainable = make_trainable(spec, store.uri, threads=max(1, int(cpu)))
         tuner = tune.Tuner(
             tune.with_resources(trainable, {"cpu": cpu, "gpu": gpu}),
             tune_config=tune.TuneConfig(
                 search_alg=searcher,
                 num_samples=remaining,
-                max_concurrent_trials=max(1, int(slots)),
+                max_concurrent_trials=slots(spec, max_concurrent),
                 reuse_actors=True,
             ),
             run_config=tune.RunConfig(
                 name=f"tune-{_now():%Y%m%d-%H%M%S}",
                 storage_path=store.path(f"{spec.name}/tune"),
                 storage_filesystem=store.fs,
-                callbacks=[Progress(spec, searcher)],
+                callbacks=[Progress("tune", planned, results.read(store, spec.name)), Retries()],
                 verbose=0,
-                failure_config=tune.FailureConfig(max_failures=2),
+                failure_config=tune.FailureConfig(max_failures=MAX_FAILURES),
             ),
         )
         tuner.fit()
+    if confirm_plan(spec, results.read(store, spec.name)):
+        start_ray(address, num_cpus)
+        confirm(spec, store.uri, slots(spec, max_concurrent))
     return results.read(store, spec.name)

@@ -7,41 +7,45 @@ Every unlearner has the signature
 where `forget` and `retain` are `(x, y)` tensor pairs (S_f and S_r), `meter` caps the compute
 (see budget.py) and `generator` is the only source of randomness. Adding a method = one function
 here and one line in UNLEARNERS; the contract tests in tests/test_unlearners.py pick it up.
+
+Every pass is paid for before it runs (DESIGN section 3): a student forward+backward is 1 unit
+per example, a frozen teacher's or frozen prefix's forward is FORWARD_ONLY, a per-example
+gradient (SSD's Fisher, SalUn's saliency) is 1. One-off passes that the budget cannot afford in
+full run on a random subsample of what it can.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import itertools
+import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .budget import Meter, metered
+from .budget import FORWARD_ONLY, Meter, metered
+from .models import blocks
+from .steps import (
+    Pair,
+    descend,
+    features,
+    fisher,
+    frozen,
+    kl,
+    one_epoch,
+    reinit,
+    relabel,
+    saliency_masks,
+    sgd,
+    step,
+    subset,
+)
 
-Pair = tuple[torch.Tensor, torch.Tensor]
+# One example through the student (forward+backward) and through one frozen teacher (forward).
+TAUGHT = 1.0 + FORWARD_ONLY
 
 
-def _sgd(params, lr: float, momentum: float, weight_decay: float) -> torch.optim.SGD:
-    return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
-
-
-def _descend(
-    model: nn.Module,
-    opt: torch.optim.Optimizer,
-    batches: Iterable[Pair],
-    sign: float = 1.0,
-    after_step: Callable[[], None] | None = None,
-) -> None:
-    """Minimise sign * cross-entropy over `batches` (sign=-1 is gradient ascent)."""
-    model.train()
-    for xb, yb in batches:
-        loss = sign * F.cross_entropy(model(xb), yb)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if after_step is not None:
-            after_step()
+# --- retain-set descent and forget-set ascent (the paper's GD, NGD, GA) -------------------------
 
 
 def gd(
@@ -57,8 +61,8 @@ def gd(
     weight_decay: float = 5e-4,
 ) -> None:
     """Keep training on the retain set (Neel et al. 2021) until the budget is spent."""
-    opt = _sgd(model.parameters(), lr, momentum, weight_decay)
-    _descend(model, opt, metered(meter, *retain, batch_size, generator))
+    opt = sgd(model.parameters(), lr, momentum, weight_decay)
+    descend(model, opt, metered(meter, *retain, batch_size, generator))
 
 
 def ngd(
@@ -76,15 +80,16 @@ def ngd(
 ) -> None:
     """GD on the retain set, adding N(0, sigma2 I) to every parameter after each step."""
     params = list(model.parameters())
-    opt = _sgd(params, lr, momentum, weight_decay)
+    opt = sgd(params, lr, momentum, weight_decay)
     std = sigma2**0.5
 
     @torch.no_grad()
     def add_noise():
         for p in params:
-            p.add_(torch.randn(p.shape, generator=generator, dtype=p.dtype), alpha=std)
+            noise = torch.randn(p.shape, generator=generator, dtype=p.dtype)
+            p.add_(noise.to(p.device), alpha=std)
 
-    _descend(model, opt, metered(meter, *retain, batch_size, generator), after_step=add_noise)
+    descend(model, opt, metered(meter, *retain, batch_size, generator), after_step=add_noise)
 
 
 def ga(
@@ -99,14 +104,305 @@ def ga(
     batch_size: int = 64,
 ) -> None:
     """Gradient ascent on the forget set for at most `steps` steps (Graves et al. 2021)."""
-    opt = _sgd(model.parameters(), lr, 0.0, 0.0)
+    opt = sgd(model.parameters(), lr, 0.0, 0.0)
     batches = metered(meter, *forget, batch_size, generator)
     # range first: zip stops on it without drawing (and paying for) one batch too many.
-    _descend(model, opt, (b for _, b in zip(range(steps), batches)), sign=-1.0)
+    descend(model, opt, (b for _, b in zip(range(steps), batches)), sign=-1.0)
+
+
+# --- the last K blocks (Goel et al. 2022) -------------------------------------------------------
+
+
+def _split_last(model: nn.Module, k: int) -> tuple[nn.Sequential, nn.Sequential]:
+    """(frozen prefix, last k blocks); k past the block count means the whole model."""
+    if k < 1:
+        raise ValueError(f"k={k}: must be >= 1 (blocks counted from the output end)")
+    bs = blocks(model)
+    k = min(k, len(bs))
+    return nn.Sequential(*bs[: len(bs) - k]), nn.Sequential(*bs[len(bs) - k :])
+
+
+def _train_last(prefix, suffix, retain: Pair, meter: Meter, generator, lr, bs, momentum, wd):
+    """Train `suffix` on S_r seen through the frozen `prefix` (EUk and CFk).
+
+    The prefix runs once per retain row, without grad, at FORWARD_ONLY; its features are kept and
+    every suffix pass over them is charged a full unit (an overestimate: the prefix is not rerun).
+    Only as many rows are featurised as the budget can also train on once. The features take
+    memory: rows x the prefix's output size.
+    """
+    cost = FORWARD_ONLY if len(prefix) else 0.0
+    x, y = subset(meter, *retain, generator, cost, math.floor(meter.left / (1.0 + cost)))
+    feats = features(prefix, x)
+    opt = sgd(suffix.parameters(), lr, momentum, wd)
+    descend(suffix, opt, metered(meter, feats, y, bs, generator))
+
+
+def euk(
+    model: nn.Module,
+    forget: Pair,
+    retain: Pair,
+    meter: Meter,
+    generator: torch.Generator,
+    *,
+    lr: float = 1e-3,
+    k: int = 3,
+    batch_size: int = 64,
+    momentum: float = 0.9,
+    weight_decay: float = 5e-4,
+) -> None:
+    """Exact unlearning of the last k blocks: re-initialise them, train only them on S_r."""
+    prefix, suffix = _split_last(model, k)
+    reinit(suffix, generator)
+    _train_last(prefix, suffix, retain, meter, generator, lr, batch_size, momentum, weight_decay)
+
+
+def cfk(
+    model: nn.Module,
+    forget: Pair,
+    retain: Pair,
+    meter: Meter,
+    generator: torch.Generator,
+    *,
+    lr: float = 1e-3,
+    k: int = 3,
+    batch_size: int = 64,
+    momentum: float = 0.9,
+    weight_decay: float = 5e-4,
+) -> None:
+    """Catastrophic forgetting of the last k blocks: fine-tune only them on S_r."""
+    prefix, suffix = _split_last(model, k)
+    _train_last(prefix, suffix, retain, meter, generator, lr, batch_size, momentum, weight_decay)
+
+
+# --- distillation from the original model (SCRUB, Bad Teacher) ----------------------------------
+
+
+def scrub_max_step(student, teacher, x, opt, temperature: float) -> None:
+    """One SCRUB max step: push the student's outputs on forget rows `x` away from the teacher's."""
+    with torch.no_grad():
+        target = teacher(x)
+    step(opt, -kl(student(x), target, temperature))
+
+
+def scrub_min_step(student, teacher, x, y, opt, alpha: float, gamma: float, temperature: float):
+    """One SCRUB min step on retain rows: alpha * KL(teacher || student) + gamma * cross-entropy."""
+    with torch.no_grad():
+        target = teacher(x)
+    out = student(x)
+    step(opt, alpha * kl(out, target, temperature) + gamma * F.cross_entropy(out, y))
+
+
+def scrub(
+    model: nn.Module,
+    forget: Pair,
+    retain: Pair,
+    meter: Meter,
+    generator: torch.Generator,
+    *,
+    lr: float = 5e-4,
+    alpha: float = 1e-3,
+    gamma: float = 0.99,
+    max_epochs: int = 2,
+    temperature: float = 4.0,
+    batch_size: int = 64,
+    momentum: float = 0.9,
+    weight_decay: float = 5e-4,
+) -> None:
+    """SCRUB (Kurmanji et al. 2023): each epoch a max pass over S_f, then a min pass over S_r.
+
+    `max_epochs` is the original's `msteps`: epochs after it are min-only. The teacher is the
+    model as given; each step pays its forward as well as the student's forward+backward.
+    """
+    teacher, opt = frozen(model), sgd(model.parameters(), lr, momentum, weight_decay)
+    model.train()
+    for epoch in itertools.count():
+        if epoch < max_epochs:
+            for xb, _ in one_epoch(meter, *forget, batch_size, generator, TAUGHT):
+                scrub_max_step(model, teacher, xb, opt, temperature)
+        steps = 0
+        for xb, yb in one_epoch(meter, *retain, batch_size, generator, TAUGHT):
+            scrub_min_step(model, teacher, xb, yb, opt, alpha, gamma, temperature)
+            steps += 1
+        if steps == 0:  # the budget is spent (or S_r is empty)
+            return
+
+
+def bad_teacher(
+    model: nn.Module,
+    forget: Pair,
+    retain: Pair,
+    meter: Meter,
+    generator: torch.Generator,
+    *,
+    lr: float = 1e-3,
+    temperature: float = 1.0,
+    retain_fraction: float = 0.3,
+    batch_size: int = 64,
+    momentum: float = 0.9,
+    weight_decay: float = 5e-4,
+) -> None:
+    """Bad Teacher (Chundawat et al. 2023): on S_f imitate a randomly initialised copy of the
+    model, on a random `retain_fraction` of S_r imitate the original. Each row pays one teacher.
+    """
+    good, bad = frozen(model), frozen(model)
+    reinit(bad, generator)
+    (xf, _), (xr, _) = forget, retain
+    keep = torch.randperm(len(xr), generator=generator)[: max(1, round(retain_fraction * len(xr)))]
+    x = torch.cat([xf, xr[keep.to(xr.device)]])
+    is_forget = torch.arange(len(x), device=x.device) < len(xf)
+    opt = sgd(model.parameters(), lr, momentum, weight_decay)
+    model.train()
+    for xb, fb in metered(meter, x, is_forget, batch_size, generator, TAUGHT):
+        x_keep, x_forget = xb[~fb], xb[fb]
+        with torch.no_grad():
+            target = torch.cat([good(x_keep), bad(x_forget)])
+        step(opt, kl(model(torch.cat([x_keep, x_forget])), target, temperature))
+
+
+# --- two-sided objectives and random labels (NegGrad+, RL, SalUn, l1-sparse) --------------------
+
+
+def neggrad_plus(
+    model: nn.Module,
+    forget: Pair,
+    retain: Pair,
+    meter: Meter,
+    generator: torch.Generator,
+    *,
+    lr: float = 1e-3,
+    beta: float = 0.99,
+    batch_size: int = 64,
+    momentum: float = 0.9,
+    weight_decay: float = 5e-4,
+) -> None:
+    """NegGrad+ (Kurmanji et al. 2023): minimise beta * L(S_r) - (1 - beta) * L(S_f) per step."""
+    opt = sgd(model.parameters(), lr, momentum, weight_decay)
+    model.train()
+    # Both batches are paid for. zip draws the retain batch first, so if the budget ends on the
+    # forget batch, one retain batch is paid and unused: an overcharge, never an undercharge.
+    retain_batches = metered(meter, *retain, batch_size, generator)
+    forget_batches = metered(meter, *forget, batch_size, generator)
+    for (xr, yr), (xf, yf) in zip(retain_batches, forget_batches):
+        loss_r, loss_f = F.cross_entropy(model(xr), yr), F.cross_entropy(model(xf), yf)
+        step(opt, beta * loss_r - (1.0 - beta) * loss_f)
+
+
+def random_label(
+    model: nn.Module,
+    forget: Pair,
+    retain: Pair,
+    meter: Meter,
+    generator: torch.Generator,
+    *,
+    lr: float = 1e-3,
+    batch_size: int = 64,
+    momentum: float = 0.9,
+    weight_decay: float = 5e-4,
+) -> None:
+    """Random labels (the RL baseline of Fan et al. 2024): train on S_f relabelled at random, with S_r."""
+    opt = sgd(model.parameters(), lr, momentum, weight_decay)
+    x, y = relabel(forget, retain, generator)
+    descend(model, opt, metered(meter, x, y, batch_size, generator))
+
+
+def salun(
+    model: nn.Module,
+    forget: Pair,
+    retain: Pair,
+    meter: Meter,
+    generator: torch.Generator,
+    *,
+    lr: float = 1e-3,
+    saliency: float = 0.5,
+    batch_size: int = 64,
+    momentum: float = 0.9,
+    weight_decay: float = 5e-4,
+) -> None:
+    """SalUn (Fan et al. 2024): random-label training that moves only the salient weights."""
+    masks = saliency_masks(model, forget, meter, generator, saliency)
+    if masks is None:
+        return
+    params = list(model.parameters())
+
+    @torch.no_grad()
+    def mask_update():
+        # Weight decay goes through the mask too, so non-salient weights stay exactly as they were.
+        for p, m in zip(params, masks):
+            p.grad.add_(p, alpha=weight_decay).mul_(m)
+
+    opt = sgd(params, lr, momentum, 0.0)
+    x, y = relabel(forget, retain, generator)
+    descend(model, opt, metered(meter, x, y, batch_size, generator), before_step=mask_update)
+
+
+def l1_sparse(
+    model: nn.Module,
+    forget: Pair,
+    retain: Pair,
+    meter: Meter,
+    generator: torch.Generator,
+    *,
+    lr: float = 1e-2,
+    alpha: float = 5e-5,
+    batch_size: int = 64,
+    momentum: float = 0.9,
+    weight_decay: float = 5e-4,
+) -> None:
+    """l1-sparse unlearning (Jia et al. 2023): GD on S_r plus alpha_t * ||theta||_1, with alpha_t
+    decaying linearly to 0 over the steps the budget allows."""
+    params = list(model.parameters())
+    opt = sgd(params, lr, momentum, weight_decay)
+    planned = max(1, math.ceil(meter.left / batch_size))
+    model.train()
+    for t, (xb, yb) in enumerate(metered(meter, *retain, batch_size, generator)):
+        l1 = sum(p.abs().sum() for p in params)
+        step(opt, F.cross_entropy(model(xb), yb) + alpha * (1.0 - t / planned) * l1)
+
+
+# --- Selective Synaptic Dampening (Foster et al. 2024) ------------------------------------------
+
+
+def ssd(
+    model: nn.Module,
+    forget: Pair,
+    retain: Pair,
+    meter: Meter,
+    generator: torch.Generator,
+    *,
+    alpha: float = 10.0,
+    lam: float = 1.0,
+) -> None:
+    """SSD: where I_F > alpha * I_D, scale theta by min(lam * I_D / I_F, 1); no training.
+
+    I_F, I_D are diagonal Fishers (mean squared per-example gradients, 1 unit per row) on S_f and
+    on the whole training set D = S_f + S_r, whose forget part reuses I_F. If the budget cannot
+    pay for every row, S_f gets at most half of it and S_r the rest, each a random subsample.
+    """
+    n_f, n_r = len(forget[1]), len(retain[1])
+    xf, yf = subset(meter, *forget, generator, 1.0, math.floor(meter.left / 2))
+    xr, yr = subset(meter, *retain, generator, 1.0, math.floor(meter.left))
+    if len(yf) == 0 or len(yr) == 0:
+        return
+    fisher_f, fisher_r = fisher(model, xf, yf), fisher(model, xr, yr)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            i_f = fisher_f[name] / len(yf)
+            i_d = (n_f * i_f + n_r * fisher_r[name] / len(yr)) / (n_f + n_r)
+            dampen = i_f > alpha * i_d  # implies i_f > 0: the division below is safe
+            p[dampen] *= (lam * i_d[dampen] / i_f[dampen]).clamp(max=1.0)
 
 
 UNLEARNERS = {
     "gd": gd,
     "ngd": ngd,
     "ga": ga,
+    "euk": euk,
+    "cfk": cfk,
+    "scrub": scrub,
+    "neggrad_plus": neggrad_plus,
+    "ssd": ssd,
+    "salun": salun,
+    "l1_sparse": l1_sparse,
+    "bad_teacher": bad_teacher,
+    "random_label": random_label,
 }

@@ -1,0 +1,77 @@
+"""`make bench`: run every benchmark in one process, write bench/results.json and results.md."""
+
+from __future__ import annotations
+
+import datetime as dt
+import importlib
+import json
+import os
+import platform
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+from raysweep.results import versions
+
+# Order: quick in-process ratios first, then the Ray sweeps. gpu skips itself without CUDA.
+BENCHMARKS = [
+    "score",
+    "meter",
+    "checkpoint_sharing",
+    "unlearners",
+    "sweep_efficiency",
+    "scaling",
+    "tpe_vs_random",
+    "gpu",
+]
+HERE = Path(__file__).parent
+
+
+def machine() -> dict:
+    return {
+        "host": platform.node(),
+        "cpus": os.cpu_count(),
+        "cpu": platform.processor() or platform.machine(),
+        "python": platform.python_version(),
+        "torch_threads": torch.get_num_threads(),
+        "versions": json.loads(versions()),
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def markdown(report: dict) -> str:
+    lines = [f"# Benchmarks ({report['machine']['date']}, {report['machine']['cpus']} CPUs)", ""]
+    for name, res in report["results"].items():
+        if "error" in res:
+            lines.append(f"- **{name}**: failed: {res['error']}")
+            continue
+        scalars = {k: v for k, v in res.items() if isinstance(v, (int, float, str, bool))}
+        shown = ", ".join(
+            f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in scalars.items()
+        )
+        lines.append(f"- **{name}** ({res.get('_seconds', 0):.0f}s): {shown}")
+    return "\n".join(lines) + "\n"
+
+
+def main(names: list[str]) -> None:
+    torch.set_num_threads(1)  # trials run one thread each; measure the same way
+    report = {"machine": machine(), "results": {}}
+    for name in names or BENCHMARKS:
+        t = time.perf_counter()
+        try:
+            res = importlib.import_module(f"bench.{name}").main()
+        except Exception as e:
+            traceback.print_exc()
+            res = {"error": f"{type(e).__name__}: {e}"}
+        res["_seconds"] = time.perf_counter() - t
+        report["results"][name] = res
+    (HERE / "results.json").write_text(json.dumps(report, indent=1, default=str))
+    (HERE / "results.md").write_text(markdown(report))
+    print("\n" + markdown(report))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

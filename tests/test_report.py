@@ -1,0 +1,171 @@
+"""The report: tables and figures from a run's Parquet rows, recomputed independently with pandas."""
+
+from __future__ import annotations
+
+import math
+import os
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from ray.tune.search import Searcher
+
+from raysweep import report, results, sweep
+from raysweep.cli import main
+from raysweep.metrics import Z_AT_FPR
+from raysweep.progress import Progress
+from raysweep.spec import validate
+from raysweep.storage import open_store
+
+STATS = {
+    "residual": "residual",
+    "clean_acc": "after_clean_acc_test",
+    "gus": "after_gus",
+    "tpr_at_1fpr": "after_tpr_at_1fpr",
+    "loss_mia_tpr": "after_loss_mia_tpr",
+}
+
+
+def sweep_in_process(spec, storage: str) -> pd.DataFrame:
+    """The sweep's own searcher, trial and confirm code, without Ray: tuning, then confirmation."""
+    store = open_store(storage)
+    studies = sweep.open_studies(spec, store)
+    searcher = sweep.CellSearcher(spec, studies, sweep.reconcile(spec, store, studies))
+    i = 0
+    while (config := searcher.suggest(f"t{i}")) != Searcher.FINISHED:
+        row = sweep.execute(spec, store, config)
+        searcher.on_trial_complete(f"t{i}", {"objective": row["objective"]})
+        i += 1
+    for config in sweep.confirm_plan(spec, results.read(store, spec.name)):
+        sweep.execute(spec, store, config)
+    return results.read(store, spec.name)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    # Two cores shared by several processes: torch's default of 2 threads each is 30x slower here.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, one_thread):
+    """A finished tiny run (4 cells x 2 trials, confirmed on seeds 1 and 2) with its report."""
+    from conftest import TINY_SPEC
+
+    spec = validate({**TINY_SPEC, "confirm": {"seeds": [1, 2]}})
+    storage = str(tmp_path_factory.mktemp("run"))
+    sweep_in_process(spec, storage)
+    path = f"{storage}/{spec.name}"
+    report.write(path)
+    return path
+
+
+def test_report_writes_markdown_csv_and_figures(run_dir):
+    names = sorted(os.listdir(f"{run_dir}/report"))
+    assert names == sorted(["report.md", "report.csv", *(f"{f}.png" for f in report.FIGURES)])
+    for f in report.FIGURES:
+        with open(f"{run_dir}/report/{f}.png", "rb") as fh:
+            assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
+    md = open(f"{run_dir}/report/report.md").read()
+    assert "confirmation seeds 1, 2" in md and "| gaussian | gd | 0.05 | 2 |" in md
+    assert "| gaussian | poisoned |  | 2 | 1.000 ± 0.000 |" in md
+
+
+def test_table_equals_a_pandas_recomputation_from_parquet(run_dir):
+    df = pd.read_parquet(f"{run_dir}/results")
+    table = pd.read_csv(f"{run_dir}/report/report.csv")
+    tune = df[(df["phase"] == "tune") & (df["status"] == "ok")]
+    confirm = df[(df["phase"] == "confirm") & (df["status"] == "ok")]
+    assert len(df[df["phase"] == "tune"]) == 8 and len(confirm) == 8
+    for (method, budget), cell in tune.groupby(["method", "budget"]):
+        feasible = cell[cell["feasible"]]
+        best = (feasible if len(feasible) else cell).sort_values("objective").iloc[0]
+        runs = confirm[
+            (confirm["method"] == method)
+            & (confirm["budget"] == budget)
+            & (confirm["tuned_trial"] == best["trial_number"])
+        ]
+        assert sorted(runs["seed"]) == [1, 2]
+        got = table[(table["method"] == method) & (table["budget"] == budget)].iloc[0]
+        assert got["tuned_trial"] == best["trial_number"] and got["n"] == 2
+        for name, col in STATS.items():
+            assert got[name] == pytest.approx(runs[col].mean(), abs=1e-12)
+            assert got[f"{name}_std"] == pytest.approx(runs[col].std(), abs=1e-12)
+    per_seed = confirm.drop_duplicates("seed")
+    for label, prefix in (("poisoned", "before"), ("retrain", "retrain")):
+        got = table[table["method"] == label].iloc[0]
+        assert got["residual"] == (1.0 if label == "poisoned" else 0.0)
+        for name in ("clean_acc", "gus", "tpr_at_1fpr", "loss_mia_tpr"):
+            col = f"{prefix}_{STATS[name].removeprefix('after_')}"
+            assert got[name] == pytest.approx(per_seed[col].mean(), abs=1e-12)
+            assert got[f"{name}_std"] == pytest.approx(per_seed[col].std(), abs=1e-12)
+
+
+def test_stored_scores_are_the_ones_behind_gus(run_dir):
+    df = pd.read_parquet(f"{run_dir}/results")
+    for row in df.to_dict("records"):
+        for model in ("before", "after", "retrain"):
+            scores = np.asarray(row[f"{model}_scores"])
+            assert len(scores) == 30  # one per poison
+            assert scores.mean() == pytest.approx(row[f"{model}_gus"], abs=1e-9)
+            assert (scores <= Z_AT_FPR).mean() == pytest.approx(row[f"{model}_tpr_at_1fpr"])
+
+
+def test_cli_report_prints_the_table_and_fails_cleanly_on_a_wrong_dir(run_dir, tmp_path, capsys):
+    assert main(["report", run_dir, "--out", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    assert "| gaussian | ga | 0.1 | 2 |" in out and str(tmp_path / "out" / "pareto.png") in out
+    assert main(["report", str(tmp_path / "nothing-here")]) == 2
+    assert "no Parquet rows" in capsys.readouterr().err
+
+
+def test_table_without_confirm_rows_reports_the_tuned_best(run_dir):
+    df = pd.read_parquet(f"{run_dir}/results")
+    table = results.table(df[df["phase"] == "tune"])
+    cells = table[table["source"] == "tune"]
+    assert len(cells) == 4 and (cells["n"] == 1).all() and cells["residual_std"].isna().all()
+    assert (table.loc[table["source"] == "reference", "seeds"] == "0").all()
+
+
+def test_pareto_front_keeps_only_undominated_points():
+    r = np.array([0.5, 0.2, 0.9, 0.2, 0.7, 0.1])
+    acc = np.array([0.90, 0.80, 0.95, 0.70, 0.85, 0.60])
+    assert report.pareto_front(r, acc).tolist() == [5, 1, 0, 2]
+
+
+def _trial(cell, **result):
+    return SimpleNamespace(config={"cell": cell}, last_result=result)
+
+
+def test_progress_shows_done_planned_best_r_and_failures(capsys):
+    p = Progress("tune", {"gd-b0.1": 3, "ga-b0.1": 3}, every_s=math.inf)
+    p.on_trial_complete(0, [], _trial("gd-b0.1", ok=True, feasible=True, r_val=0.4))
+    p.on_trial_complete(0, [], _trial("gd-b0.1", ok=True, feasible=True, r_val=0.3))
+    p.on_trial_complete(0, [], _trial("gd-b0.1", ok=True, feasible=False, r_val=0.1))
+    p.on_trial_complete(0, [], _trial("ga-b0.1", ok=False))
+    lines = capsys.readouterr().out.splitlines()
+    assert "tune 3/6 | gd-b0.1 3/3 best r_val 0.300 failed 0" in lines[2]
+    assert "tune 4/6 | ga-b0.1 1/3 best r_val - failed 1" in lines[3]
+    table = p.table().splitlines()
+    assert table[2].split() == ["gd-b0.1", "3/3", "0.300", "0"]
+    assert table[3].split() == ["ga-b0.1", "1/3", "-", "1"]
+
+
+def test_progress_of_a_resumed_run_starts_from_its_rows():
+    rows = pd.DataFrame(
+        {
+            "phase": ["tune", "tune", "tune", "confirm"],
+            "cell": ["gd-b0.1", "gd-b0.1", "ga-b0.1", "gd-b0.1"],
+            "status": ["ok", "failed", "ok", "ok"],
+            "feasible": [True, None, False, True],
+            "residual_val": [0.25, None, 0.1, 0.0],
+        }
+    )
+    table = Progress("tune", {"gd-b0.1": 4, "ga-b0.1": 4}, rows).table().splitlines()
+    assert table[2].split() == ["gd-b0.1", "2/4", "0.250", "1"]
+    assert table[3].split() == ["ga-b0.1", "1/4", "infeasible", "0"]
