@@ -44,7 +44,7 @@ class Poisoned:
 
     def without_poisons(self) -> tuple[torch.Tensor, torch.Tensor]:
         """S_corr minus every poisoned row: what the retrain reference is trained on."""
-        keep = torch.ones(len(self.y), dtype=torch.bool)
+        keep = torch.ones(len(self.y), dtype=torch.bool, device=self.y.device)
         keep[self.poison_idx] = False
         return self.x[keep], self.y[keep]
 
@@ -91,7 +91,8 @@ def _draw(pool: torch.Tensor, n: int, generator: torch.Generator, what: str) -> 
     """n distinct entries of the index tensor `pool`, sorted."""
     if not 0 < n <= len(pool):
         raise ValueError(f"{what}: n={n} must be in 1..{len(pool)}")
-    return pool[torch.randperm(len(pool), generator=generator)[:n]].sort().values
+    pick = torch.randperm(len(pool), generator=generator)[:n].to(pool.device)
+    return pool[pick].sort().values
 
 
 def _target_class(split: Split, y_adv: int, generator: torch.Generator, attack: str) -> int:
@@ -116,6 +117,7 @@ def gaussian(
         raise ValueError(f"gaussian: n={n} must be in 1..{len(split.y_train)}")
     idx = torch.randperm(len(split.y_train), generator=generator)[:n].sort().values
     noise = eps * torch.randn((n, *split.input_shape), generator=generator)
+    idx, noise = idx.to(split.x_train.device), noise.to(split.x_train.device)
     x = split.x_train.clone()
     x[idx] += noise
     return Poisoned(x, split.y_train.clone(), idx, noise=noise, eps=eps)
@@ -230,11 +232,12 @@ def gradient_canceling(
     eps_d = n / (N - n) because the victim's mean loss weighs the two sets that way.
     """
     lo, hi = crafting.bounds(split, "gradient_canceling")
-    idx = _draw(torch.arange(len(split.y_train)), n, generator, "gradient_canceling")
-    clean = torch.ones(len(split.y_train), dtype=torch.bool)
+    rows = torch.arange(len(split.y_train), device=split.y_train.device)
+    idx = _draw(rows, n, generator, "gradient_canceling")
+    clean = torch.ones(len(split.y_train), dtype=torch.bool, device=split.y_train.device)
     clean[idx] = False
     x_c, y_c = split.x_train[clean], split.y_train[clean]
-    check = torch.randperm(len(y_c), generator=generator)[:2048]
+    check = torch.randperm(len(y_c), generator=generator)[:2048].to(y_c.device)
     model = crafting.surrogate(
         split, generator, surrogate, width=surrogate_width, epochs=surrogate_epochs, lr=surrogate_lr
     )
@@ -291,9 +294,10 @@ def backdoor(
 
 def label_flip(split: Split, generator: torch.Generator, *, n: int = 100) -> Poisoned:
     """Give n random train rows a label drawn uniformly from the other classes (inputs kept)."""
-    idx = _draw(torch.arange(len(split.y_train)), n, generator, "label_flip")
+    rows = torch.arange(len(split.y_train), device=split.y_train.device)
+    idx = _draw(rows, n, generator, "label_flip")
     y = split.y_train.clone()
-    offset = torch.randint(1, split.num_classes, (n,), generator=generator)
+    offset = torch.randint(1, split.num_classes, (n,), generator=generator).to(y.device)
     y[idx] = (y[idx] + offset) % split.num_classes
     return Poisoned(split.x_train.clone(), y, idx)
 
