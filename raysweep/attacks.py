@@ -44,7 +44,7 @@ class Poisoned:
 
     def without_poisons(self) -> tuple[torch.Tensor, torch.Tensor]:
         """S_corr minus every poisoned row: what the retrain reference is trained on."""
-        keep = torch.ones(len(self.y), dtype=torch.bool)
+        keep = torch.ones(len(self.y), dtype=torch.bool, device=self.y.device)
         keep[self.poison_idx] = False
         return self.x[keep], self.y[keep]
 
@@ -91,7 +91,8 @@ def _draw(pool: torch.Tensor, n: int, generator: torch.Generator, what: str) -> 
     """n distinct entries of the index tensor `pool`, sorted."""
     if not 0 < n <= len(pool):
         raise ValueError(f"{what}: n={n} must be in 1..{len(pool)}")
-    return pool[torch.randperm(len(pool), generator=generator)[:n]].sort().values
+    pick = torch.randperm(len(pool), generator=generator)[:n].to(pool.device)
+    return pool[pick].sort().values
 
 
 def _target_class(split: Split, y_adv: int, generator: torch.Generator, attack: str) -> int:
@@ -116,6 +117,7 @@ def gaussian(
         raise ValueError(f"gaussian: n={n} must be in 1..{len(split.y_train)}")
     idx = torch.randperm(len(split.y_train), generator=generator)[:n].sort().values
     noise = eps * torch.randn((n, *split.input_shape), generator=generator)
+    idx, noise = idx.to(split.x_train.device), noise.to(split.x_train.device)
     x = split.x_train.clone()
     x[idx] += noise
     return Poisoned(x, split.y_train.clone(), idx, noise=noise, eps=eps)
@@ -139,8 +141,8 @@ def gradient_matching(
     surrogate: str = "cnn",
     surrogate_width: int = 16,
     surrogate_epochs: int = 20,
-    ensemble: int = 1,
     surrogate_lr: float = 0.05,
+    ensemble: int = 1,
 ) -> Poisoned:
     """Witches' Brew (Geiping et al. 2021): clean-label poisons whose gradient matches the target's.
 
@@ -149,7 +151,9 @@ def gradient_matching(
     on the clean train set gives the gradient that would classify the targets as `y_adv`; each
     restart runs `steps` signed-Adam steps on 1 - cos(poison gradient, target gradient) under
     random translations by up to `shift` pixels (and horizontal flips if `flip`; wrong for
-    digits), and the restart with the lowest final loss wins.
+    digits), and the restart with the lowest final loss wins. `ensemble` > 1 averages the loss
+    over that many independently trained surrogates; `resolution` r > 0 makes the perturbation
+    an r x r image upsampled to the input size (smooth, e.g. digits' native 8 x 8).
 
     `eps` is the l-inf bound in pixel units of the [0, 1] image (16/255 is the paper's CIFAR-10
     setting); `lr` is Adam's step as a fraction of `eps`. The surrogate is named here rather than
@@ -228,11 +232,12 @@ def gradient_canceling(
     eps_d = n / (N - n) because the victim's mean loss weighs the two sets that way.
     """
     lo, hi = crafting.bounds(split, "gradient_canceling")
-    idx = _draw(torch.arange(len(split.y_train)), n, generator, "gradient_canceling")
-    clean = torch.ones(len(split.y_train), dtype=torch.bool)
+    rows = torch.arange(len(split.y_train), device=split.y_train.device)
+    idx = _draw(rows, n, generator, "gradient_canceling")
+    clean = torch.ones(len(split.y_train), dtype=torch.bool, device=split.y_train.device)
     clean[idx] = False
     x_c, y_c = split.x_train[clean], split.y_train[clean]
-    check = torch.randperm(len(y_c), generator=generator)[:2048]
+    check = torch.randperm(len(y_c), generator=generator)[:2048].to(y_c.device)
     model = crafting.surrogate(
         split, generator, surrogate, width=surrogate_width, epochs=surrogate_epochs, lr=surrogate_lr
     )
@@ -289,9 +294,10 @@ def backdoor(
 
 def label_flip(split: Split, generator: torch.Generator, *, n: int = 100) -> Poisoned:
     """Give n random train rows a label drawn uniformly from the other classes (inputs kept)."""
-    idx = _draw(torch.arange(len(split.y_train)), n, generator, "label_flip")
+    rows = torch.arange(len(split.y_train), device=split.y_train.device)
+    idx = _draw(rows, n, generator, "label_flip")
     y = split.y_train.clone()
-    offset = torch.randint(1, split.num_classes, (n,), generator=generator)
+    offset = torch.randint(1, split.num_classes, (n,), generator=generator).to(y.device)
     y[idx] = (y[idx] + offset) % split.num_classes
     return Poisoned(split.x_train.clone(), y, idx)
 

@@ -37,7 +37,7 @@ def surrogate(
     if name not in MODELS:
         raise ValueError(f"surrogate: unknown model '{name}'; allowed: {', '.join(sorted(MODELS))}")
     build = lambda: MODELS[name](split.input_shape, split.num_classes, width=width)
-    model = seeded(build, generator)
+    model = seeded(build, generator).to(split.x_train.device)
     return train(model, split.x_train, split.y_train, generator, epochs=epochs, lr=lr).eval()
 
 

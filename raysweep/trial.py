@@ -113,8 +113,13 @@ def poison(spec: Spec, store: Store, split: Split, seed: int) -> Poisoned:
         with store.lock(f"poisons/.locks/{key_of(cfg)}"):
             if not store.exists(f"{where}/meta.json"):
                 fn = ATTACKS[spec.attack["name"]]
-                crafted = fn(split, generator(seed, "attack"), **_kwargs(spec.attack))
-                tensors, scalars = to_tensors(crafted, split)
+                # On the trial's device: a CIFAR-10 ResNet-18 surrogate alone would take hours
+                # on a CPU. Random draws come from the CPU generator, so only float rounding
+                # depends on the device, and the store keeps the one copy everyone uses.
+                crafted = fn(
+                    _moved(split, device()), generator(seed, "attack"), **_kwargs(spec.attack)
+                )
+                tensors, scalars = to_tensors(_moved(crafted, torch.device("cpu")), split)
                 data = st_save(tensors)
                 meta = {
                     "config": cfg,
@@ -136,7 +141,8 @@ def prepare(spec_json: str, store_uri: str, seed: int) -> Setup:
     spec, store = validate(json.loads(spec_json), "<trial>"), open_store(store_uri)
     split = DATASETS[spec.dataset["name"]](**_kwargs(spec.dataset))
     poisoned = poison(spec, store, split, seed)
-    # Crafting and splitting run on the CPU; everything after runs where the trial was placed.
+    # Splitting runs on the CPU (crafting on the device, inside `poison`); everything after
+    # runs where the trial was placed.
     poisoned = _moved(poisoned, device())
     split = _moved(split, device())
     forget, retain = _forget_retain(poisoned, spec.forget["known_fraction"], seed)
