@@ -14,6 +14,7 @@ from dataclasses import dataclass, fields
 import torch
 
 from . import crafting
+from . import text
 from .data import Split
 
 
@@ -30,6 +31,7 @@ class Poisoned:
       - `target_idx`: rows of the *test* split the targeted attack wants classified as `y_adv`;
       - `trigger`, `trigger_mask`: the backdoor patch, (C, H, W) standardised values and a
         (1, H, W) mask that is 1 where the patch replaces the input (see `triggered`).
+      - `trigger_ids`: the text backdoor's trigger token ids (with `y_adv`).
     """
 
     x: torch.Tensor
@@ -41,6 +43,7 @@ class Poisoned:
     target_idx: torch.Tensor | None = None
     trigger: torch.Tensor | None = None
     trigger_mask: torch.Tensor | None = None
+    trigger_ids: torch.Tensor | None = None
 
     def without_poisons(self) -> tuple[torch.Tensor, torch.Tensor]:
         """S_corr minus every poisoned row: what the retrain reference is trained on."""
@@ -112,7 +115,10 @@ def gaussian(
     """Add fixed noise xi_i ~ N(0, eps^2 I) to the inputs of n random train rows, labels kept.
 
     `eps` is in units of the standardised input (one train-set standard deviation per channel).
+    On token ids (text) the noise goes on the model's token embeddings instead: text.gaussian.
     """
+    if split.x_train.dtype == torch.long:
+        return text.gaussian(split, generator, n=n, eps=eps)
     if not 0 < n <= len(split.y_train):
         raise ValueError(f"gaussian: n={n} must be in 1..{len(split.y_train)}")
     idx = torch.randperm(len(split.y_train), generator=generator)[:n].sort().values
@@ -308,4 +314,5 @@ ATTACKS = {
     "gradient_canceling": gradient_canceling,
     "backdoor": backdoor,
     "label_flip": label_flip,
+    "text_backdoor": text.text_backdoor,
 }

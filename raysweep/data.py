@@ -9,6 +9,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .text import imdb, synthetic_imdb  # text: GPT-2 token ids, see text.py
+
 
 @dataclass(frozen=True)
 class Split:
@@ -16,6 +18,10 @@ class Split:
 
     `x_min`, `x_max` (shape (C, 1, 1)) are the valid input range: the image of pixel values 0
     and 1 under the standardisation. Attacks that edit pixels clamp to it.
+    Text is long (N, T): GPT-2 token ids, right-padded (text.py). `noise_shape` is the shape of
+    one row where the Gaussian attack's noise lives, which the model decides
+    (models.noise_shape: the input itself for images, the token embeddings for text); the trial
+    fills it in, None until then.
     """
 
     x_train: torch.Tensor
@@ -27,6 +33,7 @@ class Split:
     num_classes: int
     x_min: torch.Tensor | None = None
     x_max: torch.Tensor | None = None
+    noise_shape: tuple[int, ...] | None = None
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -97,4 +104,6 @@ def cifar10(
 DATASETS = {
     "digits": digits,
     "cifar10": cifar10,
+    "imdb": imdb,
+    "synthetic_imdb": synthetic_imdb,
 }

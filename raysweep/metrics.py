@@ -5,6 +5,9 @@ and training noise xi_i, g_i = grad_x loss(theta; x_i, y_i) at the clean input (
 I_i = <xi_i, g_i> / (eps ||g_i||). If theta never saw xi_i, I_i ~ N(0, 1) exactly, because it is
 a standard normal projected on a unit vector that does not depend on it. A model that fit
 x_i + xi_i has lower loss along xi_i, so I_i drifts negative.
+
+"Input" is wherever the model says the noise lives (models.noise_space): the pixels for images,
+the token embeddings for text, where padding gets no noise and, by causality, no gradient.
 """
 
 from __future__ import annotations
@@ -18,7 +21,9 @@ import torch.nn.functional as F
 from scipy.stats import norm
 from torch import nn
 
+from . import text
 from .attacks import Poisoned
+from .models import noise_space
 
 FPR = 0.01
 Z_AT_FPR = float(norm.ppf(FPR))  # one-sided threshold on I: about -2.326
@@ -64,20 +69,22 @@ def as_float64(model: nn.Module) -> nn.Module:
 
 
 def batch_input_gradients(model64: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Per-sample grad_x loss of one batch, from one backward pass.
+    """Per-sample gradients of the loss w.r.t. the clean input (models.noise_space: pixels, or
+    token embeddings) of one batch, from one backward pass.
 
     In eval mode the samples of a batch do not interact, so the gradient of the summed loss with
     respect to the batch input is exactly the stack of per-sample input gradients.
     """
-    xb = x.double().requires_grad_(True)
-    (g,) = torch.autograd.grad(F.cross_entropy(model64(xb), y, reduction="sum"), xb)
+    embed, rest = noise_space(model64)
+    r = embed(x).double().detach().requires_grad_(True)
+    (g,) = torch.autograd.grad(F.cross_entropy(rest(r, x), y, reduction="sum"), r)
     return g.flatten(1)
 
 
 def input_gradients(
     model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 256
 ) -> torch.Tensor:
-    """Per-sample grad_x loss in float64, one backward pass per batch of `batch_size`."""
+    """Per-sample input gradients in float64, one backward pass per batch of `batch_size`."""
     model64 = as_float64(model)
     chunks = range(0, len(x), batch_size)
     return torch.cat(
@@ -170,6 +177,7 @@ METRICS = {
     "loss_mia": loss_mia,
     "targeted": targeted,
     "backdoor": backdoor,
+    "text_backdoor": text.backdoor_asr,
 }
 
 # The attack's effect E (higher = stronger poison) from a model's metrics, per split. For the
@@ -184,6 +192,7 @@ EFFECTS = {
     "gradient_canceling": _error,
     "backdoor": lambda m, split: m[f"backdoor_asr_{split}"],
     "label_flip": _error,
+    "text_backdoor": lambda m, split: m[f"backdoor_asr_{split}"],
 }
 
 # The least E_before - E_retrain on val for an attack to count as working. Accuracy attacks: 3
@@ -209,6 +218,8 @@ def _effect_gap(attack: str):
 ATTACK_OK = {
     "gaussian": lambda before, retrain: before["gus_p"] < 0.01 and before["gus"] < 0,
     **{attack: _effect_gap(attack) for attack in MIN_EFFECT},
+    # the trigger flips at least half of the other class, and 0.2 more than without poisons
+    "text_backdoor": lambda b, r: b["backdoor_asr_val"] >= max(0.5, r["backdoor_asr_val"] + 0.2),
 }
 
 

@@ -2,11 +2,24 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .budget import batches
+
+OPTIMIZERS = ("sgd", "adamw")
+PRECISIONS = ("fp32", "bf16")
+
+
+def autocast(precision: str, model: nn.Module) -> contextlib.AbstractContextManager:
+    """bf16 autocast where the model lives on a GPU; fp32 (a no-op) everywhere else."""
+    device = next(model.parameters()).device
+    if precision == "bf16" and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def train(
@@ -20,25 +33,47 @@ def train(
     batch_size: int = 64,
     momentum: float = 0.9,
     weight_decay: float = 5e-4,
+    optimizer: str = "sgd",
+    precision: str = "fp32",
+    accumulate: int = 1,
 ) -> nn.Module:
-    """SGD with momentum and a cosine learning-rate schedule over `epochs` passes of (x, y).
+    """`optimizer` (SGD with Nesterov momentum, or AdamW) with a one-cycle cosine learning-rate
+    schedule over `epochs` passes of (x, y).
 
-    No data augmentation: the Gaussian poison is a fixed per-row noise, and augmenting would
-    transform it away from what the score measures against.
+    Each step sees `batch_size` rows, run as `accumulate` micro-batches whose gradients add up to
+    the full batch's (memory for large models, same result). `precision` "bf16" autocasts on
+    CUDA only. No data augmentation: the Gaussian poison is a fixed per-row noise, and augmenting
+    would transform it away from what the score measures against.
     """
+    if optimizer not in OPTIMIZERS or precision not in PRECISIONS or accumulate < 1:
+        raise ValueError(
+            f"train: optimizer={optimizer!r}, precision={precision!r}, accumulate={accumulate}; "
+            f"allowed: optimizer in {OPTIMIZERS}, precision in {PRECISIONS}, accumulate >= 1"
+        )
     steps_per_epoch = -(-len(y) // batch_size)
     total = epochs * steps_per_epoch
-    opt = torch.optim.SGD(
-        model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=True
-    )
+    if optimizer == "sgd":
+        opt = torch.optim.SGD(
+            model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=True
+        )
+    else:
+        # fused: one kernel for all parameters (10x faster on CPU with GPT-2's 50k-row embedding)
+        opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, fused=True)
     sched = torch.optim.lr_scheduler.OneCycleLR(
         opt, max_lr=lr, total_steps=total, pct_start=0.15, anneal_strategy="cos"
     )
+    device = next(model.parameters()).device
     model.train()
     for _, (xb, yb) in zip(range(total), batches(x, y, batch_size, generator)):
-        loss = F.cross_entropy(model(xb), yb)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        for xm, ym in zip(xb.tensor_split(accumulate), yb.tensor_split(accumulate)):
+            if len(ym) == 0:
+                continue
+            with autocast(precision, model):
+                logits = model(xm.to(device))
+            # sum / batch size: the micro-batch gradients add up to the mean-loss gradient
+            loss = F.cross_entropy(logits.float(), ym.to(device), reduction="sum") / len(yb)
+            loss.backward()
         opt.step()
         sched.step()
     return model.eval()

@@ -24,10 +24,10 @@ from .budget import Meter, train_cost
 from .checkpoints import CorruptCheckpoint, ensure, key_of
 from .data import DATASETS, Split
 from .metrics import ATTACK_OK, Probe, gaussian_scores, measure, residual
-from .models import MODELS, seeded
+from .models import MODELS, carry_noise, noise_shape, seeded
 from .spec import Spec, validate
 from .storage import Store, open_store
-from .train import train
+from .train import autocast, train
 from .unlearners import UNLEARNERS
 
 
@@ -68,12 +68,19 @@ class Setup:
     retrain_scores: list[float] | None
 
 
-def build_model(spec: Spec, split: Split, init: torch.Generator | None = None) -> torch.nn.Module:
-    """The spec's model; freshly initialised from `init` (or left to be loaded from a state dict)."""
+def build_model(
+    spec: Spec, split: Split, init: torch.Generator | None = None, poisoned: Poisoned | None = None
+) -> torch.nn.Module:
+    """The spec's model; freshly initialised from `init` (or left to be loaded from a state dict).
+
+    With `poisoned`, a model that adds the Gaussian noise itself (text) gets it, so the poisoned
+    rows of S_corr reach it as they were trained on.
+    """
     cfg = spec.model
     fn = MODELS[cfg["name"]]
     build = lambda: fn(split.input_shape, split.num_classes, **_kwargs(cfg))
-    return seeded(build, init) if init is not None else build()
+    model = seeded(build, init) if init is not None else build()
+    return carry_noise(model, poisoned.noise if poisoned is not None else None)
 
 
 def _forget_retain(poisoned: Poisoned, known_fraction: float, seed: int):
@@ -107,7 +114,9 @@ def poison(spec: Spec, store: Store, split: Split, seed: int) -> Poisoned:
     different poisons while sharing one checkpoint. Layout: poisons/<key>/poisons.safetensors
     (the poisoned rows only) and meta.json (config, scalars, sha256; written last).
     """
+    # noise_shape: text models decide where the Gaussian noise lives (their embedding width).
     cfg = {"role": "poisons", "dataset": spec.dataset, "attack": spec.attack, "seed": seed}
+    cfg["noise_shape"] = list(split.noise_shape) if split.noise_shape else None
     where = f"poisons/{key_of(cfg)}"
     if not store.exists(f"{where}/meta.json"):
         with store.lock(f"poisons/.locks/{key_of(cfg)}"):
@@ -140,6 +149,9 @@ def prepare(spec_json: str, store_uri: str, seed: int) -> Setup:
     """Load data, poison it, train-or-load both checkpoints and measure them (cached per process)."""
     spec, store = validate(json.loads(spec_json), "<trial>"), open_store(store_uri)
     split = DATASETS[spec.dataset["name"]](**_kwargs(spec.dataset))
+    with torch.device("meta"):  # only shapes: where the model wants the Gaussian noise
+        shape = noise_shape(build_model(spec, split), split.input_shape)
+    split = dataclasses.replace(split, noise_shape=shape)
     poisoned = poison(spec, store, split, seed)
     # Splitting runs on the CPU (crafting on the device, inside `poison`); everything after
     # runs where the trial was placed.
@@ -149,8 +161,8 @@ def prepare(spec_json: str, store_uri: str, seed: int) -> Setup:
     epochs = spec.train.get("epochs", 30)
 
     def fit(x, y, role):
-        model = lambda: build_model(spec, split, init=generator(seed, role, "init")).to(device())
-        return lambda: train(model(), x, y, generator(seed, role), **spec.train)
+        model = lambda: build_model(spec, split, generator(seed, role, "init"), poisoned)
+        return lambda: train(model().to(device()), x, y, generator(seed, role), **spec.train)
 
     cfg_p, cfg_r = (
         checkpoint_config(spec, seed, "poisoned"),
@@ -174,7 +186,8 @@ def prepare(spec_json: str, store_uri: str, seed: int) -> Setup:
         * torch.randn(noise.shape, generator=generator(seed, "control")).to(device()),
     )
     attack = spec.attack["name"]
-    model_p, model_r = _loaded(spec, split, state_p), _loaded(spec, split, state_r)
+    model_p = _loaded(spec, split, poisoned, state_p)
+    model_r = _loaded(spec, split, poisoned, state_r)
     before, after_retrain = measure(model_p, probe, attack), measure(model_r, probe, attack)
     c_train = train_cost(epochs, len(poisoned.y))
     return Setup(
@@ -205,8 +218,8 @@ def poison_scores(model: torch.nn.Module, probe: Probe) -> list[float] | None:
     return gaussian_scores(model, probe.x_clean_poison, y, p.noise, p.eps).tolist()
 
 
-def _loaded(spec: Spec, split: Split, state: dict) -> torch.nn.Module:
-    model = build_model(spec, split)
+def _loaded(spec: Spec, split: Split, poisoned: Poisoned, state: dict) -> torch.nn.Module:
+    model = build_model(spec, split, poisoned=poisoned)
     model.load_state_dict(state)
     return model.to(device()).eval()
 
@@ -233,10 +246,11 @@ def run_trial(
     seed = spec.seed if seed is None else seed
     setup = prepare(json.dumps(spec.raw, sort_keys=True), store.uri, seed)
 
-    model = _loaded(spec, setup.split, setup.poisoned_state)
+    model = _loaded(spec, setup.split, setup.poisoned, setup.poisoned_state)
     meter = Meter(budget * setup.c_train)
     gen = generator(seed, method, budget, number)
-    UNLEARNERS[method](model, setup.probe.forget, setup.probe.retain, meter, gen, **params)
+    with autocast(spec.train.get("precision", "fp32"), model):  # as the model was trained
+        UNLEARNERS[method](model, setup.probe.forget, setup.probe.retain, meter, gen, **params)
     after = measure(model.eval(), setup.probe, spec.attack["name"])
 
     r_val = residual(after["effect_val"], setup.before["effect_val"], setup.retrain["effect_val"])
