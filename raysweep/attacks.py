@@ -13,8 +13,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from . import crafting
-from . import text
+from . import crafting, text
 from .data import Split
 
 

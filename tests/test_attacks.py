@@ -49,7 +49,8 @@ def poisoned(attack: str, seed: int = 0):
 
 
 def test_fast_settings_cover_every_attack():
-    assert set(FAST) == set(ATTACKS)
+    # Every image attack; the text backdoor needs token ids and has its own tests (test_text.py).
+    assert set(FAST) == set(ATTACKS) - {"text_backdoor"}
 
 
 def _same(a, b) -> bool:
@@ -58,7 +59,7 @@ def _same(a, b) -> bool:
     return a == b
 
 
-@pytest.mark.parametrize("attack", sorted(ATTACKS))
+@pytest.mark.parametrize("attack", sorted(FAST))
 def test_shapes_and_poison_idx(attack):
     s, p = split(), poisoned(attack)
     assert p.x.shape == s.x_train.shape and p.x.dtype == s.x_train.dtype
@@ -71,7 +72,7 @@ def test_shapes_and_poison_idx(attack):
     assert len(y_rest) == len(s.y_train) - n
 
 
-@pytest.mark.parametrize("attack", sorted(ATTACKS))
+@pytest.mark.parametrize("attack", sorted(FAST))
 def test_only_poison_rows_change_and_round_trip(attack):
     s, p = split(), poisoned(attack)
     tensors, scalars = to_tensors(p, s)  # raises if a row outside poison_idx changed
@@ -80,7 +81,7 @@ def test_only_poison_rows_change_and_round_trip(attack):
         assert _same(getattr(back, f.name), getattr(p, f.name)), f.name
 
 
-@pytest.mark.parametrize("attack", sorted(ATTACKS))
+@pytest.mark.parametrize("attack", sorted(FAST))
 def test_deterministic_for_a_seed(attack):
     a = poisoned(attack, 0)
     b = ATTACKS[attack](split(), torch.Generator().manual_seed(0), **FAST[attack])
@@ -90,7 +91,7 @@ def test_deterministic_for_a_seed(attack):
     assert not (torch.equal(a.poison_idx, c.poison_idx) and torch.equal(a.x, c.x))
 
 
-@pytest.mark.parametrize("attack", sorted(set(ATTACKS) - {"gaussian"}))
+@pytest.mark.parametrize("attack", sorted(set(FAST) - {"gaussian"}))
 def test_inputs_stay_in_the_valid_range(attack):
     # gaussian is exempt by design: its noise is unbounded (DESIGN section 2).
     s, p = split(), poisoned(attack)
@@ -223,7 +224,7 @@ def _probe(p) -> Probe:
     return Probe(s.x_val, s.y_val, s.x_test, s.y_test, forget, retain, p, x_clean, noise)
 
 
-@pytest.mark.parametrize("attack", sorted(ATTACKS))
+@pytest.mark.parametrize("attack", sorted(FAST))
 def test_every_attack_has_an_effect_a_check_and_recorded_columns(attack):
     model = seeded(lambda: cnn(split().input_shape, 10, width=4), torch.Generator())
     m = measure(model, _probe(poisoned(attack)), attack)
