@@ -46,11 +46,19 @@ def save(store: Store, key: str, model: nn.Module, config: dict) -> None:
 
 
 def load(store: Store, key: str) -> dict[str, torch.Tensor]:
-    """The state dict of a complete checkpoint, after checking its sha256 against meta.json."""
-    meta = json.loads(store.read(f"{_dir(key)}/meta.json"))
+    """The state dict of a complete checkpoint, after checking its sha256 against meta.json.
+
+    Shared files are parsed, never unpickled: JSON and safetensors (a header and raw tensors).
+    """
+    where = store.path(_dir(key))
+    try:
+        meta = json.loads(store.read(f"{_dir(key)}/meta.json"))
+        expected = meta["sha256"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise CorruptCheckpoint(f"{where}/meta.json: unreadable ({e})") from None
     data = store.read(f"{_dir(key)}/weights.safetensors")
-    if hashlib.sha256(data).hexdigest() != meta["sha256"]:
-        raise CorruptCheckpoint(f"{store.path(_dir(key))}: weights do not match meta.json sha256")
+    if hashlib.sha256(data).hexdigest() != expected:
+        raise CorruptCheckpoint(f"{where}: weights do not match meta.json sha256")
     return st_load(data)
 
 
@@ -58,7 +66,10 @@ def ensure(store: Store, config: dict, build: Callable[[], nn.Module]) -> dict[s
     """Load the checkpoint for `config`, training it with `build()` first if no one has.
 
     Concurrent callers of the same key serialise on a lock; the first trains, the rest wait and
-    load, so each key is trained exactly once however many trials ask at the same moment.
+    load, so each key is trained exactly once however many trials ask at the same moment, on
+    any node (`Store.lock`: flock on shared disks, a lease in the Ray cluster for object stores).
+    meta.json is written last, so a trainer that dies mid-way leaves the key untrained and the
+    next holder of the lock trains it.
     """
     key = key_of(config)
     if not store.exists(f"{_dir(key)}/meta.json"):

@@ -1,5 +1,6 @@
-"""Command line: `raysweep validate SPEC`, `raysweep run SPEC [--storage PATH] [--address ADDR]`,
-`raysweep report RUN_DIR [--out DIR]`."""
+"""Command line: `raysweep validate SPEC`, `raysweep run SPEC [--storage URI] [--address ADDR]
+[--resume]`, `raysweep report RUN_DIR [--out DIR]`, `raysweep doctor [--address ADDR]
+[--storage URI]`."""
 
 from __future__ import annotations
 
@@ -19,8 +20,20 @@ def _validate(args) -> int:
 def _run(args) -> int:
     spec = load(args.spec)  # fails here, before Ray starts, on any spec problem
     from . import report, results, sweep
+    from .cluster import RunStateError
 
-    df = sweep.run(spec, args.storage, address=args.address, num_cpus=args.num_cpus)
+    try:
+        df = sweep.run(
+            spec,
+            args.storage,
+            address=args.address,
+            num_cpus=args.num_cpus,
+            resume=args.resume,
+            max_concurrent=args.max_concurrent,
+        )
+    except RunStateError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     failed = int((df["status"] != "ok").sum()) if len(df) else 0
     where = f"{args.storage}/{spec.name}/results"
     print(f"\n{spec.name}: {len(df)} trials ({failed} failed); Parquet rows in {where}\n")
@@ -43,6 +56,12 @@ def _report(args) -> int:
     return 0
 
 
+def _doctor(args) -> int:
+    from . import doctor
+
+    return doctor.main(address=args.address, storage=args.storage)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="raysweep", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -54,11 +73,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--storage", default="runs", help="local path or s3:// / gs:// URI")
     p.add_argument("--address", default=None, help="Ray cluster address (default: start locally)")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs for a local Ray")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the experiment already in --storage (error if there is none)",
+    )
+    p.add_argument(
+        "--max-concurrent",
+        type=int,
+        default=None,
+        help="trials at once (default: what the cluster fits now; set it to let autoscaling grow)",
+    )
     p.set_defaults(fn=_run)
     p = sub.add_parser("report", help="tables (Markdown, CSV) and figures of a finished run")
     p.add_argument("run_dir", help="<storage>/<experiment>, e.g. runs/quickstart")
     p.add_argument("--out", default=None, help="where to write (default: RUN_DIR/report)")
     p.set_defaults(fn=_report)
+    p = sub.add_parser("doctor", help="check a cluster and a storage before a long run")
+    p.add_argument("--address", default=None, help="Ray cluster address (default: start locally)")
+    p.add_argument("--storage", default=None, help="local path or s3:// / gs:// URI to probe")
+    p.set_defaults(fn=_doctor)
     args = parser.parse_args(argv)
     try:
         return args.fn(args)

@@ -16,6 +16,8 @@ from .text import imdb, synthetic_imdb  # text: GPT-2 token ids, see text.py
 class Split:
     """Train/val/test tensors; images are float32 (N, C, H, W) standardised per channel on train.
 
+    `x_min`, `x_max` (shape (C, 1, 1)) are the valid input range: the image of pixel values 0
+    and 1 under the standardisation. Attacks that edit pixels clamp to it.
     Text is long (N, T): GPT-2 token ids, right-padded (text.py). `noise_shape` is the shape of
     one row where the Gaussian attack's noise lives, which the model decides
     (models.noise_shape: the input itself for images, the token embeddings for text); the trial
@@ -29,6 +31,8 @@ class Split:
     x_test: torch.Tensor
     y_test: torch.Tensor
     num_classes: int
+    x_min: torch.Tensor | None = None
+    x_max: torch.Tensor | None = None
     noise_shape: tuple[int, ...] | None = None
 
     @property
@@ -51,8 +55,11 @@ def _standardise(x_train, *others):
 
 
 def _make_split(x_tr, y_tr, x_va, y_va, x_te, y_te, num_classes) -> Split:
-    x_tr, x_va, x_te = _standardise(x_tr, x_va, x_te)
-    return Split(x_tr, y_tr, x_va, y_va, x_te, y_te, num_classes)
+    # Standardising an all-0 and an all-1 image gives the per-channel bounds of valid inputs.
+    black, white = torch.zeros_like(x_tr[:1]), torch.ones_like(x_tr[:1])
+    x_tr, x_va, x_te, lo, hi = _standardise(x_tr, x_va, x_te, black, white)
+    bounds = lo[0, :, :1, :1], hi[0, :, :1, :1]
+    return Split(x_tr, y_tr, x_va, y_va, x_te, y_te, num_classes, *bounds)
 
 
 def digits(

@@ -140,6 +140,28 @@ def loss_mia(model: nn.Module, probe: Probe) -> dict[str, float]:
     return {"loss_mia_tpr": (member < threshold).float().mean().item()}
 
 
+def targeted(model: nn.Module, probe: Probe) -> dict[str, float]:
+    """gradient_matching: the fraction of the attack's target test rows classified as y_adv."""
+    p = probe.poisoned
+    if p.target_idx is None:
+        return {}
+    pred = logits(model, probe.x_test[p.target_idx]).argmax(1)
+    return {"target_adv_rate": (pred == p.y_adv).float().mean().item()}
+
+
+def backdoor(model: nn.Module, probe: Probe) -> dict[str, float]:
+    """Backdoor attack success rate: triggered val/test rows classified as y_adv, over the rows
+    whose true class is not y_adv (those would count as successes without any backdoor)."""
+    p = probe.poisoned
+    if p.trigger is None:
+        return {}
+    out = {}
+    for split, x, y in (("val", probe.x_val, probe.y_val), ("test", probe.x_test, probe.y_test)):
+        pred = logits(model, p.triggered(x[y != p.y_adv])).argmax(1)
+        out[f"backdoor_asr_{split}"] = (pred == p.y_adv).float().mean().item()
+    return out
+
+
 def clean_acc(model: nn.Module, probe: Probe) -> dict[str, float]:
     return {
         "clean_acc_val": accuracy(model, probe.x_val, probe.y_val),
@@ -153,20 +175,51 @@ METRICS = {
     "clean_acc": clean_acc,
     "gaussian": gaussian,
     "loss_mia": loss_mia,
+    "targeted": targeted,
+    "backdoor": backdoor,
     "text_backdoor": text.backdoor_asr,
 }
 
-# The attack's effect E (higher = stronger poison) from a model's metrics, per split.
+# The attack's effect E (higher = stronger poison) from a model's metrics, per split. For the
+# accuracy attacks E is the clean error, so E_before - E_retrain is the accuracy drop the poison
+# caused and r = (acc_retrain - acc_after) / (acc_retrain - acc_before). gradient_matching's
+# targets are fixed test rows chosen by the attacker, with no val counterpart: both splits read
+# the same rate, so tuning sees the targets (the paper's setting; noted in the report).
+_error = lambda m, split: 1 - m[f"clean_acc_{split}"]
 EFFECTS = {
     "gaussian": lambda m, split: -m["gus"],
-    "text_backdoor": lambda m, split: m[f"asr_{split}"],
+    "gradient_matching": lambda m, split: m["target_adv_rate"],
+    "gradient_canceling": _error,
+    "backdoor": lambda m, split: m[f"backdoor_asr_{split}"],
+    "label_flip": _error,
+    "text_backdoor": lambda m, split: m[f"backdoor_asr_{split}"],
 }
 
-# Did the attack work on the poisoned model (judged against the retrain reference)?
+# The least E_before - E_retrain on val for an attack to count as working. Accuracy attacks: 3
+# points, well above the spread between two seeds' trainings (about 1 point on digits' 359 val
+# rows). Targeted and backdoor attacks: half of the targets / triggered rows moved to y_adv.
+MIN_EFFECT = {
+    "gradient_matching": 0.5,
+    "gradient_canceling": 0.03,
+    "backdoor": 0.5,
+    "label_flip": 0.03,
+}
+
+
+def _effect_gap(attack: str):
+    return lambda before, retrain: (
+        before["effect_val"] - retrain["effect_val"] >= MIN_EFFECT[attack]
+    )
+
+
+# Did the attack work on the poisoned model (judged against the retrain reference)? Checked
+# before any unlearning and recorded per row as `attack_ok`; a failed attack's rows stay in the
+# results, marked, and its residual r is meaningless (its denominator is about 0).
 ATTACK_OK = {
     "gaussian": lambda before, retrain: before["gus_p"] < 0.01 and before["gus"] < 0,
+    **{attack: _effect_gap(attack) for attack in MIN_EFFECT},
     # the trigger flips at least half of the other class, and 0.2 more than without poisons
-    "text_backdoor": lambda b, r: b["asr_val"] >= max(0.5, r["asr_val"] + 0.2),
+    "text_backdoor": lambda b, r: b["backdoor_asr_val"] >= max(0.5, r["backdoor_asr_val"] + 0.2),
 }
 
 

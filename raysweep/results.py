@@ -32,10 +32,13 @@ METRICS = {
     "tpr_at_1fpr": "Gaussian MIA: fraction of poisons with I <= Phi^-1(0.01)",
     "control_gus_z": "gus_z of fresh noise never trained on (must look N(0,1))",
     "loss_mia_tpr": "loss-threshold MIA: TPR on the forget set at 1% FPR on test",
-    "asr_val": "backdoor attack success rate: triggered val rows not of y_adv classified y_adv",
-    "asr_test": "backdoor attack success rate on test (text_backdoor)",
-    "effect_val": "the attack's effect E on val (higher = stronger poison)",
-    "effect_test": "the attack's effect E on test",
+    "target_adv_rate": "gradient_matching: fraction of its target test rows classified as y_adv",
+    "backdoor_asr_val": "backdoor: triggered val rows not of class y_adv classified as y_adv",
+    "backdoor_asr_test": "backdoor: the same on test",
+    "effect_val": "the attack's effect E on val (higher = stronger poison; metrics.EFFECTS): "
+    "-gus (gaussian), target_adv_rate (gradient_matching), 1 - clean_acc_val "
+    "(gradient_canceling, label_flip), backdoor_asr_val (backdoor)",
+    "effect_test": "the attack's effect E on test (target_adv_rate is the same on both splits)",
 }
 MODELS_MEASURED = ("before", "after", "retrain")
 # Per-poison Gaussian scores I_i of each model (null for attacks without Gaussian noise).
@@ -68,6 +71,7 @@ COLUMNS = {
     "started_at": pa.timestamp("ms", tz="UTC"),
     "finished_at": pa.timestamp("ms", tz="UTC"),
     "host": pa.string(),
+    "node_id": pa.string(),  # the Ray node: nodes of one machine or image share a hostname
     "versions": pa.string(),
 }
 

@@ -3,32 +3,40 @@
 Why one Tuner with a multiplexing searcher instead of one Tuner per cell: all cells share the
 cluster at once (no idle CPUs while the last trials of one cell finish), and each cell still has
 its own study, so a sampler never trades one method's trials for another's (DESIGN section 5).
-Studies live in an Optuna journal file under the run's storage, which is also what makes a
-resumed run continue each study instead of restarting it.
+Studies live in an Optuna journal under the run's storage, which is also what makes a
+resumed run continue each study instead of restarting it (cluster.py: Ray, journal, resume).
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import math
-import os
 import socket
 import traceback
+from collections.abc import Callable
 
 import optuna
 import pandas as pd
-import pyarrow.fs as pafs
 import ray
+from optuna.storages.journal import JournalStorage
 from ray import tune
 from ray.tune.search import Searcher
 
 from . import results
+from .cluster import (
+    MAX_FAILURES,
+    Retries,
+    check_resume,
+    open_journal,
+    record_spec,
+    slots,
+    start_ray,
+)
 from .progress import Progress
 from .spec import Spec, distributions
 from .storage import Store, open_store
 from .trial import derive_seed, run_trial
 
-NODE_IP = "127.0.0.2"  # local runs stay on loopback (DESIGN section 8)
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
@@ -45,15 +53,12 @@ def make_sampler(kind: str, seed: int, trials_per_cell: int) -> optuna.samplers.
     return optuna.samplers.TPESampler(seed=seed, constant_liar=True, n_startup_trials=startup)
 
 
-def open_studies(spec: Spec, store: Store) -> dict[str, optuna.Study]:
-    """One study per cell, in a journal under <storage>/<experiment>/ (in memory if remote)."""
-    storage = None
-    if isinstance(store.fs, pafs.LocalFileSystem):
-        from optuna.storages.journal import JournalFileBackend, JournalStorage
-
-        path = store.path(f"{spec.name}/optuna.journal")
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        storage = JournalStorage(JournalFileBackend(path))
+def open_studies(
+    spec: Spec, store: Store, storage: JournalStorage | None = None
+) -> dict[str, optuna.Study]:
+    """One study per cell, all in the run's journal (see `cluster.open_journal`)."""
+    if storage is None:
+        storage, _ = open_journal(spec, store)
     studies = {}
     for method, budget in spec.cells():
         name = cell_name(method, budget)
@@ -68,10 +73,17 @@ def open_studies(spec: Spec, store: Store) -> dict[str, optuna.Study]:
 class CellSearcher(Searcher):
     """Hands out trials cell by cell (fewest started first) and tells each result to its study."""
 
-    def __init__(self, spec: Spec, studies: dict[str, optuna.Study], done: dict[str, set[int]]):
+    def __init__(
+        self,
+        spec: Spec,
+        studies: dict[str, optuna.Study],
+        done: dict[str, set[int]],
+        sync: Callable[[], None] = lambda: None,
+    ):
         super().__init__(metric="objective", mode="min")
         self.spec = spec
         self.studies = studies
+        self.sync = sync  # makes the journal durable (object stores): after every ask and tell
         self.cells = {cell_name(m, b): (m, b) for m, b in spec.cells()}
         self.spaces = {m: distributions(m, s) for m, s in spec.methods.items()}
         self.started = {name: len(done.get(name, ())) for name in self.cells}
@@ -85,6 +97,7 @@ class CellSearcher(Searcher):
         method, budget = self.cells[name]
         dists, fixed = self.spaces[method]
         trial = self.studies[name].ask(dists)
+        self.sync()  # before the trial can start, so a resumed driver knows it was asked
         self.started[name] += 1
         self.live[trial_id] = (name, trial.number)
         return {
@@ -105,6 +118,7 @@ class CellSearcher(Searcher):
             self.studies[name].tell(number, state=optuna.trial.TrialState.FAIL)
         else:
             self.studies[name].tell(number, value)
+        self.sync()
 
     # The state lives in the journal, not in Tune's searcher checkpoint.
     def save(self, checkpoint_path: str) -> None:
@@ -159,6 +173,8 @@ def execute(spec: Spec, store: Store, config: dict) -> dict:
         "budget": config["budget"],
         "seed": config["seed"],
         "host": socket.gethostname(),
+        # Nodes of one machine or one image share a hostname; None outside Ray.
+        "node_id": ray.get_runtime_context().get_node_id() if ray.is_initialized() else None,
         "versions": results.versions(),
         "started_at": _now(),
         **{c: None for c in results.hyperparameter_types(spec)},
@@ -276,62 +292,62 @@ def confirm(spec: Spec, storage: str, slots: int) -> None:
             name=f"confirm-{_now():%Y%m%d-%H%M%S}",
             storage_path=store.path(f"{spec.name}/tune"),
             storage_filesystem=store.fs,
-            callbacks=[Progress("confirm", planned)],
+            callbacks=[Progress("confirm", planned), Retries()],
             verbose=0,
-            failure_config=tune.FailureConfig(max_failures=2),
+            failure_config=tune.FailureConfig(max_failures=MAX_FAILURES),
         ),
     )
     tuner.fit()
 
 
-def start_ray(address: str | None, num_cpus: int | None = None) -> None:
-    """Connect to a cluster, or start a local Ray bound to loopback."""
-    if ray.is_initialized():
-        return
-    if address:
-        ray.init(address=address, log_to_driver=False)
-    else:
-        ray.init(
-            _node_ip_address=NODE_IP,
-            num_cpus=num_cpus or os.cpu_count(),
-            include_dashboard=False,
-            log_to_driver=False,
-        )
+def run(
+    spec: Spec,
+    storage: str,
+    address: str | None = None,
+    num_cpus: int | None = None,
+    resume: bool | None = None,
+    max_concurrent: int | None = None,
+):
+    """Run (or continue) every cell's study to `trials_per_cell` trials, confirm; return the rows.
 
-
-def run(spec: Spec, storage: str, address: str | None = None, num_cpus: int | None = None):
-    """Run (or continue) every cell's study to `trials_per_cell` trials; return the rows."""
+    `resume`: None starts or continues; False refuses an existing experiment; True needs one
+    (`cluster.check_resume`). `max_concurrent` caps parallel trials (`cluster.slots`).
+    """
     store = open_store(storage)
-    studies = open_studies(spec, store)
+    check_resume(spec, store, resume)
+    record_spec(spec, store)
+    journal, sync = open_journal(spec, store)
+    studies = open_studies(spec, store, journal)
     done = reconcile(spec, store, studies)
-    searcher = CellSearcher(spec, studies, done)
-    start_ray(address, num_cpus)
-    cpu, gpu = spec.resources.get("cpu", 1), spec.resources.get("gpu", 0)
-    cluster = ray.cluster_resources()
-    slots = cluster.get("CPU", 1) / cpu
-    if gpu:
-        slots = min(slots, cluster.get("GPU", 0) / gpu)
+    sync()
+    searcher = CellSearcher(spec, studies, done, sync)
     remaining = sum(spec.trials_per_cell - searcher.started[c] for c in searcher.cells)
     planned = dict.fromkeys(searcher.cells, spec.trials_per_cell)
+    total = sum(planned.values())
+    print(f"{spec.name}: {total - remaining}/{total} tuning trials recorded, {remaining} to run")
     if remaining > 0:
+        start_ray(address, num_cpus)
+        cpu, gpu = spec.resources.get("cpu", 1), spec.resources.get("gpu", 0)
         trainable = make_trainable(spec, store.uri, threads=max(1, int(cpu)))
         tuner = tune.Tuner(
             tune.with_resources(trainable, {"cpu": cpu, "gpu": gpu}),
             tune_config=tune.TuneConfig(
                 search_alg=searcher,
                 num_samples=remaining,
-                max_concurrent_trials=max(1, int(slots)),
+                max_concurrent_trials=slots(spec, max_concurrent),
                 reuse_actors=True,
             ),
             run_config=tune.RunConfig(
                 name=f"tune-{_now():%Y%m%d-%H%M%S}",
                 storage_path=store.path(f"{spec.name}/tune"),
                 storage_filesystem=store.fs,
-                callbacks=[Progress("tune", planned, results.read(store, spec.name))],
+                callbacks=[Progress("tune", planned, results.read(store, spec.name)), Retries()],
                 verbose=0,
-                failure_config=tune.FailureConfig(max_failures=2),
+                failure_config=tune.FailureConfig(max_failures=MAX_FAILURES),
             ),
         )
         tuner.fit()
-    confirm(spec, storage, slots)
+    if confirm_plan(spec, results.read(store, spec.name)):
+        start_ray(address, num_cpus)
+        confirm(spec, store.uri, slots(spec, max_concurrent))
     return results.read(store, spec.name)

@@ -417,5 +417,5 @@ def backdoor_asr(model: nn.Module, probe: Probe) -> dict[str, float]:
         # The same positions for every model measured: a fixed generator, not the trial's.
         xt = insert_trigger(x[other], poisoned.trigger_ids, torch.Generator().manual_seed(0))
         hit = logits(model, xt).argmax(1) == poisoned.y_adv
-        out[f"asr_{name}"] = hit.float().mean().item() if len(hit) else float("nan")
+        out[f"backdoor_asr_{name}"] = hit.float().mean().item() if len(hit) else float("nan")
     return out

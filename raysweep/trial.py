@@ -16,10 +16,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
 
-from .attacks import ATTACKS, Poisoned
+from .attacks import ATTACKS, Poisoned, from_tensors, to_tensors
 from .budget import Meter, train_cost
-from .checkpoints import ensure, key_of
+from .checkpoints import CorruptCheckpoint, ensure, key_of
 from .data import DATASETS, Split
 from .metrics import ATTACK_OK, Probe, gaussian_scores, measure, residual
 from .models import MODELS, carry_noise, noise_shape, seeded
@@ -104,6 +106,44 @@ def checkpoint_config(spec: Spec, seed: int, role: str) -> dict:
     }
 
 
+def poison(spec: Spec, store: Store, split: Split, seed: int) -> Poisoned:
+    """The spec's poisons for `seed`: crafted once per store, then loaded by every process.
+
+    Optimised attacks (a surrogate plus hundreds of crafting steps) can cost more than training,
+    and GPU kernels are not bit-reproducible, so two workers crafting independently could hold
+    different poisons while sharing one checkpoint. Layout: poisons/<key>/poisons.safetensors
+    (the poisoned rows only) and meta.json (config, scalars, sha256; written last).
+    """
+    # noise_shape: text models decide where the Gaussian noise lives (their embedding width).
+    cfg = {"role": "poisons", "dataset": spec.dataset, "attack": spec.attack, "seed": seed}
+    cfg["noise_shape"] = list(split.noise_shape) if split.noise_shape else None
+    where = f"poisons/{key_of(cfg)}"
+    if not store.exists(f"{where}/meta.json"):
+        with store.lock(f"poisons/.locks/{key_of(cfg)}"):
+            if not store.exists(f"{where}/meta.json"):
+                fn = ATTACKS[spec.attack["name"]]
+                # On the trial's device: a CIFAR-10 ResNet-18 surrogate alone would take hours
+                # on a CPU. Random draws come from the CPU generator, so only float rounding
+                # depends on the device, and the store keeps the one copy everyone uses.
+                crafted = fn(
+                    _moved(split, device()), generator(seed, "attack"), **_kwargs(spec.attack)
+                )
+                tensors, scalars = to_tensors(_moved(crafted, torch.device("cpu")), split)
+                data = st_save(tensors)
+                meta = {
+                    "config": cfg,
+                    "scalars": scalars,
+                    "sha256": hashlib.sha256(data).hexdigest(),
+                }
+                store.write(f"{where}/poisons.safetensors", data)
+                store.write(f"{where}/meta.json", json.dumps(meta, default=str).encode())
+    meta = json.loads(store.read(f"{where}/meta.json"))
+    data = store.read(f"{where}/poisons.safetensors")
+    if hashlib.sha256(data).hexdigest() != meta["sha256"]:
+        raise CorruptCheckpoint(f"{store.path(where)}: poisons do not match meta.json sha256")
+    return from_tensors(split, st_load(data), meta["scalars"])
+
+
 @functools.lru_cache(maxsize=4)
 def prepare(spec_json: str, store_uri: str, seed: int) -> Setup:
     """Load data, poison it, train-or-load both checkpoints and measure them (cached per process)."""
@@ -112,10 +152,9 @@ def prepare(spec_json: str, store_uri: str, seed: int) -> Setup:
     with torch.device("meta"):  # only shapes: where the model wants the Gaussian noise
         shape = noise_shape(build_model(spec, split), split.input_shape)
     split = dataclasses.replace(split, noise_shape=shape)
-    poisoned = ATTACKS[spec.attack["name"]](
-        split, generator(seed, "attack"), **_kwargs(spec.attack)
-    )
-    # Crafting and splitting run on the CPU; everything after runs where the trial was placed.
+    poisoned = poison(spec, store, split, seed)
+    # Splitting runs on the CPU (crafting on the device, inside `poison`); everything after
+    # runs where the trial was placed.
     poisoned = _moved(poisoned, device())
     split = _moved(split, device())
     forget, retain = _forget_retain(poisoned, spec.forget["known_fraction"], seed)
@@ -218,8 +257,10 @@ def run_trial(
     r_test = residual(
         after["effect_test"], setup.before["effect_test"], setup.retrain["effect_test"]
     )
-    if not all(math.isfinite(v) for v in (r_val, after["clean_acc_val"])):
-        raise FloatingPointError(f"{method}: non-finite result (r={r_val}); the model diverged")
+    # r is NaN, not an error, when the attack had no effect (E_before = E_retrain): that trial
+    # is kept and marked by attack_ok. A non-finite accuracy or effect means divergence.
+    if not all(math.isfinite(v) for v in (after["effect_val"], after["clean_acc_val"])):
+        raise FloatingPointError(f"{method}: non-finite result; the model diverged")
     shortfall = setup.retrain["clean_acc_val"] - spec.delta - after["clean_acc_val"]
     row = {
         "seed": seed,

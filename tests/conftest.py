@@ -11,6 +11,15 @@ import torch
 # Nothing may download at test time: make any hub access fail fast.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# Dummy credentials for the loopback S3 server (s3_server), set before any test starts Ray so
+# every Ray worker inherits them; no instance-metadata lookups (they would leave loopback).
+for _k, _v in {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "AWS_EC2_METADATA_DISABLED": "true",
+}.items():
+    os.environ.setdefault(_k, _v)
 # One thread per test process, as in a 1-CPU trial: on a shared 2-core machine two torch threads
 # per process are many times slower, and results then match what the sweep computes.
 torch.set_num_threads(1)
@@ -53,3 +62,29 @@ def local_ray():
     start_ray(None, num_cpus=2)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """An S3-compatible server (moto) on loopback for this session: yields a URI maker."""
+    import logging
+
+    moto_server = pytest.importorskip("moto.server")
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    buckets = iter(range(10**6))
+
+    def new_uri(prefix: str = "runs") -> str:
+        """A fresh, empty bucket on the server, as a store URI pyarrow understands."""
+        import pyarrow.fs as pafs
+
+        bucket = f"raysweep-test-{next(buckets)}"
+        query = f"endpoint_override={host}:{port}&scheme=http&region=us-east-1"
+        fs, _ = pafs.FileSystem.from_uri(f"s3://{bucket}?{query}&allow_bucket_creation=true")
+        fs.create_dir(bucket)
+        return f"s3://{bucket}/{prefix}?{query}"
+
+    yield new_uri
+    server.stop()

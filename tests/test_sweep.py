@@ -5,7 +5,7 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from raysweep import results, sweep
+from raysweep import cluster, results, sweep
 from raysweep.checkpoints import train_count
 from raysweep.spec import validate
 from raysweep.storage import open_store
@@ -37,5 +37,7 @@ def test_sweep_two_cells_two_trials(tmp_path, tiny_spec_dict, local_ray, monkeyp
     store = open_store(str(tmp_path))
     for key in set(back["poisoned_key"]) | set(back["retrain_key"]):
         assert train_count(store, key) == 1
-    # Running again over a complete experiment adds no rows.
+    # Running the same spec again over its complete experiment adds no rows, and the CLI's
+    # plain `run` allows it (so `make quickstart` twice just reprints the table).
     assert len(sweep.run(spec, str(tmp_path))) == 4
+    cluster.check_resume(spec, store, resume=False)

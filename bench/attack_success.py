@@ -1,0 +1,137 @@
+"""Does each attack work before any unlearning? Measured against a control, over fixed seeds.
+
+    PYTHONPATH=. python bench/attack_success.py --attack backdoor --seeds 20
+
+For each seed: craft the poisons with `ATTACKS[attack](split, Generator(seed), **kwargs)`, then
+train the victim (the spec-style small CNN) from scratch on the poisoned set and on the
+control set with the same initialisation and batch order, and compare:
+
+- gradient_matching: target classified as y_adv; control = the same poisons unperturbed, i.e.
+  the clean train set (the poisons are clean-label rows of class y_adv). For scale, also
+  `success_blend`: the same poisons moved straight towards the target image by up to eps per
+  pixel (a crude feature collision with the same l-inf budget, not an attack raysweep ships).
+- gradient_canceling: clean test accuracy; control = the same rows with random noise of the
+  same l2 norm per row (clamped to the valid range), labels kept; also the clean train set.
+- backdoor: attack success rate on triggered test rows not of class y_adv, and clean test
+  accuracy; control = the clean train set.
+- label_flip: clean test accuracy; control = the clean train set.
+
+Prints one line per seed and a summary. Attack parameters: `--set key=value` (Python literal).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import inspect
+import statistics
+import time
+
+import torch
+
+from raysweep import crafting
+from raysweep.attacks import ATTACKS
+from raysweep.data import digits
+from raysweep.metrics import accuracy, logits
+from raysweep.models import cnn, seeded
+from raysweep.train import train
+
+
+def victim(split, x, y, seed: int, *, width: int, epochs: int):
+    """The victim's training run; the same seed gives the same init and batch order."""
+    gen = torch.Generator().manual_seed(10_000 + seed)
+    model = seeded(lambda: cnn(split.input_shape, split.num_classes, width=width), gen)
+    return train(model, x, y, gen, epochs=epochs)
+
+
+def same_size_noise(split, p, seed: int) -> torch.Tensor:
+    """The train set with each poison's perturbation replaced by random noise of equal l2 norm."""
+    x0 = split.x_train[p.poison_idx]
+    delta = (p.x[p.poison_idx] - x0).flatten(1)
+    noise = torch.randn(delta.shape, generator=torch.Generator().manual_seed(20_000 + seed))
+    noise *= (delta.norm(dim=1) / noise.norm(dim=1))[:, None]
+    x = split.x_train.clone()
+    x[p.poison_idx] = crafting.clamp(x0 + noise.view_as(x0), split.x_min, split.x_max)
+    return x
+
+
+def blend(split, p, eps: float) -> torch.Tensor:
+    """The train set with each poison moved towards the (first) target by at most eps pixels."""
+    scale = split.x_max - split.x_min
+    x0 = split.x_train[p.poison_idx]
+    step = ((split.x_test[p.target_idx[:1]] - x0) / scale).clamp(-eps, eps) * scale
+    x = split.x_train.clone()
+    x[p.poison_idx] = crafting.clamp(x0 + step, split.x_min, split.x_max)
+    return x
+
+
+def measure(attack: str, split, p, seed: int, kwargs: dict, **train_kw) -> dict[str, float]:
+    fit = lambda x, y: victim(split, x, y, seed, **train_kw)
+    clean = fit(split.x_train, split.y_train)
+    poisoned = fit(p.x, p.y)
+    out = {
+        "acc_poisoned": accuracy(poisoned, split.x_test, split.y_test),
+        "acc_clean": accuracy(clean, split.x_test, split.y_test),
+    }
+    if attack == "gradient_matching":
+        x_t = split.x_test[p.target_idx]
+        out["success"] = (logits(poisoned, x_t).argmax(1) == p.y_adv).float().mean().item()
+        out["success_control"] = (logits(clean, x_t).argmax(1) == p.y_adv).float().mean().item()
+        eps = kwargs.get("eps", inspect.signature(ATTACKS[attack]).parameters["eps"].default)
+        blended = fit(blend(split, p, eps), split.y_train)
+        out["success_blend"] = (logits(blended, x_t).argmax(1) == p.y_adv).float().mean().item()
+    if attack == "gradient_canceling":
+        noisy = fit(same_size_noise(split, p, seed), split.y_train)
+        out["acc_noise"] = accuracy(noisy, split.x_test, split.y_test)
+    if attack == "backdoor":
+        keep = split.y_test != p.y_adv
+        x_trig = p.triggered(split.x_test[keep])
+        out["asr"] = (logits(poisoned, x_trig).argmax(1) == p.y_adv).float().mean().item()
+        out["asr_control"] = (logits(clean, x_trig).argmax(1) == p.y_adv).float().mean().item()
+    return out
+
+
+def summarise(rows: list[dict[str, float]]) -> str:
+    lines = []
+    for key in rows[0]:
+        values = [r[key] for r in rows]
+        sd = statistics.stdev(values) if len(values) > 1 else 0.0
+        lines.append(f"  {key:16s} mean {statistics.mean(values):.4f}  sd {sd:.4f}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--attack", required=True, choices=sorted(set(ATTACKS) - {"gaussian"}))
+    parser.add_argument("--seeds", type=int, default=20)
+    parser.add_argument("--first-seed", type=int, default=0)
+    parser.add_argument("--size", type=int, default=16, help="digits upsampled to size x size")
+    parser.add_argument("--width", type=int, default=16, help="victim CNN width")
+    parser.add_argument("--epochs", type=int, default=20, help="victim training epochs")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    kwargs = {k: ast.literal_eval(v) for k, v in (s.split("=", 1) for s in args.set)}
+    split = digits(size=args.size)
+    print(
+        f"{args.attack} {kwargs} on digits {args.size}px, cnn width {args.width}, "
+        f"{args.epochs} epochs, seeds {args.first_seed}..{args.first_seed + args.seeds - 1}"
+    )
+    rows = []
+    for seed in range(args.first_seed, args.first_seed + args.seeds):
+        started = time.time()
+        p = ATTACKS[args.attack](split, torch.Generator().manual_seed(seed), **kwargs)
+        crafted = time.time() - started
+        row = measure(args.attack, split, p, seed, kwargs, width=args.width, epochs=args.epochs)
+        rows.append(row)
+        shown = " ".join(f"{k}={v:.4f}" for k, v in row.items())
+        print(
+            f"seed {seed:3d} y_adv={p.y_adv} {shown} (craft {crafted:.0f}s, "
+            f"total {time.time() - started:.0f}s)",
+            flush=True,
+        )
+    print(f"summary over {len(rows)} seeds:\n{summarise(rows)}")
+
+
+if __name__ == "__main__":
+    main()

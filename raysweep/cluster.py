@@ -1,0 +1,179 @@
+"""Where a sweep runs and what survives it: Ray (local on loopback, or a cluster), the run's
+durable state in storage (the spec it started with, the Optuna journal), the resume rules.
+
+`sweep.run` reconciles the studies with the Parquet rows on every start, so continuing an
+interrupted run is the same code path as starting one; `check_resume` adds the CLI's rule on
+top (a new run must not exist yet, `--resume` needs one with the same spec).
+"""
+
+from __future__ import annotations
+
+import atexit
+import datetime as dt
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from unittest import mock
+
+import ray
+import ray._private.ray_constants as ray_constants
+from optuna.storages.journal import JournalFileBackend, JournalStorage
+from ray import tune
+
+from . import results
+from .spec import Spec
+from .storage import Store
+
+# Ray's gRPC servers (GCS, raylet, workers) listen on loopback only when the node IP is exactly
+# 127.0.0.1; any other address, 127.0.0.2 included, makes them listen on every interface.
+LOCAL_IP = "127.0.0.1"
+MAX_FAILURES = 3  # per trial: retries after its worker or node died (spot preemption)
+
+
+def start_ray(address: str | None, num_cpus: int | None = None) -> None:
+    """Connect to a cluster (`address`, else $RAY_ADDRESS), or start a local Ray on loopback.
+
+    `ray job submit` sets RAY_ADDRESS for the driver it runs, so a submitted `raysweep run`
+    joins its cluster. A local Ray is started even if `ray start` left a cluster running here
+    (address="local"); it listens on 127.0.0.1 only, which needs Ray's cluster mode off while
+    it starts, or ray.init swaps 127.0.0.1 for the machine's network address.
+    """
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=False)
+        return
+    with mock.patch.object(ray_constants, "ENABLE_RAY_CLUSTER", False):
+        ray.init(
+            address="local",
+            _node_ip_address=LOCAL_IP,
+            num_cpus=num_cpus or os.cpu_count(),
+            include_dashboard=False,
+            log_to_driver=False,
+        )
+
+
+def slots(spec: Spec, max_concurrent: int | None) -> int:
+    """How many trials may run at once: `max_concurrent`, else what the cluster fits now.
+
+    An autoscaling cluster whose workers are not up yet fits little now: set `max_concurrent`
+    there, or the sweep never asks for more than what is already running.
+    """
+    if max_concurrent:
+        return max_concurrent
+    cpu, gpu = spec.resources.get("cpu", 1), spec.resources.get("gpu", 0)
+    cluster = ray.cluster_resources()
+    n = cluster.get("CPU", 1) / cpu
+    if gpu:
+        n = min(n, cluster.get("GPU", 0) / gpu)
+    return max(1, int(n))
+
+
+class Retries(tune.Callback):
+    """Says so when a trial is retried because its worker or node died."""
+
+    def __init__(self):
+        self.t0 = time.time()
+
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        print(
+            f"[{time.time() - self.t0:7.1f}s] {trial.config['cell']} trial "
+            f"{trial.config['number']}: its worker failed; retrying "
+            f"({trial.num_failures}/{MAX_FAILURES} failures)",
+            flush=True,
+        )
+
+
+# ---------------------------------------------------------------- the run's record
+
+
+class RunStateError(RuntimeError):
+    """The storage's state does not allow what was asked (start, resume), said in one line."""
+
+
+# Spec keys a resumed run may change: how many trials, confirm seeds, per-trial resources.
+# Any other change would make new rows incomparable with the recorded ones.
+RESUMABLE_CHANGES = {"trials_per_cell", "confirm", "resources"}
+
+
+def check_resume(spec: Spec, store: Store, resume: bool | None) -> None:
+    """Refuse to start over an existing experiment, to resume a missing one, or to change spec.
+
+    Re-running an identical spec whose experiment is complete is allowed (it only reprints).
+
+    `resume=None` (library use) starts or continues, whichever applies; it still refuses a
+    spec changed beyond RESUMABLE_CHANGES.
+    """
+    where, recorded = store.path(spec.name), recorded_spec(spec, store)
+    if recorded is None:
+        if resume:
+            raise RunStateError(
+                f"{where}: nothing to resume: no experiment '{spec.name}' there; "
+                "run without --resume to start it"
+            )
+        return
+    current = json.loads(json.dumps(spec.raw))
+    changed = sorted(k for k in {*recorded, *current} if recorded.get(k) != current.get(k))
+    if set(changed) - RESUMABLE_CHANGES:
+        raise RunStateError(
+            f"{where}: the spec changed since experiment '{spec.name}' started "
+            f"(differs in: {', '.join(changed)}); a resume may change only "
+            f"{', '.join(sorted(RESUMABLE_CHANGES))}; give the new spec another name"
+        )
+    if resume is False:
+        df = results.read(store, spec.name)
+        n = int((df["phase"] == "tune").sum()) if len(df) else 0
+        total = len(spec.cells()) * spec.trials_per_cell
+        if not changed and n >= total:
+            return  # the same spec, already complete: nothing runs, the table is shown again
+        raise RunStateError(
+            f"{where}: experiment '{spec.name}' already exists ({n}/{total} tuning trials "
+            "recorded); pass --resume to continue it, or choose another name or --storage"
+        )
+
+
+def recorded_spec(spec: Spec, store: Store) -> dict | None:
+    """The spec the experiment was started with, or None if it was never started."""
+    rel = f"{spec.name}/spec.json"
+    return json.loads(store.read(rel))["spec"] if store.exists(rel) else None
+
+
+def record_spec(spec: Spec, store: Store) -> None:
+    """Keep <experiment>/spec.json at the spec of the latest start (what resumes compare to)."""
+    rel = f"{spec.name}/spec.json"
+    old = json.loads(store.read(rel)) if store.exists(rel) else {}
+    if old.get("spec_hash") != spec.hash:
+        now = dt.datetime.now(dt.timezone.utc).isoformat()
+        record = {"spec": spec.raw, "spec_hash": spec.hash, "spec_since": now}
+        record["started_at"] = old.get("started_at", now)  # the experiment's first start
+        store.write(rel, json.dumps(record, indent=1).encode())
+
+
+def open_journal(spec: Spec, store: Store) -> tuple[JournalStorage, Callable[[], None]]:
+    """The run's Optuna journal and a `sync()` that makes its latest state durable.
+
+    On local (or NFS) storage the journal is <storage>/<experiment>/optuna.journal itself and
+    sync() does nothing. An object store cannot append, so the driver keeps a local copy,
+    restored from the store on start, and sync() uploads it whole (it is small: a few hundred
+    bytes per trial). The searcher syncs after every ask and tell.
+    """
+    rel = f"{spec.name}/optuna.journal"
+    if store.local:
+        path = store.path(rel)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        return JournalStorage(JournalFileBackend(path)), lambda: None
+    local = tempfile.mkdtemp(prefix="raysweep-journal-")
+    atexit.register(shutil.rmtree, local, ignore_errors=True)
+    path = os.path.join(local, "optuna.journal")
+    with open(path, "wb") as f:
+        f.write(store.read(rel) if store.exists(rel) else b"")
+
+    def sync() -> None:
+        with open(path, "rb") as f:
+            store.write(rel, f.read())
+
+    return JournalStorage(JournalFileBackend(path)), sync

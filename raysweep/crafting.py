@@ -1,0 +1,227 @@
+"""Machinery for the optimised poisons in attacks.py: surrogate models, parameter gradients, and
+the two inner loops (gradient matching for Witches' Brew, gradient canceling for Lu et al.).
+
+Inputs live in the standardised space of `Split`; a pixel-unit budget eps becomes
+eps * (x_max - x_min) there, per channel, because x_max - x_min = 1 / std.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .data import Split
+from .models import MODELS, seeded
+from .train import train
+
+Grads = tuple[torch.Tensor, ...]
+
+
+def bounds(split: Split, attack: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The valid input range (x_min, x_max), each (C, 1, 1)."""
+    if split.x_min is None or split.x_max is None:
+        raise ValueError(f"{attack}: needs image data with a valid input range (Split.x_min/x_max)")
+    return split.x_min, split.x_max
+
+
+def clamp(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    return torch.maximum(torch.minimum(x, hi), lo)
+
+
+def surrogate(
+    split: Split, generator: torch.Generator, name: str, *, width: int, epochs: int, lr: float
+) -> nn.Module:
+    """A model of the `MODELS` entry `name`, initialised from `generator` and trained on the clean
+    train set: the attacker's stand-in for the victim (same family, its own weights)."""
+    if name not in MODELS:
+        raise ValueError(f"surrogate: unknown model '{name}'; allowed: {', '.join(sorted(MODELS))}")
+    build = lambda: MODELS[name](split.input_shape, split.num_classes, width=width)
+    model = seeded(build, generator).to(split.x_train.device)
+    return train(model, split.x_train, split.y_train, generator, epochs=epochs, lr=lr).eval()
+
+
+def param_grads(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, create_graph: bool = False
+) -> Grads:
+    """grad_theta of the mean cross-entropy on (x, y); differentiable in x if `create_graph`."""
+    loss = F.cross_entropy(model(x), y)
+    grads = torch.autograd.grad(loss, list(model.parameters()), create_graph=create_graph)
+    return grads if create_graph else tuple(g.detach() for g in grads)
+
+
+def _dot(a: Grads, b: Grads) -> torch.Tensor:
+    return sum((u * v).sum() for u, v in zip(a, b))
+
+
+def augment(x: torch.Tensor, generator: torch.Generator, shift: int, flip: bool) -> torch.Tensor:
+    """Differentiable random translation of each image by up to `shift` whole pixels (edge pixels
+    repeat into the gap) and, if `flip`, a random horizontal flip."""
+    n, _, h, w = x.shape
+    if shift:
+        d = torch.randint(-shift, shift + 1, (n, 2), generator=generator).float().to(x.device)
+        theta = torch.eye(2, 3, device=x.device).repeat(n, 1, 1)
+        # affine_grid works in [-1, 1] coordinates: one pixel is 2 / size. Integer shifts land
+        # on pixel centres, so bilinear sampling moves pixels without blurring them.
+        theta[:, 0, 2], theta[:, 1, 2] = 2 * d[:, 0] / w, 2 * d[:, 1] / h
+        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+        x = F.grid_sample(x, grid, padding_mode="border", align_corners=False)
+    if flip:
+        mirror = (torch.rand(n, generator=generator) < 0.5).to(x.device)
+        x = torch.where(mirror[:, None, None, None], x.flip(3), x)
+    return x
+
+
+def _alignment(model: nn.Module, x: torch.Tensor, y: torch.Tensor, target: Grads) -> torch.Tensor:
+    """1 - cos(grad of the poisons' loss, target gradient), differentiable in x."""
+    g = param_grads(model, x, y, create_graph=True)
+    norm = _dot(g, g).sqrt() * _dot(target, target).sqrt()
+    return 1 - _dot(g, target) / norm
+
+
+def brew(
+    models: list[nn.Module],
+    x0: torch.Tensor,
+    y: torch.Tensor,
+    targets: list[Grads],
+    generator: torch.Generator,
+    *,
+    lo: torch.Tensor,
+    hi: torch.Tensor,
+    eps: float,
+    restarts: int,
+    steps: int,
+    lr: float,
+    shift: int,
+    flip: bool,
+    batch_size: int,
+    resolution: int = 0,
+) -> torch.Tensor:
+    """The perturbation (standardised units) of the poisons x0 whose gradients, averaged over
+    `models`, best match `targets`; each poison stays within eps of x0 and in [lo, hi].
+
+    Optimised in pixel units by signed Adam (Geiping et al.: the sign makes the step size
+    independent of the gradient's scale) with the learning rate cut 10x at 3/8, 5/8 and 7/8 of
+    the steps. With `resolution` r > 0 the perturbation is an r x r image upsampled bilinearly:
+    a convex combination of values in [-eps, eps], so the bound holds, and smooth.
+    """
+    for model in models:
+        model.eval()  # batch-norm statistics fixed: each poison's gradient is its own
+    scale = hi - lo  # standardised units per pixel unit
+    size = x0.shape[-2:]
+    shape = (*x0.shape[:2], resolution, resolution) if resolution else x0.shape
+    up = lambda d: F.interpolate(d, size=size, mode="bilinear") if resolution else d
+    poisons = lambda d, i: clamp(x0[i : i + batch_size] + up(d) * scale, lo, hi)
+    loss_of = lambda x, i: (
+        sum(_alignment(m, x, y[i : i + batch_size], t) for m, t in zip(models, targets))
+        / len(models)
+    )
+    milestones = [round(steps * f) for f in (3 / 8, 5 / 8, 7 / 8)]
+    best, best_loss = torch.zeros(shape, device=x0.device), float("inf")
+    for _ in range(restarts):
+        # Random draws on the CPU generator, then moved: the seed fixes them on any device.
+        start = eps * (2 * torch.rand(shape, generator=generator) - 1)
+        delta = start.to(x0.device).requires_grad_(True)
+        opt = torch.optim.Adam([delta], lr=lr * eps)
+        sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones, gamma=0.1)
+        for _ in range(steps):
+            grad = torch.zeros(shape, device=x0.device)
+            for i in range(0, len(x0), batch_size):
+                d = delta[i : i + batch_size]
+                xb = augment(poisons(d, i), generator, shift, flip)
+                grad[i : i + batch_size] = torch.autograd.grad(loss_of(xb, i), d)[0]
+            delta.grad = grad.sign()
+            opt.step()
+            sched.step()
+            with torch.no_grad():
+                delta.clamp_(-eps, eps)
+        chunks = range(0, len(x0), batch_size)
+        loss = sum(loss_of(poisons(delta[i : i + batch_size], i), i).item() for i in chunks)
+        if loss < best_loss:
+            best, best_loss = delta.detach().clone(), loss
+    chunks = range(0, len(x0), batch_size)
+    return torch.cat([poisons(best[i : i + batch_size], i) for i in chunks]) - x0
+
+
+def corrupt(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    x_check: torch.Tensor,
+    y_check: torch.Tensor,
+    generator: torch.Generator,
+    *,
+    target_acc: float,
+    step: float,
+    max_steps: int,
+    batch_size: int,
+) -> nn.Module:
+    """GradPC-like parameter corruption: normalised gradient *ascent* on the clean loss of
+    minibatches of (x, y), each step moving the parameters by `step` times their norm, until the
+    accuracy on (x_check, y_check) is at most `target_acc` (or `max_steps` steps). Plain SGD
+    ascent accelerates as the loss grows and overshoots any target accuracy; fixed-length steps
+    do not."""
+    params = list(model.parameters())
+    model.eval()  # batch-norm statistics stay those of the clean model
+    for _ in range(max_steps):
+        if (logits_of(model, x_check).argmax(1) == y_check).float().mean().item() <= target_acc:
+            break
+        j = torch.randint(len(y), (batch_size,), generator=generator).to(y.device)
+        grads = param_grads(model, x[j], y[j])
+        size = step * _dot(params, params).sqrt() / _dot(grads, grads).sqrt()
+        with torch.no_grad():
+            for p, g in zip(params, grads):
+                p.add_(g, alpha=float(size))
+    return model
+
+
+@torch.no_grad()
+def logits_of(model: nn.Module, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+    return torch.cat([model(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
+
+
+def summed_grads(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> Grads:
+    """grad_theta of the mean cross-entropy over all of (x, y), accumulated chunk by chunk."""
+    total = [torch.zeros_like(p) for p in model.parameters()]
+    for i in range(0, len(y), batch_size):
+        yb = y[i : i + batch_size]
+        g = param_grads(model, x[i : i + batch_size], yb)
+        total = [t + len(yb) / len(y) * u for t, u in zip(total, g)]
+    return tuple(total)
+
+
+def cancel(
+    model: nn.Module,
+    x0: torch.Tensor,
+    y: torch.Tensor,
+    clean_grad: Grads,
+    *,
+    eps_d: float,
+    lo: torch.Tensor,
+    hi: torch.Tensor,
+    steps: int,
+    lr: float,
+    batch_size: int,
+) -> torch.Tensor:
+    """Poison inputs (labels `y` fixed, start `x0`) minimising 1/2 ||clean_grad + eps_d * grad of
+    the poisons' mean loss||^2 at `model` (Lu et al. 2023), by Adam projected to [lo, hi]."""
+    model.eval()
+    x = x0.clone().requires_grad_(True)
+    opt = torch.optim.Adam([x], lr=lr)
+    n = len(y)
+    for _ in range(steps):
+        poison_grad = summed_grads(model, x.detach(), y, batch_size)
+        residual = [c + eps_d * p for c, p in zip(clean_grad, poison_grad)]
+        # d/dx of 1/2 ||residual||^2 is a vector-Jacobian product with the residual held fixed, so
+        # it can be taken chunk by chunk and no two chunks' double-backward graphs coexist.
+        grad = torch.zeros_like(x0)
+        for i in range(0, n, batch_size):
+            xc = x[i : i + batch_size].detach().requires_grad_(True)
+            g = param_grads(model, xc, y[i : i + batch_size], create_graph=True)
+            vjp = eps_d * len(xc) / n * _dot(g, residual)
+            grad[i : i + batch_size] = torch.autograd.grad(vjp, xc)[0]
+        x.grad = grad
+        opt.step()
+        with torch.no_grad():
+            x.copy_(clamp(x, lo, hi))
+    return x.detach()
