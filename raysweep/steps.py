@@ -134,3 +134,18 @@ def fisher(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, torc
         for t, g in zip(total, torch.autograd.grad(loss, params)):
             t.addcmul_(g, g)
     return dict(zip(names, total))
+
+
+def scrub_max_step(student, teacher, x, opt, temperature: float) -> None:
+    """One SCRUB max step: push the student's outputs on forget rows `x` away from the teacher's."""
+    with torch.no_grad():
+        target = teacher(x)
+    step(opt, -kl(student(x), target, temperature))
+
+
+def scrub_min_step(student, teacher, x, y, opt, alpha: float, gamma: float, temperature: float):
+    """One SCRUB min step on retain rows: alpha * KL(teacher || student) + gamma * cross-entropy."""
+    with torch.no_grad():
+        target = teacher(x)
+    out = student(x)
+    step(opt, alpha * kl(out, target, temperature) + gamma * F.cross_entropy(out, y))

@@ -36,6 +36,8 @@ from .steps import (
     reinit,
     relabel,
     saliency_masks,
+    scrub_max_step,
+    scrub_min_step,
     sgd,
     step,
     subset,
@@ -175,21 +177,6 @@ def cfk(
 
 
 # --- distillation from the original model (SCRUB, Bad Teacher) ----------------------------------
-
-
-def scrub_max_step(student, teacher, x, opt, temperature: float) -> None:
-    """One SCRUB max step: push the student's outputs on forget rows `x` away from the teacher's."""
-    with torch.no_grad():
-        target = teacher(x)
-    step(opt, -kl(student(x), target, temperature))
-
-
-def scrub_min_step(student, teacher, x, y, opt, alpha: float, gamma: float, temperature: float):
-    """One SCRUB min step on retain rows: alpha * KL(teacher || student) + gamma * cross-entropy."""
-    with torch.no_grad():
-        target = teacher(x)
-    out = student(x)
-    step(opt, alpha * kl(out, target, temperature) + gamma * F.cross_entropy(out, y))
 
 
 def scrub(
