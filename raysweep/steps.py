@@ -6,6 +6,7 @@ runs, so an unlearner built from these pieces is budget-honest by construction.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from collections.abc import Callable, Iterable, Iterator
@@ -32,6 +33,27 @@ def step(opt: torch.optim.Optimizer, loss: torch.Tensor, before_step=None) -> No
     opt.step()
 
 
+@contextlib.contextmanager
+def running_stats_kept(model: nn.Module) -> Iterator[None]:
+    """BatchNorm layers in eval mode inside the block, for forward passes over forget rows alone.
+
+    In train mode each such pass would drag the running statistics towards those of S_f (noisy
+    or triggered inputs), a change no parameter update makes: it once looked like gradient
+    ascent at a near-zero learning rate removing a backdoor. The rest of the model stays in
+    train mode.
+    """
+    norms = [
+        m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training
+    ]
+    for m in norms:
+        m.eval()
+    try:
+        yield
+    finally:
+        for m in norms:
+            m.train()
+
+
 def descend(
     model: nn.Module,
     opt: torch.optim.Optimizer,
@@ -40,12 +62,15 @@ def descend(
     after_step: Callable[[], None] | None = None,
     before_step: Callable[[], None] | None = None,
 ) -> None:
-    """Minimise sign * cross-entropy over `batches` (sign=-1 is gradient ascent)."""
+    """Minimise sign * cross-entropy over `batches` (sign=-1 is gradient ascent, whose batches
+    are forget rows alone: BatchNorm statistics are then kept, see `running_stats_kept`)."""
     model.train()
-    for xb, yb in batches:
-        step(opt, sign * F.cross_entropy(model(xb), yb), before_step)
-        if after_step is not None:
-            after_step()
+    keep = running_stats_kept(model) if sign < 0 else contextlib.nullcontext()
+    with keep:
+        for xb, yb in batches:
+            step(opt, sign * F.cross_entropy(model(xb), yb), before_step)
+            if after_step is not None:
+                after_step()
 
 
 def one_epoch(meter: Meter, x, y, batch_size: int, generator, cost: float = 1.0) -> Iterator[Pair]:
@@ -140,7 +165,8 @@ def scrub_max_step(student, teacher, x, opt, temperature: float) -> None:
     """One SCRUB max step: push the student's outputs on forget rows `x` away from the teacher's."""
     with torch.no_grad():
         target = teacher(x)
-    step(opt, -kl(student(x), target, temperature))
+    with running_stats_kept(student):
+        step(opt, -kl(student(x), target, temperature))
 
 
 def scrub_min_step(student, teacher, x, y, opt, alpha: float, gamma: float, temperature: float):

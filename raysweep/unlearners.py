@@ -35,6 +35,7 @@ from .steps import (
     one_epoch,
     reinit,
     relabel,
+    running_stats_kept,
     saliency_masks,
     scrub_max_step,
     scrub_min_step,
@@ -270,7 +271,9 @@ def neggrad_plus(
     retain_batches = metered(meter, *retain, batch_size, generator)
     forget_batches = metered(meter, *forget, batch_size, generator)
     for (xr, yr), (xf, yf) in zip(retain_batches, forget_batches):
-        loss_r, loss_f = F.cross_entropy(model(xr), yr), F.cross_entropy(model(xf), yf)
+        loss_r = F.cross_entropy(model(xr), yr)
+        with running_stats_kept(model):
+            loss_f = F.cross_entropy(model(xf), yf)
         step(opt, beta * loss_r - (1.0 - beta) * loss_f)
 
 

@@ -225,6 +225,42 @@ def test_ga_raises_the_forget_loss(data):
     assert loss() > start + 0.5
 
 
+def _running_stats(model):
+    return {k: v.clone() for k, v in model.named_buffers() if "running" in k}
+
+
+def test_gradient_ascent_at_lr_zero_changes_nothing(data):
+    """A forward pass over S_f alone in train mode would move the BatchNorm running statistics
+    towards the noisy forget rows: a change no update made (it once passed for unlearning)."""
+    model = build("cnn")
+    before = state(model)
+    unlearn("ga", model, data, 500.0, lr=0.0)
+    assert all(torch.equal(v, before[k]) for k, v in state(model).items())
+
+
+def test_neggrad_plus_statistics_come_from_retain_batches_only(data):
+    """Same seed, same batch order, forget inputs scaled 100x: at lr 0 the running statistics
+    must not differ, because only the retain batches may update them."""
+    (xf, yf), retain = data
+    runs = []
+    for scale in (1.0, 100.0):
+        model = build("cnn")
+        unlearn("neggrad_plus", model, ((scale * xf, yf), retain), 200.0, lr=0.0, beta=0.5)
+        runs.append(_running_stats(model))
+    assert all(torch.equal(v, runs[1][k]) for k, v in runs[0].items())
+    assert any(not torch.equal(v, _running_stats(build("cnn"))[k]) for k, v in runs[0].items())
+
+
+def test_scrub_max_steps_keep_batchnorm_statistics(data):
+    teacher = build("cnn").eval()
+    student = copy.deepcopy(teacher).train()
+    before = _running_stats(student)
+    opt = torch.optim.SGD(student.parameters(), lr=0.0)
+    U.scrub_max_step(student, teacher, data[0][0], opt, 4.0)
+    assert all(torch.equal(v, before[k]) for k, v in _running_stats(student).items())
+    assert student.training and all(m.training for m in student.modules())
+
+
 @pytest.mark.parametrize("alpha", [1.0, 10.0])
 def test_ssd_never_increases_any_weight(alpha, data):
     model = build("resnet18")
