@@ -8,7 +8,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from . import text
+from . import gpt2
 
 
 def mlp(input_shape, num_classes, *, width: int = 512, depth: int = 2) -> nn.Sequential:
@@ -88,14 +88,14 @@ def blocks(model: nn.Module) -> list[nn.Module]:
 
 
 # Where the Gaussian attack's noise lives. Images: the input itself (the attack adds it to x).
-# Text: the token embeddings, inside the model (text.py), so the model holds the noise too.
+# Text: the token embeddings, inside the model (gpt2.py), so the model holds the noise too.
 
 
 def noise_space(model: nn.Module) -> tuple[Callable, Callable]:
     """(embed, rest): embed(x) is the clean representation the noise is added to, and
     rest(r, x) the logits from it, so that rest(embed(x), x) == model(x)."""
     first = blocks(model)[0]
-    if isinstance(first, text.TokenEmbedding):
+    if isinstance(first, gpt2.TokenEmbedding):
         after = nn.Sequential(*blocks(model)[1:])
         return first.tokens, lambda r, x: after(first.from_tokens(r, x))
     return (lambda x: x), (lambda r, x: model(r))
@@ -104,7 +104,7 @@ def noise_space(model: nn.Module) -> tuple[Callable, Callable]:
 def noise_shape(model: nn.Module, input_shape: tuple[int, ...]) -> tuple[int, ...]:
     """The shape of one row's Gaussian noise for this model."""
     first = blocks(model)[0]
-    if isinstance(first, text.TokenEmbedding):
+    if isinstance(first, gpt2.TokenEmbedding):
         return tuple(first.noise.shape[1:])
     return tuple(input_shape)
 
@@ -112,8 +112,8 @@ def noise_shape(model: nn.Module, input_shape: tuple[int, ...]) -> tuple[int, ..
 def carry_noise(model: nn.Module, noise: torch.Tensor | None) -> nn.Module:
     """Hand the Gaussian attack's per-row noise to a model that adds it itself (text)."""
     first = blocks(model)[0]
-    if noise is not None and isinstance(first, text.TokenEmbedding):
-        text.carry_noise(first, noise)
+    if noise is not None and isinstance(first, gpt2.TokenEmbedding):
+        gpt2.carry_noise(first, noise)
     return model
 
 
@@ -121,5 +121,5 @@ MODELS = {
     "mlp": mlp,
     "cnn": cnn,
     "resnet18": resnet18,
-    "gpt2": text.gpt2,
+    "gpt2": gpt2.gpt2,
 }

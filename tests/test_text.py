@@ -11,7 +11,7 @@ import pytest
 import torch
 from scipy.stats import kstest
 
-from raysweep import text
+from raysweep import gpt2, text
 from raysweep.attacks import gaussian
 from raysweep.budget import Meter
 from raysweep.metrics import gaussian_scores, input_gradients, summarise_scores
@@ -32,7 +32,7 @@ def split():
 
 
 def _model(split, seed=0, **kw):
-    build = lambda: text.gpt2(split.input_shape, split.num_classes, **(TINY | kw))
+    build = lambda: gpt2.gpt2(split.input_shape, split.num_classes, **(TINY | kw))
     return seeded(build, torch.Generator().manual_seed(seed)).eval()
 
 
@@ -79,7 +79,7 @@ def test_gpt2_is_blocks_embeddings_transformer_head(split):
     model = _model(split)
     bs = blocks(model)
     assert len(bs) == 1 + TINY["n_layer"] + 1
-    assert isinstance(bs[0], text.TokenEmbedding) and isinstance(bs[-1], text.Head)
+    assert isinstance(bs[0], gpt2.TokenEmbedding) and isinstance(bs[-1], gpt2.Head)
     x = split.x_train[:6]
     # The last K blocks are an ordinary suffix: features before them, then the rest.
     features = torch.nn.Sequential(*bs[:2])(x)
