@@ -1,8 +1,10 @@
-"""Content-addressed checkpoints: trained once per key, shared by every trial, verified on load.
+"""Content-addressed artifacts: made once per key, shared by every trial, verified on load.
 
-Layout under the store: checkpoints/<key>/weights.safetensors, meta.json (the config that
-determines the weights and the weights' sha256; written last, so its presence means "complete"),
-and trainings/<id>.json, one file per time the key was trained (the count must stay 1).
+Two kinds live in a store: trained weights, `checkpoints/<key>/weights.safetensors`, and crafted
+poisons, `poisons/<key>/poisons.safetensors` (only the poisoned rows; trial.poison). Beside the
+tensors: meta.json (the config that determines them, what the maker adds, and the tensors'
+sha256; written last, so its presence means "complete"), and one file per time the key was made,
+under trainings/ or craftings/ (the count must stay 1).
 """
 
 from __future__ import annotations
@@ -33,56 +35,79 @@ def key_of(config: dict) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
-def _dir(key: str) -> str:
-    return f"checkpoints/{key}"
+FILES = {"checkpoints": "weights.safetensors", "poisons": "poisons.safetensors"}
+EVENTS = {"checkpoints": "trainings", "poisons": "craftings"}
+Tensors = dict[str, torch.Tensor]
 
 
-def save(store: Store, key: str, model: nn.Module, config: dict) -> None:
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    data = st_save(state)
-    store.write(f"{_dir(key)}/weights.safetensors", data)
-    meta = {"key": key, "config": config, "sha256": hashlib.sha256(data).hexdigest()}
-    store.write(f"{_dir(key)}/meta.json", json.dumps(meta, indent=1, default=str).encode())
+def write(store: Store, kind: str, key: str, tensors: Tensors, meta: dict) -> None:
+    data = st_save({k: v.detach().contiguous().cpu() for k, v in tensors.items()})
+    store.write(f"{kind}/{key}/{FILES[kind]}", data)
+    meta = {"key": key, **meta, "sha256": hashlib.sha256(data).hexdigest()}
+    store.write(f"{kind}/{key}/meta.json", json.dumps(meta, indent=1, default=str).encode())
 
 
-def load(store: Store, key: str) -> dict[str, torch.Tensor]:
-    """The state dict of a complete checkpoint, after checking its sha256 against meta.json.
+def read(store: Store, kind: str, key: str) -> tuple[Tensors, dict]:
+    """(tensors, meta) of a complete artifact, after checking its sha256 against meta.json.
 
     Shared files are parsed, never unpickled: JSON and safetensors (a header and raw tensors).
     """
-    where = store.path(_dir(key))
+    where = store.path(f"{kind}/{key}")
     try:
-        meta = json.loads(store.read(f"{_dir(key)}/meta.json"))
+        meta = json.loads(store.read(f"{kind}/{key}/meta.json"))
         expected = meta["sha256"]
     except (ValueError, KeyError, TypeError) as e:
         raise CorruptCheckpoint(f"{where}/meta.json: unreadable ({e})") from None
-    data = store.read(f"{_dir(key)}/weights.safetensors")
+    data = store.read(f"{kind}/{key}/{FILES[kind]}")
     if hashlib.sha256(data).hexdigest() != expected:
-        raise CorruptCheckpoint(f"{where}: weights do not match meta.json sha256")
-    return st_load(data)
+        raise CorruptCheckpoint(f"{where}: {FILES[kind]} does not match meta.json sha256")
+    return st_load(data), meta
 
 
-def ensure(store: Store, config: dict, build: Callable[[], nn.Module]) -> dict[str, torch.Tensor]:
-    """Load the checkpoint for `config`, training it with `build()` first if no one has.
+def ensure_artifact(
+    store: Store, kind: str, config: dict, make: Callable[[], tuple[Tensors, dict]]
+) -> tuple[Tensors, dict]:
+    """(tensors, meta) of the `kind` artifact for `config`, calling `make()` -> (tensors, extra
+    meta) first if no one has.
 
-    Concurrent callers of the same key serialise on a lock; the first trains, the rest wait and
-    load, so each key is trained exactly once however many trials ask at the same moment, on
-    any node (`Store.lock`: flock on shared disks, a lease in the Ray cluster for object stores).
-    meta.json is written last, so a trainer that dies mid-way leaves the key untrained and the
-    next holder of the lock trains it.
+    Concurrent callers of the same key serialise on a lock; the first makes it, the rest wait and
+    load, so each key is made exactly once however many trials ask at the same moment, on any
+    node (`Store.lock`: flock on shared disks, a lease in the Ray cluster for object stores).
+    meta.json is written last, so a maker that dies mid-way leaves the key unmade and the next
+    holder of the lock makes it.
     """
     key = key_of(config)
-    if not store.exists(f"{_dir(key)}/meta.json"):
-        with store.lock(f"checkpoints/.locks/{key}"):
-            if not store.exists(f"{_dir(key)}/meta.json"):
-                model = build()
+    if not store.exists(f"{kind}/{key}/meta.json"):
+        with store.lock(f"{kind}/.locks/{key}"):
+            if not store.exists(f"{kind}/{key}/meta.json"):
+                tensors, extra = make()
                 event = {"host": socket.gethostname(), "pid": os.getpid(), "time": time.time()}
-                event_name = f"{_dir(key)}/trainings/{uuid.uuid4().hex}.json"
+                event_name = f"{kind}/{key}/{EVENTS[kind]}/{uuid.uuid4().hex}.json"
                 store.write(event_name, json.dumps(event).encode())
-                save(store, key, model, config)
-    return load(store, key)
+                write(store, kind, key, tensors, {"config": config, **extra})
+    return read(store, kind, key)
+
+
+def save(store: Store, key: str, model: nn.Module, config: dict) -> None:
+    write(store, "checkpoints", key, model.state_dict(), {"config": config})
+
+
+def load(store: Store, key: str) -> Tensors:
+    """The state dict of a complete checkpoint, hash-checked (`read`)."""
+    return read(store, "checkpoints", key)[0]
+
+
+def ensure(store: Store, config: dict, build: Callable[[], nn.Module]) -> Tensors:
+    """The state dict of the checkpoint for `config`, training it with `build()` first if no one
+    has (once per key, see `ensure_artifact`)."""
+    return ensure_artifact(store, "checkpoints", config, lambda: (build().state_dict(), {}))[0]
+
+
+def made_count(store: Store, kind: str, key: str) -> int:
+    """How many times the `kind` artifact `key` has been made (1 in a healthy store)."""
+    return len(store.list(f"{kind}/{key}/{EVENTS[kind]}"))
 
 
 def train_count(store: Store, key: str) -> int:
-    """How many times `key` has been trained (1 in a healthy store)."""
-    return len(store.list(f"{_dir(key)}/trainings"))
+    """How many times checkpoint `key` has been trained (1 in a healthy store)."""
+    return made_count(store, "checkpoints", key)

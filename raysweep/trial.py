@@ -16,12 +16,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
 
 from .attacks import ATTACKS, Poisoned, from_tensors, to_tensors
 from .budget import Meter, train_cost
-from .checkpoints import CorruptCheckpoint, ensure, key_of
+from .checkpoints import ensure, ensure_artifact, key_of
 from .data import DATASETS, Split
 from .metrics import ATTACK_OK, Probe, gaussian_scores, measure, residual
 from .models import MODELS, carry_noise, noise_shape, seeded
@@ -111,37 +109,23 @@ def poison(spec: Spec, store: Store, split: Split, seed: int) -> Poisoned:
 
     Optimised attacks (a surrogate plus hundreds of crafting steps) can cost more than training,
     and GPU kernels are not bit-reproducible, so two workers crafting independently could hold
-    different poisons while sharing one checkpoint. Layout: poisons/<key>/poisons.safetensors
-    (the poisoned rows only) and meta.json (config, scalars, sha256; written last).
+    different poisons while sharing one checkpoint. Stored as poisons/<key>/ (checkpoints.py).
     """
     # noise_shape: text models decide where the Gaussian noise lives (their embedding width).
     cfg = {"role": "poisons", "dataset": spec.dataset, "attack": spec.attack, "seed": seed}
     cfg["noise_shape"] = list(split.noise_shape) if split.noise_shape else None
-    where = f"poisons/{key_of(cfg)}"
-    if not store.exists(f"{where}/meta.json"):
-        with store.lock(f"poisons/.locks/{key_of(cfg)}"):
-            if not store.exists(f"{where}/meta.json"):
-                fn = ATTACKS[spec.attack["name"]]
-                # On the trial's device: a CIFAR-10 ResNet-18 surrogate alone would take hours
-                # on a CPU. Random draws come from the CPU generator, so only float rounding
-                # depends on the device, and the store keeps the one copy everyone uses.
-                crafted = fn(
-                    _moved(split, device()), generator(seed, "attack"), **_kwargs(spec.attack)
-                )
-                tensors, scalars = to_tensors(_moved(crafted, torch.device("cpu")), split)
-                data = st_save(tensors)
-                meta = {
-                    "config": cfg,
-                    "scalars": scalars,
-                    "sha256": hashlib.sha256(data).hexdigest(),
-                }
-                store.write(f"{where}/poisons.safetensors", data)
-                store.write(f"{where}/meta.json", json.dumps(meta, default=str).encode())
-    meta = json.loads(store.read(f"{where}/meta.json"))
-    data = store.read(f"{where}/poisons.safetensors")
-    if hashlib.sha256(data).hexdigest() != meta["sha256"]:
-        raise CorruptCheckpoint(f"{store.path(where)}: poisons do not match meta.json sha256")
-    return from_tensors(split, st_load(data), meta["scalars"])
+
+    def craft():
+        # On the trial's device: a CIFAR-10 ResNet-18 surrogate alone would take hours on a CPU.
+        # Random draws come from the CPU generator, so only float rounding depends on the
+        # device, and the store keeps the one copy everyone uses.
+        fn = ATTACKS[spec.attack["name"]]
+        crafted = fn(_moved(split, device()), generator(seed, "attack"), **_kwargs(spec.attack))
+        tensors, scalars = to_tensors(_moved(crafted, torch.device("cpu")), split)
+        return tensors, {"scalars": scalars}
+
+    tensors, meta = ensure_artifact(store, "poisons", cfg, craft)
+    return from_tensors(split, tensors, meta["scalars"])
 
 
 @functools.lru_cache(maxsize=4)

@@ -8,7 +8,7 @@ from dataclasses import fields
 import pytest
 import torch
 
-from raysweep import crafting, metrics, results
+from raysweep import checkpoints, crafting, metrics, results
 from raysweep.attacks import ATTACKS, from_tensors, to_tensors
 from raysweep.data import digits
 from raysweep.metrics import ATTACK_OK, EFFECTS, Probe, measure
@@ -300,6 +300,15 @@ def test_poisons_are_crafted_once_per_store_and_reloaded(tiny_spec_dict, tmp_pat
         assert _same(getattr(a, f.name), getattr(b, f.name)), f.name
     fresh = real(s, trial.generator(3, "attack"), n=40)
     assert torch.equal(a.y, fresh.y) and torch.equal(a.poison_idx, fresh.poison_idx)
+    (key,) = store.list("poisons")
+    assert checkpoints.made_count(store, "poisons", key) == 1
+    # The stored rows are hash-checked like weights: a flipped byte is refused, not used.
+    path = f"poisons/{key}/poisons.safetensors"
+    data = bytearray(store.read(path))
+    data[-1] ^= 0xFF
+    store.write(path, bytes(data))
+    with pytest.raises(checkpoints.CorruptCheckpoint, match="sha256"):
+        trial.poison(spec, store, s, seed=3)
 
 
 def test_trial_rows_carry_effects_residual_and_attack_ok(tiny_spec_dict, tmp_path):
