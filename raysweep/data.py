@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +22,8 @@ class Split:
     Text is long (N, T): GPT-2 token ids, right-padded (text.py). `noise_shape` is the shape of
     one row where the Gaussian attack's noise lives, which the model decides
     (models.noise_shape: the input itself for images, the token embeddings for text); the trial
-    fills it in, None until then.
+    fills it in, None until then. `source` is the `digest` of the raw data the split was made
+    from: checkpoint and poison keys include it.
     """
 
     x_train: torch.Tensor
@@ -34,10 +36,26 @@ class Split:
     x_min: torch.Tensor | None = None
     x_max: torch.Tensor | None = None
     noise_shape: tuple[int, ...] | None = None
+    source: str = ""
 
     @property
     def input_shape(self) -> tuple[int, ...]:
         return tuple(self.x_train.shape[1:])
+
+
+def digest(*arrays) -> str:
+    """sha256 of raw arrays (pixels as integers, token ids, labels): what a split was made from.
+
+    Keys of checkpoints and poisons include it, so a changed data file never reuses weights or
+    poisons made from other data. Raw values, not the standardised floats: their last bits can
+    differ between thread counts and CPUs, which would split one key into several.
+    """
+    h = hashlib.sha256()
+    for a in arrays:
+        a = np.ascontiguousarray(a.numpy() if isinstance(a, torch.Tensor) else np.asarray(a))
+        h.update(f"{a.dtype.str}{a.shape}".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()[:16]
 
 
 def split_indices(n: int, val_fraction: float, test_fraction: float, seed: int):
@@ -54,12 +72,12 @@ def _standardise(x_train, *others):
     return [(x - mean) / std for x in (x_train, *others)]
 
 
-def _make_split(x_tr, y_tr, x_va, y_va, x_te, y_te, num_classes) -> Split:
+def _make_split(x_tr, y_tr, x_va, y_va, x_te, y_te, num_classes, source: str) -> Split:
     # Standardising an all-0 and an all-1 image gives the per-channel bounds of valid inputs.
     black, white = torch.zeros_like(x_tr[:1]), torch.ones_like(x_tr[:1])
     x_tr, x_va, x_te, lo, hi = _standardise(x_tr, x_va, x_te, black, white)
     bounds = lo[0, :, :1, :1], hi[0, :, :1, :1]
-    return Split(x_tr, y_tr, x_va, y_va, x_te, y_te, num_classes, *bounds)
+    return Split(x_tr, y_tr, x_va, y_va, x_te, y_te, num_classes, *bounds, source=source)
 
 
 def digits(
@@ -74,7 +92,8 @@ def digits(
         x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
     y = torch.tensor(bunch.target, dtype=torch.long)
     tr, va, te = split_indices(len(y), val_fraction, test_fraction, split_seed)
-    return _make_split(x[tr], y[tr], x[va], y[va], x[te], y[te], num_classes=10)
+    source = digest(bunch.images.astype(np.uint8), bunch.target)  # pixel values are 0..16
+    return _make_split(x[tr], y[tr], x[va], y[va], x[te], y[te], num_classes=10, source=source)
 
 
 def _cifar_tensors(dataset) -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,12 +112,13 @@ def cifar10(
     from torchvision.datasets import CIFAR10
 
     root = str(Path(root).expanduser())
-    x, y = _cifar_tensors(CIFAR10(root, train=True, download=False))
-    x_te, y_te = _cifar_tensors(CIFAR10(root, train=False, download=False))
+    train, test = (CIFAR10(root, train=t, download=False) for t in (True, False))
+    (x, y), (x_te, y_te) = _cifar_tensors(train), _cifar_tensors(test)
+    source = digest(train.data, train.targets, test.data, test.targets)
     tr, va, _ = split_indices(len(y), val_fraction, 0.0, split_seed)
     if n_train is not None:
         tr = tr[:n_train]
-    return _make_split(x[tr], y[tr], x[va], y[va], x_te, y_te, num_classes=10)
+    return _make_split(x[tr], y[tr], x[va], y[va], x_te, y_te, num_classes=10, source=source)
 
 
 DATASETS = {

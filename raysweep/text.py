@@ -98,7 +98,7 @@ def from_dataset(dataset, *, max_len, n_train, n_test, val_fraction, split_seed)
     val is cut from train; `n_train`/`n_test` keep a random subset (IMDb's files are sorted
     by label, so a prefix would be one class).
     """
-    from .data import Split, split_indices
+    from .data import Split, digest, split_indices
 
     train, test = dataset["train"], dataset["test"]
     tr, va, _ = split_indices(len(train), val_fraction, 0.0, split_seed)
@@ -110,7 +110,8 @@ def from_dataset(dataset, *, max_len, n_train, n_test, val_fraction, split_seed)
         return encode(picked["text"], max_len), torch.tensor(picked["label"], dtype=torch.long)
 
     (x_tr, y_tr), (x_va, y_va), (x_te, y_te) = rows(train, tr), rows(train, va), rows(test, te)
-    return Split(x_tr, y_tr, x_va, y_va, x_te, y_te, num_classes=int(y_tr.max()) + 1)
+    source = digest(x_tr, y_tr, x_va, y_va, x_te, y_te)  # token ids: exact on every machine
+    return Split(x_tr, y_tr, x_va, y_va, x_te, y_te, int(y_tr.max()) + 1, source=source)
 
 
 def imdb(

@@ -92,11 +92,12 @@ def _forget_retain(poisoned: Poisoned, known_fraction: float, seed: int):
     return forget, (poisoned.x[~is_forget], poisoned.y[~is_forget])
 
 
-def checkpoint_config(spec: Spec, seed: int, role: str) -> dict:
+def checkpoint_config(spec: Spec, split: Split, seed: int, role: str) -> dict:
     """Everything that determines a checkpoint's weights: its content-hash key is computed from this."""
     return {
         "role": role,
         "dataset": spec.dataset,
+        "data": split.source,
         "model": spec.model,
         "attack": spec.attack,
         "train": spec.train,
@@ -112,7 +113,8 @@ def poison(spec: Spec, store: Store, split: Split, seed: int) -> Poisoned:
     different poisons while sharing one checkpoint. Stored as poisons/<key>/ (checkpoints.py).
     """
     # noise_shape: text models decide where the Gaussian noise lives (their embedding width).
-    cfg = {"role": "poisons", "dataset": spec.dataset, "attack": spec.attack, "seed": seed}
+    cfg = {"role": "poisons", "dataset": spec.dataset, "data": split.source}
+    cfg |= {"attack": spec.attack, "seed": seed}
     cfg["noise_shape"] = list(split.noise_shape) if split.noise_shape else None
 
     def craft():
@@ -149,8 +151,8 @@ def prepare(spec_json: str, store_uri: str, seed: int) -> Setup:
         return lambda: train(model().to(device()), x, y, generator(seed, role), **spec.train)
 
     cfg_p, cfg_r = (
-        checkpoint_config(spec, seed, "poisoned"),
-        checkpoint_config(spec, seed, "retrain"),
+        checkpoint_config(spec, split, seed, "poisoned"),
+        checkpoint_config(spec, split, seed, "retrain"),
     )
     state_p = ensure(store, cfg_p, fit(poisoned.x, poisoned.y, "poisoned"))
     state_r = ensure(store, cfg_r, fit(*poisoned.without_poisons(), "retrain"))

@@ -48,3 +48,18 @@ def test_hash_checked_on_load(tmp_path):
     path.write_bytes(bytes(data))
     with pytest.raises(CorruptCheckpoint):
         load(store, key)
+
+
+def test_keys_change_with_the_data_itself(tiny_spec_dict):
+    """Same spec, different data (e.g. another CIFAR-10 copy under the same root): other keys."""
+    import dataclasses
+
+    from raysweep.data import digits
+    from raysweep.spec import validate
+    from raysweep.trial import checkpoint_config
+
+    spec, split = validate(tiny_spec_dict, "<test>"), digits(size=8)
+    other = dataclasses.replace(split, source="0" * 16)
+    same = key_of(checkpoint_config(spec, split, 0, "poisoned"))
+    assert same == key_of(checkpoint_config(spec, digits(size=8), 0, "poisoned"))
+    assert same != key_of(checkpoint_config(spec, other, 0, "poisoned"))

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torchvision.datasets import CIFAR10
 
-from raysweep.data import cifar10, digits, split_indices
+from raysweep.data import cifar10, digest, digits, split_indices
 
 
 def test_split_indices_are_a_deterministic_partition():
@@ -60,3 +60,29 @@ def test_cifar10_loads_real_format_through_torchvision(tmp_path, monkeypatch):
     assert (len(s.y_train), len(s.y_val), len(s.y_test)) == (80, 20, 30)
     again = cifar10(root=str(tmp_path), val_fraction=0.2)
     assert torch.equal(s.x_val, again.x_val)
+    assert s.source == again.source  # the same files, the same key for every artifact
+    other = tmp_path / "other"
+    md5_other = _write_tiny_cifar(other, seed=1)  # another copy of the data, same shapes
+    monkeypatch.setattr(
+        CIFAR10, "train_list", [[f, md5_other[f]] for f in md5 if f.startswith("data")]
+    )
+    monkeypatch.setattr(CIFAR10, "test_list", [["test_batch", md5_other["test_batch"]]])
+    monkeypatch.setattr(CIFAR10, "meta", {**CIFAR10.meta, "md5": md5_other["batches.meta"]})
+    assert cifar10(root=str(other), val_fraction=0.2).source != s.source
+
+
+def test_source_digest_names_the_raw_data_not_its_floats():
+    """Checkpoint keys include `source`: the same data must give the same digest whatever the
+    thread count (float reductions differ with it), and different parameters a different one."""
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        a = digits(size=16)
+        torch.set_num_threads(1)
+        b = digits(size=16)
+    finally:
+        torch.set_num_threads(threads)
+    assert a.source == b.source and len(a.source) == 16
+    assert digest(np.arange(4, dtype=np.uint8)) != digest(np.arange(4, dtype=np.int64))
+    assert digest(np.zeros((2, 3))) != digest(np.zeros((3, 2)))
+    assert digest(torch.arange(5)) == digest(np.arange(5))
