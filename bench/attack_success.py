@@ -11,7 +11,8 @@ control set with the same initialisation and batch order, and compare:
   `success_blend`: the same poisons moved straight towards the target image by up to eps per
   pixel (a crude feature collision with the same l-inf budget, not an attack raysweep ships).
 - gradient_canceling: clean test accuracy; control = the same rows with random noise of the
-  same l2 norm per row (clamped to the valid range), labels kept; also the clean train set.
+  same l2 norm per row (clamped to the valid range) and the poisons' labels; with
+  `labels='flip'` also the label flips alone (`acc_labels_only`, inputs unperturbed).
 - backdoor: attack success rate on triggered test rows not of class y_adv, and clean test
   accuracy; control = the clean train set.
 - label_flip: clean test accuracy; control = the clean train set.
@@ -81,8 +82,11 @@ def measure(attack: str, split, p, seed: int, kwargs: dict, **train_kw) -> dict[
         blended = fit(blend(split, p, eps), split.y_train)
         out["success_blend"] = (logits(blended, x_t).argmax(1) == p.y_adv).float().mean().item()
     if attack == "gradient_canceling":
-        noisy = fit(same_size_noise(split, p, seed), split.y_train)
+        noisy = fit(same_size_noise(split, p, seed), p.y)  # the same labels as the poisons
         out["acc_noise"] = accuracy(noisy, split.x_test, split.y_test)
+        if not torch.equal(p.y, split.y_train):
+            flipped = fit(split.x_train, p.y)
+            out["acc_labels_only"] = accuracy(flipped, split.x_test, split.y_test)
     if attack == "backdoor":
         keep = split.y_test != p.y_adv
         x_trig = p.triggered(split.x_test[keep])

@@ -10,6 +10,7 @@ gradient_matching and gradient_canceling (surrogate models, parameter gradients)
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from typing import Literal
 
 import torch
 
@@ -215,6 +216,8 @@ def gradient_canceling(
     *,
     n: int = 100,
     target_acc: float = 0.5,
+    labels: Literal["keep", "flip"] = "keep",
+    eps: float = 1.0,
     steps: int = 200,
     lr: float = 0.1,
     batch_size: int = 256,
@@ -231,14 +234,31 @@ def gradient_canceling(
     (crafting.corrupt: fixed-length gradient-ascent steps on the clean loss until the accuracy
     on up to 2,048 clean train rows is `target_acc`). A corrupted clean model rather than one
     trained on mislabelled data: it stays near a model the victim's training can reach, and its
-    accuracy is set directly. Then n random train rows become poisons (labels kept, inputs free
-    in the valid range), optimised by projected Adam (`lr` in standardised units) on
+    accuracy is set directly. Then n random train rows become poisons, optimised by projected
+    Adam (`lr` in standardised units) on
     1/2 ||grad L(D_clean; theta_t) + eps_d grad L(D_poison; theta_t)||^2, where
     eps_d = n / (N - n) because the victim's mean loss weighs the two sets that way.
+
+    `labels`: "keep" (clean-label poisons) or "flip" (each poison starts as a label flip to a
+    random other class, as model-targeted attacks are often initialised). `eps`: the l-inf bound
+    on each poison's change in pixel units of the [0, 1] image; 1.0 leaves the inputs free in the
+    valid range (Lu et al.'s setting).
     """
+    if labels not in ("keep", "flip") or not 0 < eps <= 1:
+        raise ValueError(
+            f"gradient_canceling: labels={labels!r}, eps={eps}; "
+            "allowed: labels in ('keep', 'flip'), 0 < eps <= 1"
+        )
     lo, hi = crafting.bounds(split, "gradient_canceling")
     rows = torch.arange(len(split.y_train), device=split.y_train.device)
     idx = _draw(rows, n, generator, "gradient_canceling")
+    y = split.y_train.clone()
+    if labels == "flip":
+        offset = torch.randint(1, split.num_classes, (n,), generator=generator).to(y.device)
+        y[idx] = (y[idx] + offset) % split.num_classes
+    x0 = split.x_train[idx]
+    ball = eps * (hi - lo)  # the l-inf ball, intersected with the valid range
+    lo_p, hi_p = torch.maximum(x0 - ball, lo), torch.minimum(x0 + ball, hi)
     clean = torch.ones(len(split.y_train), dtype=torch.bool, device=split.y_train.device)
     clean[idx] = False
     x_c, y_c = split.x_train[clean], split.y_train[clean]
@@ -261,17 +281,17 @@ def gradient_canceling(
     x = split.x_train.clone()
     x[idx] = crafting.cancel(
         model,
-        split.x_train[idx],
-        split.y_train[idx],
+        x0,
+        y[idx],
         crafting.summed_grads(model, x_c, y_c, batch_size),
         eps_d=n / len(y_c),
-        lo=lo,
-        hi=hi,
+        lo=lo_p,
+        hi=hi_p,
         steps=steps,
         lr=lr,
         batch_size=batch_size,
     )
-    return Poisoned(x, split.y_train.clone(), idx)
+    return Poisoned(x, y, idx)
 
 
 def backdoor(

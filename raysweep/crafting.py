@@ -204,7 +204,8 @@ def cancel(
     batch_size: int,
 ) -> torch.Tensor:
     """Poison inputs (labels `y` fixed, start `x0`) minimising 1/2 ||clean_grad + eps_d * grad of
-    the poisons' mean loss||^2 at `model` (Lu et al. 2023), by Adam projected to [lo, hi]."""
+    the poisons' mean loss||^2 at `model` (Lu et al. 2023), by Adam projected to [lo, hi] (per
+    channel, or per element: a ball around each poison)."""
     model.eval()
     x = x0.clone().requires_grad_(True)
     opt = torch.optim.Adam([x], lr=lr)

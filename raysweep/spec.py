@@ -12,9 +12,10 @@ import hashlib
 import inspect
 import json
 import re
+import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -119,13 +120,33 @@ def _check_type(src: str, key: str, value: Any, default: Any) -> None:
         )
 
 
+def choices(fn, param: inspect.Parameter) -> tuple | None:
+    """The allowed values of a parameter annotated `Literal[...]`, else None.
+
+    Annotations are strings here (postponed evaluation): evaluated in `fn`'s own module (our
+    source, never user input); one naming what is imported for type checking alone is skipped.
+    """
+    ann = param.annotation
+    if isinstance(ann, str):
+        try:
+            ann = eval(ann, fn.__globals__)
+        except NameError:
+            return None
+    return typing.get_args(ann) if typing.get_origin(ann) is Literal else None
+
+
 def _bind(src: str, key: str, fn, kwargs: dict) -> None:
-    """Check every key of `kwargs` is a keyword-only parameter of `fn` of the default's type."""
+    """Check every key of `kwargs` is a keyword-only parameter of `fn` of the default's type
+    (and one of its values, where the parameter is annotated `Literal[...]`)."""
     params = keyword_params(fn)
     for name, value in kwargs.items():
         if name not in params:
             raise _unknown(src, key, name, params)
         _check_type(src, f"{key}.{name}", value, params[name].default)
+        allowed = choices(fn, params[name])
+        if allowed is not None and value not in allowed:
+            shown = ", ".join(map(str, allowed))
+            raise SpecError(f"{src}: {key}.{name}: {value!r}; allowed: {shown}")
 
 
 def _named_section(src: str, key: str, section: Any, table: dict) -> None:

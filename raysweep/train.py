@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -10,8 +11,9 @@ from torch import nn
 
 from .budget import batches
 
-OPTIMIZERS = ("sgd", "adamw")
-PRECISIONS = ("fp32", "bf16")
+Optimizer = Literal["sgd", "adamw"]
+Precision = Literal["fp32", "bf16"]
+OPTIMIZERS, PRECISIONS = get_args(Optimizer), get_args(Precision)
 
 
 def autocast(precision: str, model: nn.Module) -> contextlib.AbstractContextManager:
@@ -33,8 +35,8 @@ def train(
     batch_size: int = 64,
     momentum: float = 0.9,
     weight_decay: float = 5e-4,
-    optimizer: str = "sgd",
-    precision: str = "fp32",
+    optimizer: Optimizer = "sgd",
+    precision: Precision = "fp32",
     accumulate: int = 1,
 ) -> nn.Module:
     """`optimizer` (SGD with Nesterov momentum, or AdamW) with a one-cycle cosine learning-rate

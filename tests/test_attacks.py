@@ -170,6 +170,28 @@ def test_gradient_canceling_keeps_labels_and_lowers_its_objective():
     assert (x >= s.x_min - 1e-5).all() and (x <= s.x_max + 1e-5).all()
 
 
+def test_gradient_canceling_flipped_labels_and_linf_ball():
+    s, eps = split(), 8 / 255
+    kw = {**FAST["gradient_canceling"], "labels": "flip", "eps": eps}
+    p = ATTACKS["gradient_canceling"](s, torch.Generator().manual_seed(1), **kw)
+    assert (p.y[p.poison_idx] != s.y_train[p.poison_idx]).all()  # every poison label flipped
+    rest = torch.ones(len(s.y_train), dtype=torch.bool)
+    rest[p.poison_idx] = False
+    assert torch.equal(p.y[rest], s.y_train[rest]) and torch.equal(p.x[rest], s.x_train[rest])
+    delta_pixels = (p.x - s.x_train) / (s.x_max - s.x_min)
+    assert delta_pixels.abs().max() <= eps + 1e-6
+    assert delta_pixels.abs().max() > eps / 2  # it did move
+    assert (p.x >= s.x_min - 1e-5).all() and (p.x <= s.x_max + 1e-5).all()
+
+
+@pytest.mark.parametrize("bad", [{"labels": "random"}, {"eps": 0.0}, {"eps": 1.5}])
+def test_gradient_canceling_rejects_bad_settings(bad):
+    with pytest.raises(ValueError, match="allowed"):
+        ATTACKS["gradient_canceling"](
+            split(), torch.Generator(), **FAST["gradient_canceling"], **bad
+        )
+
+
 def test_corrupt_lowers_accuracy_to_the_target():
     s, gen = split(), torch.Generator().manual_seed(0)
     model = crafting.surrogate(s, gen, "cnn", width=4, epochs=3, lr=0.05)

@@ -93,3 +93,21 @@ def test_cli_reports_one_line_and_exit_code(tmp_path, tiny_spec_dict):
         assert out.returncode == 2
         lines = out.stderr.strip().splitlines()
         assert len(lines) == 1 and "methods.forgetti" in lines[0], out.stderr
+
+
+@pytest.mark.parametrize(
+    "section,key,value,allowed",
+    [
+        ("train", "optimizer", "adam", "sgd, adamw"),
+        ("train", "precision", "fp16", "fp32, bf16"),
+        ("attack", "labels", "random", "keep, flip"),
+    ],
+)
+def test_values_outside_a_literal_are_refused_before_any_compute(
+    tmp_path, tiny_spec_dict, section, key, value, allowed
+):
+    if section == "attack":
+        tiny_spec_dict["attack"] = {"name": "gradient_canceling"}
+    tiny_spec_dict[section][key] = value
+    msg = _error(tmp_path, tiny_spec_dict)
+    assert f"{section}.{key}: '{value}'" in msg and f"allowed: {allowed}" in msg
