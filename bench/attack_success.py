@@ -1,6 +1,8 @@
 """Does each attack work before any unlearning? Measured against a control, over fixed seeds.
 
     PYTHONPATH=. python bench/attack_success.py --attack backdoor --seeds 20
+    PYTHONPATH=. python bench/attack_success.py --attack gradient_matching --seeds 20 \
+        --cifar10 ~/data/cifar10 --model resnet18 --width 64 --epochs 40 --device cuda
 
 For each seed: craft the poisons with `ATTACKS[attack](split, Generator(seed), **kwargs)`, then
 train the victim (the spec-style small CNN) from scratch on the poisoned set and on the
@@ -32,17 +34,18 @@ import torch
 
 from raysweep import crafting
 from raysweep.attacks import ATTACKS
-from raysweep.data import digits
+from raysweep.data import cifar10, digits
 from raysweep.metrics import accuracy, logits
-from raysweep.models import cnn, seeded
+from raysweep.models import MODELS, seeded
 from raysweep.train import train
+from raysweep.trial import moved
 
 
-def victim(split, x, y, seed: int, *, width: int, epochs: int):
+def victim(split, x, y, seed: int, *, width: int, epochs: int, model: str = "cnn"):
     """The victim's training run; the same seed gives the same init and batch order."""
     gen = torch.Generator().manual_seed(10_000 + seed)
-    model = seeded(lambda: cnn(split.input_shape, split.num_classes, width=width), gen)
-    return train(model, x, y, gen, epochs=epochs)
+    build = lambda: MODELS[model](split.input_shape, split.num_classes, width=width)
+    return train(seeded(build, gen).to(x.device), x, y, gen, epochs=epochs)
 
 
 def same_size_noise(split, p, seed: int) -> torch.Tensor:
@@ -50,6 +53,7 @@ def same_size_noise(split, p, seed: int) -> torch.Tensor:
     x0 = split.x_train[p.poison_idx]
     delta = (p.x[p.poison_idx] - x0).flatten(1)
     noise = torch.randn(delta.shape, generator=torch.Generator().manual_seed(20_000 + seed))
+    noise = noise.to(delta.device)
     noise *= (delta.norm(dim=1) / noise.norm(dim=1))[:, None]
     x = split.x_train.clone()
     x[p.poison_idx] = crafting.clamp(x0 + noise.view_as(x0), split.x_min, split.x_max)
@@ -110,15 +114,20 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=20)
     parser.add_argument("--first-seed", type=int, default=0)
     parser.add_argument("--size", type=int, default=16, help="digits upsampled to size x size")
-    parser.add_argument("--width", type=int, default=16, help="victim CNN width")
+    parser.add_argument("--cifar10", metavar="ROOT", help="CIFAR-10 under ROOT instead of digits")
+    parser.add_argument("--model", default="cnn", choices=["cnn", "resnet18"], help="victim")
+    parser.add_argument("--width", type=int, default=16, help="victim model width")
+    parser.add_argument("--device", default="cpu", help="e.g. cuda (crafting and training)")
     parser.add_argument("--epochs", type=int, default=20, help="victim training epochs")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args()
     torch.set_num_threads(1)
     kwargs = {k: ast.literal_eval(v) for k, v in (s.split("=", 1) for s in args.set)}
-    split = digits(size=args.size)
+    split = cifar10(root=args.cifar10) if args.cifar10 else digits(size=args.size)
+    split = moved(split, torch.device(args.device))
+    data = f"cifar10 {args.cifar10}" if args.cifar10 else f"digits {args.size}px"
     print(
-        f"{args.attack} {kwargs} on digits {args.size}px, cnn width {args.width}, "
+        f"{args.attack} {kwargs} on {data}, {args.model} width {args.width}, "
         f"{args.epochs} epochs, seeds {args.first_seed}..{args.first_seed + args.seeds - 1}"
     )
     rows = []
@@ -126,7 +135,8 @@ def main() -> None:
         started = time.time()
         p = ATTACKS[args.attack](split, torch.Generator().manual_seed(seed), **kwargs)
         crafted = time.time() - started
-        row = measure(args.attack, split, p, seed, kwargs, width=args.width, epochs=args.epochs)
+        train_kw = {"width": args.width, "epochs": args.epochs, "model": args.model}
+        row = measure(args.attack, split, p, seed, kwargs, **train_kw)
         rows.append(row)
         shown = " ".join(f"{k}={v:.4f}" for k, v in row.items())
         print(

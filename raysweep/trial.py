@@ -122,8 +122,8 @@ def poison(spec: Spec, store: Store, split: Split, seed: int) -> Poisoned:
         # Random draws come from the CPU generator, so only float rounding depends on the
         # device, and the store keeps the one copy everyone uses.
         fn = ATTACKS[spec.attack["name"]]
-        crafted = fn(_moved(split, device()), generator(seed, "attack"), **_kwargs(spec.attack))
-        tensors, scalars = to_tensors(_moved(crafted, torch.device("cpu")), split)
+        crafted = fn(moved(split, device()), generator(seed, "attack"), **_kwargs(spec.attack))
+        tensors, scalars = to_tensors(moved(crafted, torch.device("cpu")), split)
         return tensors, {"scalars": scalars}
 
     tensors, meta = ensure_artifact(store, "poisons", cfg, craft)
@@ -141,8 +141,8 @@ def prepare(spec_json: str, store_uri: str, seed: int) -> Setup:
     poisoned = poison(spec, store, split, seed)
     # Splitting runs on the CPU (crafting on the device, inside `poison`); everything after
     # runs where the trial was placed.
-    poisoned = _moved(poisoned, device())
-    split = _moved(split, device())
+    poisoned = moved(poisoned, device())
+    split = moved(split, device())
     forget, retain = _forget_retain(poisoned, spec.forget["known_fraction"], seed)
     epochs = spec.train.get("epochs", 30)
 
@@ -210,7 +210,7 @@ def _loaded(spec: Spec, split: Split, poisoned: Poisoned, state: dict) -> torch.
     return model.to(device()).eval()
 
 
-def _moved(obj, device: torch.device):
+def moved(obj, device: torch.device):
     """A copy of a frozen dataclass with every tensor field on `device`."""
     tensors = {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
     moved = {k: v.to(device) for k, v in tensors.items() if isinstance(v, torch.Tensor)}
