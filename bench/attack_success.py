@@ -41,11 +41,11 @@ from raysweep.train import train
 from raysweep.trial import moved
 
 
-def victim(split, x, y, seed: int, *, width: int, epochs: int, model: str = "cnn"):
+def victim(split, x, y, seed: int, *, width: int, epochs: int, model: str = "cnn", shift: int = 0):
     """The victim's training run; the same seed gives the same init and batch order."""
     gen = torch.Generator().manual_seed(10_000 + seed)
     build = lambda: MODELS[model](split.input_shape, split.num_classes, width=width)
-    return train(seeded(build, gen).to(x.device), x, y, gen, epochs=epochs)
+    return train(seeded(build, gen).to(x.device), x, y, gen, epochs=epochs, shift=shift)
 
 
 def same_size_noise(split, p, seed: int) -> torch.Tensor:
@@ -119,6 +119,7 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=16, help="victim model width")
     parser.add_argument("--device", default="cpu", help="e.g. cuda (crafting and training)")
     parser.add_argument("--epochs", type=int, default=20, help="victim training epochs")
+    parser.add_argument("--shift", type=int, default=0, help="victim trains on shifted images")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -135,7 +136,7 @@ def main() -> None:
         started = time.time()
         p = ATTACKS[args.attack](split, torch.Generator().manual_seed(seed), **kwargs)
         crafted = time.time() - started
-        train_kw = {"width": args.width, "epochs": args.epochs, "model": args.model}
+        train_kw = dict(width=args.width, epochs=args.epochs, model=args.model, shift=args.shift)
         row = measure(args.attack, split, p, seed, kwargs, **train_kw)
         rows.append(row)
         shown = " ".join(f"{k}={v:.4f}" for k, v in row.items())

@@ -13,7 +13,7 @@ from torch import nn
 
 from .data import Split
 from .models import MODELS, seeded
-from .train import train
+from .train import augment, train
 
 Grads = tuple[torch.Tensor, ...]
 
@@ -52,24 +52,6 @@ def param_grads(
 
 def _dot(a: Grads, b: Grads) -> torch.Tensor:
     return sum((u * v).sum() for u, v in zip(a, b))
-
-
-def augment(x: torch.Tensor, generator: torch.Generator, shift: int, flip: bool) -> torch.Tensor:
-    """Differentiable random translation of each image by up to `shift` whole pixels (edge pixels
-    repeat into the gap) and, if `flip`, a random horizontal flip."""
-    n, _, h, w = x.shape
-    if shift:
-        d = torch.randint(-shift, shift + 1, (n, 2), generator=generator).float().to(x.device)
-        theta = torch.eye(2, 3, device=x.device).repeat(n, 1, 1)
-        # affine_grid works in [-1, 1] coordinates: one pixel is 2 / size. Integer shifts land
-        # on pixel centres, so bilinear sampling moves pixels without blurring them.
-        theta[:, 0, 2], theta[:, 1, 2] = 2 * d[:, 0] / w, 2 * d[:, 1] / h
-        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-        x = F.grid_sample(x, grid, padding_mode="border", align_corners=False)
-    if flip:
-        mirror = (torch.rand(n, generator=generator) < 0.5).to(x.device)
-        x = torch.where(mirror[:, None, None, None], x.flip(3), x)
-    return x
 
 
 def _alignment(model: nn.Module, x: torch.Tensor, y: torch.Tensor, target: Grads) -> torch.Tensor:

@@ -24,6 +24,24 @@ def autocast(precision: str, model: nn.Module) -> contextlib.AbstractContextMana
     return contextlib.nullcontext()
 
 
+def augment(x: torch.Tensor, generator: torch.Generator, shift: int, flip: bool) -> torch.Tensor:
+    """Differentiable random translation of each image by up to `shift` whole pixels (edge pixels
+    repeat into the gap) and, if `flip`, a random horizontal flip."""
+    n, _, h, w = x.shape
+    if shift:
+        d = torch.randint(-shift, shift + 1, (n, 2), generator=generator).float().to(x.device)
+        theta = torch.eye(2, 3, device=x.device).repeat(n, 1, 1)
+        # affine_grid works in [-1, 1] coordinates: one pixel is 2 / size. Integer shifts land
+        # on pixel centres, so bilinear sampling moves pixels without blurring them.
+        theta[:, 0, 2], theta[:, 1, 2] = 2 * d[:, 0] / w, 2 * d[:, 1] / h
+        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+        x = F.grid_sample(x, grid, padding_mode="border", align_corners=False)
+    if flip:
+        mirror = (torch.rand(n, generator=generator) < 0.5).to(x.device)
+        x = torch.where(mirror[:, None, None, None], x.flip(3), x)
+    return x
+
+
 def train(
     model: nn.Module,
     x: torch.Tensor,
@@ -38,20 +56,28 @@ def train(
     optimizer: Optimizer = "sgd",
     precision: Precision = "fp32",
     accumulate: int = 1,
+    shift: int = 0,
+    flip: bool = False,
 ) -> nn.Module:
     """`optimizer` (SGD with Nesterov momentum, or AdamW) with a one-cycle cosine learning-rate
     schedule over `epochs` passes of (x, y).
 
     Each step sees `batch_size` rows, run as `accumulate` micro-batches whose gradients add up to
     the full batch's (memory for large models, same result). `precision` "bf16" autocasts on
-    CUDA only. No data augmentation: the Gaussian poison is a fixed per-row noise, and augmenting
-    would transform it away from what the score measures against.
+    CUDA only.
+
+    `shift` > 0 translates each image by up to that many pixels and `flip` mirrors half of them
+    (`augment`), as CIFAR-10 training usually does. Off by default: the Gaussian poison is a
+    fixed per-row noise, and augmenting would move it away from what the score measures against.
     """
-    if optimizer not in OPTIMIZERS or precision not in PRECISIONS or accumulate < 1:
+    if optimizer not in OPTIMIZERS or precision not in PRECISIONS or accumulate < 1 or shift < 0:
         raise ValueError(
-            f"train: optimizer={optimizer!r}, precision={precision!r}, accumulate={accumulate}; "
-            f"allowed: optimizer in {OPTIMIZERS}, precision in {PRECISIONS}, accumulate >= 1"
+            f"train: optimizer={optimizer!r}, precision={precision!r}, accumulate={accumulate}, "
+            f"shift={shift}; allowed: optimizer in {OPTIMIZERS}, precision in {PRECISIONS}, "
+            "accumulate >= 1, shift >= 0"
         )
+    if (shift or flip) and x.dim() != 4:
+        raise ValueError(f"train: shift/flip augment images; these inputs are {tuple(x.shape)}")
     steps_per_epoch = -(-len(y) // batch_size)
     total = epochs * steps_per_epoch
     if optimizer == "sgd":
@@ -68,6 +94,8 @@ def train(
     model.train()
     for _, (xb, yb) in zip(range(total), batches(x, y, batch_size, generator)):
         opt.zero_grad(set_to_none=True)
+        if shift or flip:
+            xb = augment(xb.to(device), generator, shift, flip)
         for xm, ym in zip(xb.tensor_split(accumulate), yb.tensor_split(accumulate)):
             if len(ym) == 0:
                 continue

@@ -13,6 +13,7 @@ from raysweep.attacks import ATTACKS, from_tensors, to_tensors
 from raysweep.data import digits
 from raysweep.metrics import ATTACK_OK, EFFECTS, Probe, measure
 from raysweep.models import cnn, seeded
+from raysweep.train import augment
 
 # Settings that keep every attack under a few seconds on a CPU (crafting runs, barely).
 FAST = {
@@ -134,8 +135,8 @@ def test_brewing_aligns_poison_and_target_gradients():
 def test_augment_translates_by_whole_pixels():
     x = torch.arange(2 * 1 * 6 * 6, dtype=torch.float32).view(2, 1, 6, 6)
     gen = torch.Generator().manual_seed(0)
-    assert torch.equal(crafting.augment(x, gen, shift=0, flip=False), x)
-    out = crafting.augment(x, gen, shift=2, flip=False)
+    assert torch.equal(augment(x, gen, shift=0, flip=False), x)
+    out = augment(x, gen, shift=2, flip=False)
     # Each output image is its input moved by whole pixels: its interior equals a shifted window.
     for i in range(2):
         found = any(
