@@ -61,12 +61,12 @@ def descend(
     sign: float = 1.0,
     after_step: Callable[[], None] | None = None,
     before_step: Callable[[], None] | None = None,
+    forget_only: bool = False,
 ) -> None:
-    """Minimise sign * cross-entropy over `batches` (sign=-1 is gradient ascent, whose batches
-    are forget rows alone: BatchNorm statistics are then kept, see `running_stats_kept`)."""
+    """Minimise sign * cross-entropy over `batches` (sign=-1 is gradient ascent). `forget_only`:
+    the batches are forget rows alone, so BatchNorm statistics are kept (`running_stats_kept`)."""
     model.train()
-    keep = running_stats_kept(model) if sign < 0 else contextlib.nullcontext()
-    with keep:
+    with running_stats_kept(model) if forget_only else contextlib.nullcontext():
         for xb, yb in batches:
             step(opt, sign * F.cross_entropy(model(xb), yb), before_step)
             if after_step is not None:

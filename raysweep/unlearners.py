@@ -110,7 +110,7 @@ def ga(
     opt = sgd(model.parameters(), lr, 0.0, 0.0)
     batches = metered(meter, *forget, batch_size, generator)
     # range first: zip stops on it without drawing (and paying for) one batch too many.
-    descend(model, opt, (b for _, b in zip(range(steps), batches)), sign=-1.0)
+    descend(model, opt, (b for _, b in zip(range(steps), batches)), sign=-1.0, forget_only=True)
 
 
 # --- the last K blocks (Goel et al. 2022) -------------------------------------------------------
