@@ -77,16 +77,20 @@ def markdown(table: pd.DataFrame, experiment: str, df: pd.DataFrame) -> str:
 
 def markdown_table(table: pd.DataFrame) -> str:
     """Just the table: one line per reference and per cell, mean ± std where there are seeds."""
-    cols = ["attack", "method", "budget", "n", *HEADERS.values(), "feasible (tuning)", "setting"]
+    cols = ["attack", "method", "budget", "n", "attack worked", *HEADERS.values()]
+    cols += ["feasible (tuning)", "setting"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for row in table.to_dict("records"):
         budget = "" if pd.isna(row["budget"]) else f"{row['budget']:g}"
+        ok, n = row["attack_ok"], row["n"]
+        worked = "yes" if ok == n else ("**no**" if ok == 0 else f"{ok}/{n}")
         stats = [_pm(row[k], row[f"{k}_std"]) for k in HEADERS]
         feasible = "" if row["source"] == "reference" else ("yes" if row["feasible"] else "no")
         setting = "" if pd.isna(row["setting"]) else row["setting"]
-        cells = [row["attack"], row["method"], budget, str(row["n"]), *stats, feasible, setting]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        cells = [row["attack"], row["method"], budget, str(row["n"]), worked, *stats, feasible]
+        lines.append("| " + " | ".join([*cells, setting]) + " |")
+    warnings = results.attack_warnings(table)  # below the table, never only in a column
+    return "\n".join(lines + ([""] + warnings if warnings else []))
 
 
 def pareto_front(r: np.ndarray, acc: np.ndarray) -> np.ndarray:

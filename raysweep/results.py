@@ -197,6 +197,18 @@ def reference_rows(df: pd.DataFrame, attack: str, seeds) -> pd.DataFrame:
     return ok.drop_duplicates("seed").sort_values("seed")
 
 
+def attack_warnings(table: pd.DataFrame) -> list[str]:
+    """One line per attack that did not work on every seed's poisoned model (`attack_ok` false):
+    its rows stay in the table, marked, but their r compares against an effect that is not there."""
+    refs = table[table["method"] == "poisoned"]
+    return [
+        f"warning: {row['attack']}: the attack worked on {row['attack_ok']} of {row['n']} seeds' "
+        "poisoned models (attack_ok); r is meaningless where it did not"
+        for row in refs.to_dict("records")
+        if row["attack_ok"] < row["n"]
+    ]
+
+
 def table(df: pd.DataFrame) -> pd.DataFrame:
     """The paper-style table: per attack, the poisoned and retrain references, then each cell's
     best setting (chosen on val), reported on test as mean and std over its confirmation seeds
@@ -208,6 +220,7 @@ def table(df: pd.DataFrame) -> pd.DataFrame:
         seeds.setdefault(key[0], set()).update(runs["seed"])
         row = {"attack": key[0], "method": key[1], "budget": key[2], "source": source}
         row |= {"n": len(runs), "seeds": ",".join(map(str, sorted(runs["seed"])))}
+        row |= {"attack_ok": int(runs["attack_ok"].sum())}  # seeds whose attack worked
         row |= {"trials": counts.size()[key], "failed": int((counts.get_group(key) != "ok").sum())}
         row |= {"tuned_trial": best["trial_number"], "feasible": best["feasible"]}
         row |= {"setting": _setting(best)}
@@ -221,11 +234,12 @@ def table(df: pd.DataFrame) -> pd.DataFrame:
         for label, prefix, r in (("poisoned", "before", 1.0), ("retrain", "retrain", 0.0)):
             ref = {"attack": attack, "method": label, "source": "reference", "n": len(per_seed)}
             ref |= {"seeds": ",".join(map(str, per_seed["seed"]))}
+            ref |= {"attack_ok": int(per_seed["attack_ok"].sum())}
             ref |= {"residual": r, "residual_std": 0.0 if len(per_seed) > 1 else float("nan")}
             ref |= _stats(per_seed, {k: f"{prefix}_{c}" for k, c in REPORTED.items()})
             refs.append(ref)
     out = pd.DataFrame(refs + cells)
-    order = ["attack", "method", "budget", "source", "n", "seeds", "trials", "failed"]
+    order = ["attack", "method", "budget", "source", "n", "seeds", "attack_ok", "trials", "failed"]
     order += ["tuned_trial", "feasible", "setting"]
     order += [c for s in STATS for c in (s, f"{s}_std")]
     return out.reindex(columns=order).sort_values(["attack"], kind="stable", ignore_index=True)

@@ -73,7 +73,7 @@ def test_report_writes_markdown_csv_and_figures(run_dir):
             assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
     md = open(f"{run_dir}/report/report.md").read()
     assert "confirmation seeds 1, 2" in md and "| gaussian | gd | 0.05 | 2 |" in md
-    assert "| gaussian | poisoned |  | 2 | 1.000 ± 0.000 |" in md
+    assert "| gaussian | poisoned |  | 2 | yes | 1.000 ± 0.000 |" in md
 
 
 def test_table_equals_a_pandas_recomputation_from_parquet(run_dir):
@@ -130,6 +130,18 @@ def test_table_without_confirm_rows_reports_the_tuned_best(run_dir):
     cells = table[table["source"] == "tune"]
     assert len(cells) == 4 and (cells["n"] == 1).all() and cells["residual_std"].isna().all()
     assert (table.loc[table["source"] == "reference", "seeds"] == "0").all()
+
+
+def test_a_failed_attack_is_marked_and_warned_about_never_averaged_in_silently(run_dir):
+    df = pd.read_parquet(f"{run_dir}/results")
+    clean = report.markdown_table(results.table(df))
+    assert "warning" not in clean and "| gaussian | poisoned |  | 2 | yes |" in clean
+    df.loc[df["seed"] == 1, "attack_ok"] = False  # one confirmation seed's attack did not work
+    marked = report.markdown_table(results.table(df))
+    assert "| gaussian | poisoned |  | 2 | 1/2 |" in marked
+    assert marked.splitlines()[-1].startswith("warning: gaussian: the attack worked on 1 of 2")
+    df["attack_ok"] = False
+    assert "| gaussian | retrain |  | 2 | **no** |" in report.markdown_table(results.table(df))
 
 
 def test_pareto_front_keeps_only_undominated_points():
