@@ -30,7 +30,7 @@ class CorruptCheckpoint(RuntimeError):
 
 
 def key_of(config: dict) -> str:
-    """A content hash of everything that determines the weights."""
+    """A content hash of everything that determines an artifact (weights or poisons)."""
     blob = json.dumps(config, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
