@@ -148,6 +148,7 @@ def gradient_matching(
     surrogate_width: int = 16,
     surrogate_epochs: int = 20,
     surrogate_lr: float = 0.05,
+    surrogate_augment: bool = False,
     ensemble: int = 1,
 ) -> Poisoned:
     """Witches' Brew (Geiping et al. 2021): clean-label poisons whose gradient matches the target's.
@@ -160,6 +161,8 @@ def gradient_matching(
     digits), and the restart with the lowest final loss wins. `ensemble` > 1 averages the loss
     over that many independently trained surrogates; `resolution` r > 0 makes the perturbation
     an r x r image upsampled to the input size (smooth, e.g. digits' native 8 x 8).
+    `surrogate_augment`: the surrogates train with the same shifts and flips, as Geiping et al.'s
+    do when the victim trains with augmentation (the spec's train.shift/flip).
 
     `eps` is the l-inf bound in pixel units of the [0, 1] image (16/255 is the paper's CIFAR-10
     setting); `lr` is Adam's step as a fraction of `eps`. The surrogate is named here rather than
@@ -182,6 +185,8 @@ def gradient_matching(
             width=surrogate_width,
             epochs=surrogate_epochs,
             lr=surrogate_lr,
+            shift=shift if surrogate_augment else 0,
+            flip=flip and surrogate_augment,
         )
         for _ in range(ensemble)
     ]

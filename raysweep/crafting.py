@@ -30,15 +30,25 @@ def clamp(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
 
 
 def surrogate(
-    split: Split, generator: torch.Generator, name: str, *, width: int, epochs: int, lr: float
+    split: Split,
+    generator: torch.Generator,
+    name: str,
+    *,
+    width: int,
+    epochs: int,
+    lr: float,
+    shift: int = 0,
+    flip: bool = False,
 ) -> nn.Module:
     """A model of the `MODELS` entry `name`, initialised from `generator` and trained on the clean
-    train set: the attacker's stand-in for the victim (same family, its own weights)."""
+    train set (with `train`'s shift/flip augmentation if given): the attacker's stand-in for the
+    victim (same family, its own weights)."""
     if name not in MODELS:
         raise ValueError(f"surrogate: unknown model '{name}'; allowed: {', '.join(sorted(MODELS))}")
     build = lambda: MODELS[name](split.input_shape, split.num_classes, width=width)
     model = seeded(build, generator).to(split.x_train.device)
-    return train(model, split.x_train, split.y_train, generator, epochs=epochs, lr=lr).eval()
+    kw = {"epochs": epochs, "lr": lr, "shift": shift, "flip": flip}
+    return train(model, split.x_train, split.y_train, generator, **kw).eval()
 
 
 def param_grads(

@@ -120,6 +120,20 @@ def test_gradient_matching_is_clean_label_and_linf_bounded():
     assert (s.y_test[p.target_idx] != p.y_adv).all()
 
 
+def test_surrogate_augment_is_opt_in():
+    """Off by default (the cached poisons of existing specs stay what they were); on, the
+    surrogate trains with the brew's shifts, so its weights and the poisons change."""
+    s, kw = split(), FAST["gradient_matching"]
+    plain = ATTACKS["gradient_matching"](s, torch.Generator().manual_seed(0), **kw)
+    assert torch.equal(plain.x, poisoned("gradient_matching").x)
+    augmented = ATTACKS["gradient_matching"](
+        s, torch.Generator().manual_seed(0), **kw, shift=1, surrogate_augment=True
+    )
+    shifted_only = ATTACKS["gradient_matching"](s, torch.Generator().manual_seed(0), **kw, shift=1)
+    assert not torch.equal(augmented.x, shifted_only.x)
+    assert torch.equal(augmented.poison_idx, shifted_only.poison_idx)  # same draws before training
+
+
 def test_brewing_aligns_poison_and_target_gradients():
     s, gen = split(), torch.Generator().manual_seed(0)
     model = crafting.surrogate(s, gen, "cnn", width=4, epochs=2, lr=0.05)
