@@ -8,7 +8,8 @@ For each seed: craft the poisons with `ATTACKS[attack](split, Generator(seed), *
 train the victim (the spec-style small CNN) from scratch on the poisoned set and on the
 control set with the same initialisation and batch order, and compare:
 
-- gradient_matching: target classified as y_adv; control = the same poisons unperturbed, i.e.
+- gradient_matching: target classified as y_adv, and the mean log p(y_adv | target) (graded:
+  how far the poisons moved it, when nothing flips); control = the same poisons unperturbed, i.e.
   the clean train set (the poisons are clean-label rows of class y_adv). For scale, also
   `success_blend`: the same poisons moved straight towards the target image by up to eps per
   pixel (a crude feature collision with the same l-inf budget, not an attack raysweep ships).
@@ -82,6 +83,9 @@ def measure(attack: str, split, p, seed: int, kwargs: dict, **train_kw) -> dict[
         x_t = split.x_test[p.target_idx]
         out["success"] = (logits(poisoned, x_t).argmax(1) == p.y_adv).float().mean().item()
         out["success_control"] = (logits(clean, x_t).argmax(1) == p.y_adv).float().mean().item()
+        # The same question, graded: how far the poisons moved log p(y_adv | target), in nats.
+        log_adv = lambda m: logits(m, x_t).log_softmax(1)[:, p.y_adv].mean().item()
+        out["logp_adv"], out["logp_adv_control"] = log_adv(poisoned), log_adv(clean)
         eps = kwargs.get("eps", inspect.signature(ATTACKS[attack]).parameters["eps"].default)
         blended = fit(blend(split, p, eps), split.y_train)
         out["success_blend"] = (logits(blended, x_t).argmax(1) == p.y_adv).float().mean().item()
