@@ -10,7 +10,7 @@ gradient_matching and gradient_canceling (surrogate models, parameter gradients)
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 
@@ -107,6 +107,17 @@ def _target_class(split: Split, y_adv: int, generator: torch.Generator, attack: 
             f"{attack}: y_adv={y_adv}; allowed: -1 (random) or 0..{split.num_classes - 1}"
         )
     return y_adv
+
+
+def _flip(y: torch.Tensor, idx: torch.Tensor, num_classes: int, generator) -> torch.Tensor:
+    """`y` with the labels at `idx` moved to a class drawn uniformly from the other classes."""
+    offset = torch.randint(1, num_classes, (len(idx),), generator=generator).to(y.device)
+    y = y.clone()
+    y[idx] = (y[idx] + offset) % num_classes
+    return y
+
+
+GcLabels = Literal["keep", "flip"]
 
 
 def gaussian(
@@ -221,7 +232,7 @@ def gradient_canceling(
     *,
     n: int = 100,
     target_acc: float = 0.5,
-    labels: Literal["keep", "flip"] = "keep",
+    labels: GcLabels = "keep",
     eps: float = 1.0,
     steps: int = 200,
     lr: float = 0.1,
@@ -249,7 +260,7 @@ def gradient_canceling(
     on each poison's change in pixel units of the [0, 1] image; 1.0 leaves the inputs free in the
     valid range (Lu et al.'s setting).
     """
-    if labels not in ("keep", "flip") or not 0 < eps <= 1:
+    if labels not in get_args(GcLabels) or not 0 < eps <= 1:
         raise ValueError(
             f"gradient_canceling: labels={labels!r}, eps={eps}; "
             "allowed: labels in ('keep', 'flip'), 0 < eps <= 1"
@@ -259,8 +270,7 @@ def gradient_canceling(
     idx = _draw(rows, n, generator, "gradient_canceling")
     y = split.y_train.clone()
     if labels == "flip":
-        offset = torch.randint(1, split.num_classes, (n,), generator=generator).to(y.device)
-        y[idx] = (y[idx] + offset) % split.num_classes
+        y = _flip(y, idx, split.num_classes, generator)
     x0 = split.x_train[idx]
     ball = eps * (hi - lo)  # the l-inf ball, intersected with the valid range
     lo_p, hi_p = torch.maximum(x0 - ball, lo), torch.minimum(x0 + ball, hi)
@@ -326,9 +336,7 @@ def label_flip(split: Split, generator: torch.Generator, *, n: int = 100) -> Poi
     """Give n random train rows a label drawn uniformly from the other classes (inputs kept)."""
     rows = torch.arange(len(split.y_train), device=split.y_train.device)
     idx = _draw(rows, n, generator, "label_flip")
-    y = split.y_train.clone()
-    offset = torch.randint(1, split.num_classes, (n,), generator=generator).to(y.device)
-    y[idx] = (y[idx] + offset) % split.num_classes
+    y = _flip(split.y_train, idx, split.num_classes, generator)
     return Poisoned(split.x_train.clone(), y, idx)
 
 

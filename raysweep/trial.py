@@ -113,8 +113,13 @@ def poison(spec: Spec, store: Store, split: Split, seed: int) -> Poisoned:
     different poisons while sharing one checkpoint. Stored as poisons/<key>/ (checkpoints.py).
     """
     # noise_shape: text models decide where the Gaussian noise lives (their embedding width).
-    cfg = {"role": "poisons", "dataset": spec.dataset, "data": split.source}
-    cfg |= {"attack": spec.attack, "seed": seed}
+    cfg = {
+        "role": "poisons",
+        "dataset": spec.dataset,
+        "data": split.source,
+        "attack": spec.attack,
+        "seed": seed,
+    }
     cfg["noise_shape"] = list(split.noise_shape) if split.noise_shape else None
 
     def craft():
