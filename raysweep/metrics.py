@@ -56,8 +56,18 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     return (logits(model, x).argmax(1) == y).float().mean().item()
 
 
-def losses(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits(model, x), y, reduction="none")
+def log_odds_against(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per row, log((1 - p_y) / p_y) = logsumexp over k != y of (z_k - z_y), from the logits.
+
+    The cross-entropy loss is softplus of it, so it ranks rows exactly as the loss does, but it
+    keeps full relative precision however confident the model is: once 1 - p_y falls below the
+    float's resolution the loss rounds to 0 (float32: rows tie at 0) and its gradient p - e_y
+    loses the true class (p_y - 1 rounds to 0), while this stays graded. Its gradient is
+    (p - e_y) / (1 - p_y): the loss gradient's direction, with the factor that underflows
+    divided out.
+    """
+    z = logits - logits.gather(1, y[:, None])
+    return torch.logsumexp(z.masked_fill(F.one_hot(y, z.shape[1]).bool(), -math.inf), dim=1)
 
 
 def as_float64(model: nn.Module) -> nn.Module:
@@ -69,22 +79,25 @@ def as_float64(model: nn.Module) -> nn.Module:
 
 
 def batch_input_gradients(model64: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Per-sample gradients of the loss w.r.t. the clean input (models.noise_space: pixels, or
-    token embeddings) of one batch, from one backward pass.
+    """Per-sample input-gradient directions of the loss at the clean input (models.noise_space:
+    pixels, or token embeddings) of one batch, from one backward pass.
 
-    In eval mode the samples of a batch do not interact, so the gradient of the summed loss with
-    respect to the batch input is exactly the stack of per-sample input gradients.
+    Each row is grad_x loss / (1 - p_y), the gradient of `log_odds_against`: exactly the loss
+    gradient's direction (all the Gaussian score uses), also on rows where p_y rounds to 1 and
+    the loss's own gradient would point the wrong way. In eval mode the samples of a batch do
+    not interact, so the gradient of the summed objective with respect to the batch input is
+    exactly the stack of per-sample gradients.
     """
     embed, rest = noise_space(model64)
     r = embed(x).double().detach().requires_grad_(True)
-    (g,) = torch.autograd.grad(F.cross_entropy(rest(r, x), y, reduction="sum"), r)
+    (g,) = torch.autograd.grad(log_odds_against(rest(r, x), y).sum(), r)
     return g.flatten(1)
 
 
 def input_gradients(
     model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 256
 ) -> torch.Tensor:
-    """Per-sample input gradients in float64, one backward pass per batch of `batch_size`."""
+    """Per-sample input-gradient directions in float64, one backward pass per `batch_size` rows."""
     model64 = as_float64(model)
     chunks = range(0, len(x), batch_size)
     return torch.cat(
@@ -98,68 +111,108 @@ def input_gradients(
 def gaussian_scores(
     model: nn.Module, x_clean: torch.Tensor, y: torch.Tensor, noise: torch.Tensor, eps: float
 ) -> torch.Tensor:
-    """I_i = <xi_i, g_i> / (eps ||g_i||) in float64, one per row."""
+    """I_i = <xi_i, g_i> / (eps ||g_i||) in float64, one per row; NaN where g_i is zero or not
+    finite (a dead unit or a diverged model): such a gradient says nothing about the noise."""
     g = input_gradients(model, x_clean, y)
     xi = noise.flatten(1).double().to(g.device)
-    return (xi * g).sum(1) / (eps * g.norm(dim=1).clamp_min(1e-300))
+    norm = g.norm(dim=1)
+    scores = (xi * g).sum(1) / (eps * norm)
+    return scores.masked_fill(~(torch.isfinite(g).all(1) & (norm > 0)), math.nan)
 
 
 def summarise_scores(scores: torch.Tensor) -> dict[str, float]:
-    """gus = mean(I); z = gus * sqrt(n) (I ~ N(0,1) under the null); two-sided p; TPR at 1% FPR."""
-    n = len(scores)
-    gus = scores.mean().item()
+    """Over the informative (non-NaN) scores: gus = mean(I); z = gus * sqrt(n) (I ~ N(0,1) under
+    the null); two-sided p; TPR at 1% FPR; and how many were degenerate (NaN, left out)."""
+    valid = scores[~scores.isnan()]
+    n = len(valid)
+    gus = valid.mean().item() if n else math.nan
     z = gus * math.sqrt(n)
     return {
         "gus": gus,
         "gus_z": z,
         "gus_p": float(2 * norm.sf(abs(z))),
-        "tpr_at_1fpr": (scores <= Z_AT_FPR).double().mean().item(),
+        "tpr_at_1fpr": (valid <= Z_AT_FPR).double().mean().item() if n else math.nan,
+        "gus_degenerate": float(len(scores) - n),
     }
+
+
+def poison_scores(model: nn.Module, probe: Probe, noise: torch.Tensor | None = None):
+    """The per-poison scores I_i of the training noise (or of `noise`: the null control)."""
+    p = probe.poisoned
+    y = p.y[p.poison_idx]
+    return gaussian_scores(
+        model, probe.x_clean_poison, y, p.noise if noise is None else noise, p.eps
+    )
 
 
 def gaussian(model: nn.Module, probe: Probe) -> dict[str, float]:
     """GUS of the training noise, and the same statistic for fresh noise (must look N(0, 1))."""
     if probe.poisoned.noise is None:
         return {}
-    y = probe.poisoned.y[probe.poisoned.poison_idx]
-    scores = gaussian_scores(
-        model, probe.x_clean_poison, y, probe.poisoned.noise, probe.poisoned.eps
-    )
-    out = summarise_scores(scores)
-    control = gaussian_scores(
-        model, probe.x_clean_poison, y, probe.control_noise, probe.poisoned.eps
-    )
-    out["control_gus_z"] = summarise_scores(control)["gus_z"]
+    out = summarise_scores(poison_scores(model, probe))
+    out["control_gus_z"] = summarise_scores(poison_scores(model, probe, probe.control_noise))[
+        "gus_z"
+    ]
     return out
 
 
 def loss_mia(model: nn.Module, probe: Probe) -> dict[str, float]:
-    """Loss-threshold MIA (Yeom et al.): TPR on the forget set at 1% FPR on held-out test rows."""
-    member, nonmember = losses(model, *probe.forget), losses(model, probe.x_test, probe.y_test)
-    threshold = torch.quantile(nonmember, FPR)
-    return {"loss_mia_tpr": (member < threshold).float().mean().item()}
+    """Loss-threshold MIA (Yeom et al.): forget rows called members at 1% FPR on held-out test rows.
+
+    Rows are ranked by `log_odds_against` in float64 (the loss's order, without the float32 loss's
+    ties at exactly 0). A row is called a member when its score is strictly below the
+    floor(1% x n)-th smallest test score, so at most 1% of test rows are called members however
+    many tie; the realised FPR is reported beside the TPR.
+    """
+    member = log_odds_against(logits(model, probe.forget[0]).double(), probe.forget[1])
+    nonmember = log_odds_against(logits(model, probe.x_test).double(), probe.y_test)
+    threshold = nonmember.sort().values[int(FPR * len(nonmember))]
+    return {
+        "loss_mia_tpr": (member < threshold).double().mean().item(),
+        "loss_mia_fpr": (nonmember < threshold).double().mean().item(),
+    }
+
+
+def target_hits(model: nn.Module, probe: Probe) -> torch.Tensor:
+    """gradient_matching: per target test row, 1 if classified as y_adv."""
+    p = probe.poisoned
+    return (logits(model, probe.x_test[p.target_idx]).argmax(1) == p.y_adv).double()
 
 
 def targeted(model: nn.Module, probe: Probe) -> dict[str, float]:
     """gradient_matching: the fraction of the attack's target test rows classified as y_adv."""
-    p = probe.poisoned
-    if p.target_idx is None:
+    if probe.poisoned.target_idx is None:
         return {}
-    pred = logits(model, probe.x_test[p.target_idx]).argmax(1)
-    return {"target_adv_rate": (pred == p.y_adv).float().mean().item()}
+    return {"target_adv_rate": target_hits(model, probe).mean().item()}
+
+
+def _splits(probe: Probe) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    return {"val": (probe.x_val, probe.y_val), "test": (probe.x_test, probe.y_test)}
+
+
+def backdoor_hits(model: nn.Module, probe: Probe, x: torch.Tensor, y: torch.Tensor):
+    """Per row of (x, y) whose true class is not y_adv (those would count as successes without
+    any backdoor): 1 if the triggered row is classified as y_adv."""
+    p = probe.poisoned
+    return (logits(model, p.triggered(x[y != p.y_adv])).argmax(1) == p.y_adv).double()
 
 
 def backdoor(model: nn.Module, probe: Probe) -> dict[str, float]:
-    """Backdoor attack success rate: triggered val/test rows classified as y_adv, over the rows
-    whose true class is not y_adv (those would count as successes without any backdoor)."""
-    p = probe.poisoned
-    if p.trigger is None:
+    """Backdoor attack success rate on triggered val/test rows (`backdoor_hits`)."""
+    if probe.poisoned.trigger is None:
         return {}
-    out = {}
-    for split, x, y in (("val", probe.x_val, probe.y_val), ("test", probe.x_test, probe.y_test)):
-        pred = logits(model, p.triggered(x[y != p.y_adv])).argmax(1)
-        out[f"backdoor_asr_{split}"] = (pred == p.y_adv).float().mean().item()
-    return out
+    return {
+        f"backdoor_asr_{split}": backdoor_hits(model, probe, x, y).mean().item()
+        for split, (x, y) in _splits(probe).items()
+    }
+
+
+def errors(model: nn.Module, probe: Probe) -> dict[str, torch.Tensor]:
+    """Per val/test row, 1 if misclassified."""
+    return {
+        split: (logits(model, x).argmax(1) != y).double()
+        for split, (x, y) in _splits(probe).items()
+    }
 
 
 def clean_acc(model: nn.Module, probe: Probe) -> dict[str, float]:
@@ -180,19 +233,33 @@ METRICS = {
     "text_backdoor": text.backdoor_asr,
 }
 
-# The attack's effect E (higher = stronger poison) from a model's metrics, per split. For the
-# accuracy attacks E is the clean error, so E_before - E_retrain is the accuracy drop the poison
-# caused and r = (acc_retrain - acc_after) / (acc_retrain - acc_before). gradient_matching's
-# targets are fixed test rows chosen by the attacker, with no val counterpart: both splits read
-# the same rate, so tuning sees the targets (the paper's setting; noted in the report).
-_error = lambda m, split: 1 - m[f"clean_acc_{split}"]
+
+def _both(units: torch.Tensor) -> dict[str, torch.Tensor]:
+    return {"val": units, "test": units}
+
+
+# The attack's effect E (higher = stronger poison) of a model, per split, as the units it is the
+# mean of: E = nanmean(units). Units are paired across the poisoned, unlearned and retrained
+# models (the same poisons, targets and rows), which `bootstrap_means` keeps when it resamples.
+#   gaussian: -I_i per poison (NaN where degenerate): the score is computed on the poisons
+#     themselves, in no evaluation split, so val and test read the same units;
+#   accuracy attacks: the error (0/1) per clean row, so E_before - E_retrain is the accuracy drop
+#     the poison caused and r = (acc_retrain - acc_after) / (acc_retrain - acc_before);
+#   gradient_matching: its targets are fixed test rows chosen by the attacker, with no val
+#     counterpart: both splits read the same hits, so tuning sees the targets (the paper's setting);
+#   backdoors: the hit (0/1) per triggered row of another class.
 EFFECTS = {
-    "gaussian": lambda m, split: -m["gus"],
-    "gradient_matching": lambda m, split: m["target_adv_rate"],
-    "gradient_canceling": _error,
-    "backdoor": lambda m, split: m[f"backdoor_asr_{split}"],
-    "label_flip": _error,
-    "text_backdoor": lambda m, split: m[f"backdoor_asr_{split}"],
+    "gaussian": lambda model, probe: _both(-poison_scores(model, probe)),
+    "gradient_matching": lambda model, probe: _both(target_hits(model, probe)),
+    "gradient_canceling": errors,
+    "backdoor": lambda model, probe: {
+        split: backdoor_hits(model, probe, x, y) for split, (x, y) in _splits(probe).items()
+    },
+    "label_flip": errors,
+    "text_backdoor": lambda model, probe: {
+        split: text.backdoor_hits(model, probe.poisoned, x, y)
+        for split, (x, y) in _splits(probe).items()
+    },
 }
 
 # The least E_before - E_retrain on val for an attack to count as working. Accuracy attacks: 3
@@ -213,8 +280,8 @@ def _effect_gap(attack: str):
 
 
 # Did the attack work on the poisoned model (judged against the retrain reference)? Checked
-# before any unlearning and recorded per row as `attack_ok`; a failed attack's rows stay in the
-# results, marked, and its residual r is meaningless (its denominator is about 0).
+# before any unlearning; `attack_ok` in a row is this and `resolves` (r can be measured at all).
+# A failed attack's rows stay in the results, marked, and their residual r is meaningless.
 ATTACK_OK = {
     "gaussian": lambda before, retrain: before["gus_p"] < 0.01 and before["gus"] < 0,
     **{attack: _effect_gap(attack) for attack in MIN_EFFECT},
@@ -222,18 +289,80 @@ ATTACK_OK = {
     "text_backdoor": lambda b, r: b["backdoor_asr_val"] >= max(0.5, r["backdoor_asr_val"] + 0.2),
 }
 
+# A model whose poison scores are degenerate (zero or non-finite input gradient) on more than this
+# fraction of the poisons cannot score as unlearned: its gus rests on the few rows left, and a
+# dead model (every gradient 0) would otherwise read as "no trace of the noise".
+MAX_DEGENERATE = 0.05
 
-def measure(model: nn.Module, probe: Probe, attack: str) -> dict[str, float]:
-    """Every metric of one model, plus the attack's effect on val and test."""
+
+def measure(
+    model: nn.Module, probe: Probe, attack: str
+) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+    """Every metric of one model, its effect E on val and test, and E's units per split."""
     out: dict[str, float] = {}
     for fn in METRICS.values():
         out.update(fn(model, probe))
-    out["effect_val"] = EFFECTS[attack](out, "val")
-    out["effect_test"] = EFFECTS[attack](out, "test")
-    return out
+    units = {split: u.double().cpu() for split, u in EFFECTS[attack](model, probe).items()}
+    for split, u in units.items():
+        out[f"effect_{split}"] = torch.nanmean(u).item() if len(u) else math.nan
+    return out, units
 
 
 def residual(e_after: float, e_before: float, e_retrain: float) -> float:
     """r = (E_after - E_retrain) / (E_before - E_retrain): 0 = as retrained, 1 = nothing removed."""
     denom = e_before - e_retrain
     return (e_after - e_retrain) / denom if denom != 0 else float("nan")
+
+
+# Uncertainty. E is a mean over units (poisons, targets, rows), so r inherits their sampling
+# noise: with n Gaussian poisons of sd ~1, r's standard error is about sqrt(2 / n) / (E_before -
+# E_retrain). A paired bootstrap over the units (the same resampled units for all three models)
+# gives r's interval; it keeps the pairing, which is what makes accuracy attacks measurable: the
+# models disagree on few rows, and only those move the difference.
+LEVEL = 0.95
+DRAWS = 2000
+MAX_RESOLUTION = 0.25  # attack_ok needs r resolved to about +-0.25 (see `resolution`)
+
+
+def bootstrap_means(
+    units: list[torch.Tensor], generator: torch.Generator, draws: int = DRAWS
+) -> torch.Tensor:
+    """(len(units), draws) means of the paired units, resampled with replacement together."""
+    stacked = torch.stack(units).double()
+    n = stacked.shape[1]
+    out = []
+    for start in range(0, draws, 200):  # bounded memory: 200 draws x n units at a time
+        idx = torch.randint(n, (min(200, draws - start), n), generator=generator)
+        out.append(torch.nanmean(stacked[:, idx], dim=2))
+    return torch.cat(out, dim=1)
+
+
+def _interval(samples: torch.Tensor) -> tuple[float, float]:
+    q = torch.tensor([(1 - LEVEL) / 2, (1 + LEVEL) / 2], dtype=samples.dtype)
+    lo, hi = torch.nanquantile(samples, q).tolist()
+    return lo, hi
+
+
+def residual_interval(
+    before: torch.Tensor, after: torch.Tensor, retrain: torch.Tensor, generator: torch.Generator
+) -> tuple[float, float]:
+    """The 95% percentile-bootstrap interval of r from the three models' paired effect units."""
+    if before.numel() == 0:
+        return math.nan, math.nan
+    b, a, r = bootstrap_means([before, after, retrain], generator)
+    return _interval((a - r) / (b - r))
+
+
+def resolution(before: torch.Tensor, retrain: torch.Tensor, generator: torch.Generator) -> float:
+    """Half-width of the 95% bootstrap interval of E_before - E_retrain, relative to it.
+
+    That is about the half-width of any r's interval on this seed (r's numerator is measured with
+    the same noise as its denominator), so a resolution of 0.4 means an r of 0.5 and one of 1.0
+    cannot be told apart. Infinite when the poisoned model shows no effect over the retrain.
+    """
+    gap = (before.nanmean() - retrain.nanmean()).item() if before.numel() else 0.0
+    if not gap > 0:
+        return math.inf
+    b, r = bootstrap_means([before, retrain], generator)
+    lo, hi = _interval(b - r)
+    return (hi - lo) / 2 / gap

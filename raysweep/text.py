@@ -283,18 +283,23 @@ def text_backdoor(
     return Poisoned(x, y, idx, y_adv=y_adv, trigger_ids=ids)
 
 
-def backdoor_asr(model: nn.Module, probe: Probe) -> dict[str, float]:
-    """Attack success rate: triggered val/test reviews not of class y_adv classified y_adv."""
+def backdoor_hits(model: nn.Module, poisoned, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per review of (x, y) not of class y_adv: 1 if the triggered review is classified y_adv."""
     from .metrics import logits
 
+    other = y != poisoned.y_adv
+    # The same positions for every model measured: a fixed generator, not the trial's.
+    xt = insert_trigger(x[other], poisoned.trigger_ids, torch.Generator().manual_seed(0))
+    return (logits(model, xt).argmax(1) == poisoned.y_adv).double()
+
+
+def backdoor_asr(model: nn.Module, probe: Probe) -> dict[str, float]:
+    """Attack success rate: triggered val/test reviews not of class y_adv classified y_adv."""
     poisoned = probe.poisoned
     if poisoned.trigger_ids is None:
         return {}
     out = {}
     for name, x, y in (("val", probe.x_val, probe.y_val), ("test", probe.x_test, probe.y_test)):
-        other = y != poisoned.y_adv
-        # The same positions for every model measured: a fixed generator, not the trial's.
-        xt = insert_trigger(x[other], poisoned.trigger_ids, torch.Generator().manual_seed(0))
-        hit = logits(model, xt).argmax(1) == poisoned.y_adv
-        out[f"backdoor_asr_{name}"] = hit.float().mean().item() if len(hit) else float("nan")
+        hit = backdoor_hits(model, poisoned, x, y)
+        out[f"backdoor_asr_{name}"] = hit.mean().item() if len(hit) else float("nan")
     return out

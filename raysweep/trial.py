@@ -21,7 +21,16 @@ from .attacks import ATTACKS, Poisoned, from_tensors, to_tensors
 from .budget import Meter, train_cost
 from .checkpoints import ensure, ensure_artifact, key_of
 from .data import DATASETS, Split
-from .metrics import ATTACK_OK, Probe, gaussian_scores, measure, residual
+from .metrics import (
+    ATTACK_OK,
+    MAX_DEGENERATE,
+    MAX_RESOLUTION,
+    Probe,
+    measure,
+    residual,
+    residual_interval,
+    resolution,
+)
 from .models import MODELS, carry_noise, noise_shape, seeded
 from .spec import Spec, validate
 from .storage import Store, open_store
@@ -62,8 +71,10 @@ class Setup:
     poisoned_state: dict
     before: dict  # metrics of the poisoned model
     retrain: dict  # metrics of the retrain reference
-    before_scores: list[float] | None  # per-poison Gaussian scores I_i (report's histograms)
-    retrain_scores: list[float] | None
+    before_units: dict[str, torch.Tensor]  # per split, the units the effect E is the mean of
+    retrain_units: dict[str, torch.Tensor]
+    attack_ok: bool  # the attack worked, and well enough to resolve r (metrics.resolution)
+    resolution: float
 
 
 def build_model(
@@ -179,7 +190,13 @@ def prepare(spec_json: str, store_uri: str, seed: int) -> Setup:
     attack = spec.attack["name"]
     model_p = _loaded(spec, split, poisoned, state_p)
     model_r = _loaded(spec, split, poisoned, state_r)
-    before, after_retrain = measure(model_p, probe, attack), measure(model_r, probe, attack)
+    (before, units_p), (after_retrain, units_r) = (
+        measure(model_p, probe, attack),
+        measure(model_r, probe, attack),
+    )
+    # Judged on val, as tuning reads it; one fixed bootstrap stream per seed.
+    res = resolution(units_p["val"], units_r["val"], generator(seed, "resolution"))
+    worked = ATTACK_OK[attack](before, after_retrain) and res <= MAX_RESOLUTION
     c_train = train_cost(epochs, len(poisoned.y))
     return Setup(
         split,
@@ -191,22 +208,35 @@ def prepare(spec_json: str, store_uri: str, seed: int) -> Setup:
         state_p,
         before,
         after_retrain,
-        poison_scores(model_p, probe),
-        poison_scores(model_r, probe),
+        units_p,
+        units_r,
+        worked,
+        res,
     )
 
 
-def poison_scores(model: torch.nn.Module, probe: Probe) -> list[float] | None:
-    """The per-poison scores I_i behind gus (None without Gaussian noise), kept for the report.
+def stored_scores(spec: Spec, units: dict[str, torch.Tensor]) -> list[float] | None:
+    """The per-poison scores I_i behind gus (None without Gaussian noise), kept in the row so
+    the report can draw the paper's Figure 6 from the Parquet rows alone; NaN = degenerate."""
+    return (-units["test"]).tolist() if spec.attack["name"] == "gaussian" else None
 
-    A second input-gradient pass over the poisons only (cheap next to unlearning), so the report
-    can draw the paper's Figure 6 from the Parquet rows alone, without torch or checkpoints.
-    """
-    p = probe.poisoned
-    if p.noise is None:
-        return None
-    y = p.y[p.poison_idx]
-    return gaussian_scores(model, probe.x_clean_poison, y, p.noise, p.eps).tolist()
+
+def infeasible_reason(spec: Spec, retrain: dict, after: dict, n_poisons: int) -> str | None:
+    """Why an unlearned model cannot count as a result (None if it can): it lost more clean
+    accuracy than delta allows, or too many of its poison scores carry no information."""
+    shortfall = retrain["clean_acc_val"] - spec.delta - after["clean_acc_val"]
+    if shortfall > 0:
+        return (
+            f"clean_acc_val {after['clean_acc_val']:.3f} < retrain's "
+            f"{retrain['clean_acc_val']:.3f} - delta {spec.delta:g}"
+        )
+    degenerate = after.get("gus_degenerate", 0.0)
+    if degenerate > MAX_DEGENERATE * n_poisons:
+        return (
+            f"{degenerate:.0f} of {n_poisons} poison gradients are zero or non-finite "
+            f"(more than {MAX_DEGENERATE:.0%}): the Gaussian score cannot see the noise"
+        )
+    return None
 
 
 def _loaded(spec: Spec, split: Split, poisoned: Poisoned, state: dict) -> torch.nn.Module:
@@ -242,16 +272,23 @@ def run_trial(
     gen = generator(seed, method, budget, number)
     with autocast(spec.train.get("precision", "fp32"), model):  # as the model was trained
         UNLEARNERS[method](model, setup.probe.forget, setup.probe.retain, meter, gen, **params)
-    after = measure(model.eval(), setup.probe, spec.attack["name"])
+    after, units = measure(model.eval(), setup.probe, spec.attack["name"])
 
     r_val = residual(after["effect_val"], setup.before["effect_val"], setup.retrain["effect_val"])
     r_test = residual(
         after["effect_test"], setup.before["effect_test"], setup.retrain["effect_test"]
     )
     # r is NaN, not an error, when the attack had no effect (E_before = E_retrain): that trial
-    # is kept and marked by attack_ok. A non-finite accuracy or effect means divergence.
-    if not all(math.isfinite(v) for v in (after["effect_val"], after["clean_acc_val"])):
+    # is kept and marked by attack_ok. A non-finite accuracy means divergence.
+    if not math.isfinite(after["clean_acc_val"]):
         raise FloatingPointError(f"{method}: non-finite result; the model diverged")
+    r_lo, r_hi = residual_interval(
+        setup.before_units["test"],
+        units["test"],
+        setup.retrain_units["test"],
+        generator(seed, method, budget, number, "bootstrap"),
+    )
+    reason = infeasible_reason(spec, setup.retrain, after, len(setup.poisoned.poison_idx))
     shortfall = setup.retrain["clean_acc_val"] - spec.delta - after["clean_acc_val"]
     row = {
         "seed": seed,
@@ -261,27 +298,32 @@ def run_trial(
         "budget_units": meter.used,
         "residual_val": r_val,
         "residual": r_test,
-        "attack_ok": ATTACK_OK[spec.attack["name"]](setup.before, setup.retrain),
-        "feasible": shortfall <= 0,
-        "objective": objective(r_val, shortfall),
+        "residual_lo": r_lo,
+        "residual_hi": r_hi,
+        "attack_ok": setup.attack_ok,
+        "resolution": setup.resolution,
+        "feasible": reason is None,
+        "infeasible_reason": reason,
+        "objective": objective(r_val, shortfall, reason is None),
         "wall_s": time.time() - started,
         **{f"before_{k}": v for k, v in setup.before.items()},
         **{f"after_{k}": v for k, v in after.items()},
         **{f"retrain_{k}": v for k, v in setup.retrain.items()},
-        "before_scores": setup.before_scores,
-        "after_scores": poison_scores(model, setup.probe),
-        "retrain_scores": setup.retrain_scores,
+        "before_scores": stored_scores(spec, setup.before_units),
+        "after_scores": stored_scores(spec, units),
+        "retrain_scores": stored_scores(spec, setup.retrain_units),
     }
     report(row)
     return row
 
 
-def objective(r_val: float, shortfall: float) -> float:
+def objective(r_val: float, shortfall: float, feasible: bool) -> float:
     """Minimise |r| on val subject to clean_acc_val >= retrain's - delta (DESIGN section 5).
 
     |r|, not r: overshooting the retrain reference (r < 0, e.g. a Gaussian score pushed positive)
     leaves a detectable trace too, and "better than retraining" is not what unlearning promises.
-    An infeasible trial scores 10 + its accuracy shortfall: worse than any feasible trial with
-    |r| < 10 (|r| = 1 already means nothing was removed), and graded so the sampler can climb out.
+    An infeasible trial scores 10 + its accuracy shortfall (at least 0): worse than any feasible
+    trial with |r| < 10 (|r| = 1 already means nothing was removed), and graded so the sampler can
+    climb out. A model with too many degenerate poison scores is infeasible however accurate.
     """
-    return abs(r_val) if shortfall <= 0 else 10.0 + shortfall
+    return abs(r_val) if feasible else 10.0 + max(shortfall, 0.0)

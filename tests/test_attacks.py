@@ -264,10 +264,14 @@ def _probe(p) -> Probe:
 @pytest.mark.parametrize("attack", sorted(FAST))
 def test_every_attack_has_an_effect_a_check_and_recorded_columns(attack):
     model = seeded(lambda: cnn(split().input_shape, 10, width=4), torch.Generator())
-    m = measure(model, _probe(poisoned(attack)), attack)
+    m, units = measure(model, _probe(poisoned(attack)), attack)
     assert attack in EFFECTS and attack in ATTACK_OK
-    for k in ("effect_val", "effect_test"):
+    for part in ("val", "test"):
+        k = f"effect_{part}"
         assert isinstance(m[k], float) and m[k] == m[k]  # finite, not NaN
+        # E is the mean of its units: what the bootstrap of r resamples
+        assert units[part].dtype == torch.float64 and len(units[part]) > 0
+        assert m[k] == pytest.approx(units[part].nanmean().item(), abs=1e-12)
     # Every metric lands in a Parquet column: nothing measured is silently dropped.
     assert set(m) <= set(results.METRICS)
     assert isinstance(ATTACK_OK[attack](m, m), bool)
