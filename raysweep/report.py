@@ -66,8 +66,11 @@ def markdown(table: pd.DataFrame, experiment: str, df: pd.DataFrame) -> str:
         "Each cell's setting was chosen on **val** (minimise r subject to clean accuracy >= "
         "retrain's - delta); every number below is on **test** (or the poisons' own Gaussian "
         "scores), as mean ± std over "
-        + (f"the confirmation seeds {', '.join(map(str, seeds))}." if seeds else "one run."),
-        "r = 1: nothing removed (poisoned); r = 0: as good as retraining.",
+        + (f"the confirmation seeds {', '.join(map(str, seeds))}" if seeds else "one run")
+        + " where the unlearned model was feasible (`feasible`: how many of the n were).",
+        "r = 1: nothing removed (poisoned); r = 0: as good as retraining. `r 95% CI` spans every "
+        "feasible run's paired-bootstrap interval over the poisons (or rows): methods whose "
+        "spans overlap are not told apart.",
         "",
         markdown_table(table),
     ]
@@ -75,21 +78,32 @@ def markdown(table: pd.DataFrame, experiment: str, df: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+def _interval(row: dict) -> str:
+    if row["source"] == "reference" or pd.isna(row["residual_lo"]):
+        return ""
+    return f"[{row['residual_lo']:.2f}, {row['residual_hi']:.2f}]"
+
+
+def _count(k: int, n: int) -> str:
+    return "yes" if k == n else ("**no**" if k == 0 else f"{k}/{n}")
+
+
 def markdown_table(table: pd.DataFrame) -> str:
-    """Just the table: one line per reference and per cell, mean ± std where there are seeds."""
-    cols = ["attack", "method", "budget", "n", "attack worked", *HEADERS.values()]
-    cols += ["feasible (tuning)", "setting"]
+    """Just the table: one line per reference and per cell; a cell's numbers are mean ± std over
+    its feasible runs, and its `feasible` column says how many of the n runs those are."""
+    cols = ["attack", "method", "budget", "n", "attack worked", "feasible", "r", "r 95% CI"]
+    cols += [HEADERS[k] for k in HEADERS if k != "residual"] + ["setting"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for row in table.to_dict("records"):
         budget = "" if pd.isna(row["budget"]) else f"{row['budget']:g}"
-        ok, n = row["attack_ok"], row["n"]
-        worked = "yes" if ok == n else ("**no**" if ok == 0 else f"{ok}/{n}")
+        ref = row["source"] == "reference"
+        feasible = "" if ref else _count(int(row["feasible"]), row["n"])
         stats = [_pm(row[k], row[f"{k}_std"]) for k in HEADERS]
-        feasible = "" if row["source"] == "reference" else ("yes" if row["feasible"] else "no")
         setting = "" if pd.isna(row["setting"]) else row["setting"]
-        cells = [row["attack"], row["method"], budget, str(row["n"]), worked, *stats, feasible]
-        lines.append("| " + " | ".join([*cells, setting]) + " |")
-    warnings = results.attack_warnings(table)  # below the table, never only in a column
+        cells = [row["attack"], row["method"], budget, str(row["n"])]
+        cells += [_count(row["attack_ok"], row["n"]), feasible, stats[0], _interval(row)]
+        lines.append("| " + " | ".join([*cells, *stats[1:], setting]) + " |")
+    warnings = results.attack_warnings(table) + results.feasibility_warnings(table)
     return "\n".join(lines + ([""] + warnings if warnings else []))
 
 
@@ -148,7 +162,8 @@ def _largest_budget(table: pd.DataFrame) -> pd.DataFrame:
 
 def _scores(rows: pd.DataFrame, column: str) -> np.ndarray:
     kept = [np.asarray(s, dtype=float) for s in rows[column] if s is not None]
-    return np.concatenate(kept) if kept else np.array([])
+    scores = np.concatenate(kept) if kept else np.array([])
+    return scores[~np.isnan(scores)]  # degenerate poisons (zero gradient) carry no score
 
 
 def gaussian_scores(table: pd.DataFrame, df: pd.DataFrame) -> Figure:

@@ -17,6 +17,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .metrics import MAX_RESOLUTION
 from .spec import Spec, distributions
 from .storage import Store
 
@@ -64,7 +65,8 @@ COLUMNS = {
     "retrain_key": pa.string(),
     "attack_ok": pa.bool_(),
     "resolution": pa.float64(),  # relative half-width of E_before - E_retrain's 95 % interval
-    "feasible": pa.bool_(),
+    "feasible": pa.bool_(),  # on val: what tuning reads
+    "feasible_test": pa.bool_(),  # on test: which runs the report averages
     "infeasible_reason": pa.string(),
     "objective": pa.float64(),
     "residual_val": pa.float64(),
@@ -205,34 +207,58 @@ def reference_rows(df: pd.DataFrame, attack: str, seeds) -> pd.DataFrame:
 
 def attack_warnings(table: pd.DataFrame) -> list[str]:
     """One line per attack that did not work on every seed's poisoned model (`attack_ok` false):
-    its rows stay in the table, marked, but their r compares against an effect that is not there."""
+    its rows stay in the table, marked, but their r compares against an effect that is not there
+    or too weak to resolve r."""
     refs = table[table["method"] == "poisoned"]
     return [
         f"warning: {row['attack']}: the attack worked on {row['attack_ok']} of {row['n']} seeds' "
-        "poisoned models (attack_ok); r is meaningless where it did not"
+        f"poisoned models (attack_ok: its effect, resolving r to ±{MAX_RESOLUTION:g}); r is "
+        "meaningless where it did not"
         for row in refs.to_dict("records")
         if row["attack_ok"] < row["n"]
     ]
 
 
+def feasibility_warnings(table: pd.DataFrame) -> list[str]:
+    """One line per cell whose chosen setting was infeasible on some of its runs (`feasible`)."""
+    cells = table[(table["source"] != "reference") & (table["feasible"] < table["n"])]
+    return [
+        f"warning: {row['attack']}: {row['method']} at {row['budget']:g}: infeasible on "
+        f"{row['n'] - row['feasible']} of {row['n']} runs (rows' infeasible_reason); its numbers "
+        f"are over the other {row['feasible']}"
+        for row in cells.to_dict("records")
+    ]
+
+
 def table(df: pd.DataFrame) -> pd.DataFrame:
     """The paper-style table: per attack, the poisoned and retrain references, then each cell's
-    best setting (chosen on val), reported on test as mean and std over its confirmation seeds
-    (or the single tuning run when the cell has none)."""
+    best setting (chosen on val), reported on test over its confirmation seeds (or the single
+    tuning run when the cell has none).
+
+    Nothing is hidden: `feasible` counts the runs whose unlearned model met the utility
+    constraint on test (and had informative poison scores) out of `n`; the means and stds are over those
+    feasible runs only, and `residual_lo`/`residual_hi` span every feasible run's 95% interval
+    of r (the hull), so two methods whose spans overlap are not told apart by this table.
+    """
     counts = df[df["phase"] == "tune"].groupby(["attack", "method", "budget"])["status"]
     cells, seeds = [], {}
     for best, runs, source in chosen(df):
         key = (best["attack"], best["method"], best["budget"])
         seeds.setdefault(key[0], set()).update(runs["seed"])
+        feasible = runs[runs["feasible_test"].astype(bool)]
         row = {"attack": key[0], "method": key[1], "budget": key[2], "source": source}
         row |= {"n": len(runs), "seeds": ",".join(map(str, sorted(runs["seed"])))}
         row |= {"attack_ok": int(runs["attack_ok"].sum())}  # seeds whose attack worked
         row |= {"trials": counts.size()[key], "failed": int((counts.get_group(key) != "ok").sum())}
-        row |= {"tuned_trial": best["trial_number"], "feasible": best["feasible"]}
+        row |= {"tuned_trial": best["trial_number"], "feasible": len(feasible)}
         row |= {"setting": _setting(best)}
         row |= _stats(
-            runs, {"residual": "residual"} | {k: f"after_{c}" for k, c in REPORTED.items()}
+            feasible, {"residual": "residual"} | {k: f"after_{c}" for k, c in REPORTED.items()}
         )
+        row |= {
+            "residual_lo": feasible["residual_lo"].min(),
+            "residual_hi": feasible["residual_hi"].max(),
+        }
         cells.append(row)
     refs = []
     for attack, used in sorted(seeds.items()):
@@ -246,6 +272,7 @@ def table(df: pd.DataFrame) -> pd.DataFrame:
             refs.append(ref)
     out = pd.DataFrame(refs + cells)
     order = ["attack", "method", "budget", "source", "n", "seeds", "attack_ok", "trials", "failed"]
-    order += ["tuned_trial", "feasible", "setting"]
-    order += [c for s in STATS for c in (s, f"{s}_std")]
+    order += ["tuned_trial", "feasible", "setting", "residual", "residual_std"]
+    order += ["residual_lo", "residual_hi"]
+    order += [c for s in STATS[1:] for c in (s, f"{s}_std")]
     return out.reindex(columns=order).sort_values(["attack"], kind="stable", ignore_index=True)

@@ -73,7 +73,10 @@ def test_report_writes_markdown_csv_and_figures(run_dir):
             assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
     md = open(f"{run_dir}/report/report.md").read()
     assert "confirmation seeds 1, 2" in md and "| gaussian | gd | 0.05 | 2 |" in md
-    assert "| gaussian | poisoned |  | 2 | yes | 1.000 ± 0.000 |" in md
+    df = pd.read_parquet(f"{run_dir}/results")
+    per_seed = df[df["phase"] == "confirm"].drop_duplicates("seed")
+    worked = {2: "yes", 1: "1/2", 0: "**no**"}[int(per_seed["attack_ok"].sum())]
+    assert f"| gaussian | poisoned |  | 2 | {worked} |  | 1.000 ± 0.000 |  |" in md
 
 
 def test_table_equals_a_pandas_recomputation_from_parquet(run_dir):
@@ -93,9 +96,16 @@ def test_table_equals_a_pandas_recomputation_from_parquet(run_dir):
         assert sorted(runs["seed"]) == [1, 2]
         got = table[(table["method"] == method) & (table["budget"] == budget)].iloc[0]
         assert got["tuned_trial"] == best["trial_number"] and got["n"] == 2
+        # Numbers are over the feasible runs; how many those are is a column of its own.
+        kept = runs[runs["feasible_test"]]
+        assert got["feasible"] == len(kept)
         for name, col in STATS.items():
-            assert got[name] == pytest.approx(runs[col].mean(), abs=1e-12)
-            assert got[f"{name}_std"] == pytest.approx(runs[col].std(), abs=1e-12)
+            assert got[name] == pytest.approx(kept[col].mean(), abs=1e-12, nan_ok=True)
+            assert got[f"{name}_std"] == pytest.approx(kept[col].std(), abs=1e-12, nan_ok=True)
+        assert got["residual_lo"] == pytest.approx(kept["residual_lo"].min(), nan_ok=True)
+        assert got["residual_hi"] == pytest.approx(kept["residual_hi"].max(), nan_ok=True)
+        assert (runs["residual_lo"] <= runs["residual"]).all()
+        assert (runs["residual"] <= runs["residual_hi"]).all()
     per_seed = confirm.drop_duplicates("seed")
     for label, prefix in (("poisoned", "before"), ("retrain", "retrain")):
         got = table[table["method"] == label].iloc[0]
@@ -134,6 +144,8 @@ def test_table_without_confirm_rows_reports_the_tuned_best(run_dir):
 
 def test_a_failed_attack_is_marked_and_warned_about_never_averaged_in_silently(run_dir):
     df = pd.read_parquet(f"{run_dir}/results")
+    df["attack_ok"] = True
+    df["feasible_test"] = True
     clean = report.markdown_table(results.table(df))
     assert "warning" not in clean and "| gaussian | poisoned |  | 2 | yes |" in clean
     df.loc[df["seed"] == 1, "attack_ok"] = False  # one confirmation seed's attack did not work
