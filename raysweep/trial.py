@@ -278,8 +278,12 @@ def run_trial(
         after["effect_test"], setup.before["effect_test"], setup.retrain["effect_test"]
     )
     # r is NaN, not an error, when the attack had no effect (E_before = E_retrain): that trial
-    # is kept and marked by attack_ok. A non-finite accuracy means divergence.
-    if not math.isfinite(after["clean_acc_val"]):
+    # is kept and marked by attack_ok. Non-finite weights mean divergence: a failed trial. (A
+    # finite but dead model is a row, infeasible: its poison scores are degenerate.)
+    finite = all(
+        torch.isfinite(p).all() for p in model.state_dict().values() if p.is_floating_point()
+    )
+    if not (finite and math.isfinite(after["clean_acc_val"])):
         raise FloatingPointError(f"{method}: non-finite result; the model diverged")
     r_lo, r_hi = residual_interval(
         setup.before_units["test"],
