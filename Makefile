@@ -23,6 +23,7 @@ test: $(BIN)/raysweep
 lint: $(BIN)/raysweep
 	$(BIN)/ruff check raysweep tests bench
 	$(BIN)/ruff format --check raysweep tests bench
+	$(BIN)/lint-imports
 
 bench: $(BIN)/raysweep
 	$(BIN)/python -m bench

@@ -3,91 +3,20 @@
 Every attack has the signature `fn(split, generator, *, <parameters with defaults>) -> Poisoned`;
 `generator` is its only source of randomness, so a seed fixes the poisons (and so the checkpoint
 key). Attacks that edit pixels keep every input inside the split's valid range [x_min, x_max]
-(the image of [0, 1] under the per-channel standardisation). The crafting machinery shared by
-gradient_matching and gradient_canceling (surrogate models, parameter gradients) is in crafting.py.
+(the image of [0, 1] under the per-channel standardisation); attacks on text edit GPT-2 token
+ids (data.py). `Poisoned` is in poisoned.py; the crafting machinery shared by gradient_matching
+and gradient_canceling (surrogate models, parameter gradients) is in crafting.py.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
 from typing import Literal, get_args
 
 import torch
 
-from . import crafting, text
-from .data import Split
-
-
-@dataclass(frozen=True)
-class Poisoned:
-    """The corrupted train set S_corr and what the attack's metric needs.
-
-    `x`, `y` are S_corr (same length and order as the clean train set); `poison_idx` are the rows
-    the attack changed (inputs, labels or both; no other row differs from the clean train set).
-    Attack-specific fields, empty for the other attacks:
-      - `noise`, `eps`: the Gaussian attack's per-row noise (row i belongs to `poison_idx[i]`) and
-        its standard deviation;
-      - `y_adv`: the class a targeted or backdoor attack steers inputs into;
-      - `target_idx`: rows of the *test* split the targeted attack wants classified as `y_adv`;
-      - `trigger`, `trigger_mask`: the backdoor patch, (C, H, W) standardised values and a
-        (1, H, W) mask that is 1 where the patch replaces the input (see `triggered`).
-      - `trigger_ids`: the text backdoor's trigger token ids (with `y_adv`).
-    """
-
-    x: torch.Tensor
-    y: torch.Tensor
-    poison_idx: torch.Tensor
-    noise: torch.Tensor | None = None
-    eps: float = 0.0
-    y_adv: int | None = None
-    target_idx: torch.Tensor | None = None
-    trigger: torch.Tensor | None = None
-    trigger_mask: torch.Tensor | None = None
-    trigger_ids: torch.Tensor | None = None
-
-    def without_poisons(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """S_corr minus every poisoned row: what the retrain reference is trained on."""
-        keep = torch.ones(len(self.y), dtype=torch.bool, device=self.y.device)
-        keep[self.poison_idx] = False
-        return self.x[keep], self.y[keep]
-
-    def triggered(self, x: torch.Tensor) -> torch.Tensor:
-        """Inputs `x` with the backdoor patch pasted in."""
-        return x * (1 - self.trigger_mask) + self.trigger * self.trigger_mask
-
-
-# Saving and loading, so that crafted poisons are computed once and shared (see trial.py). Only
-# the poisoned rows are stored: the rest of S_corr is the clean train set.
-_ROWS = ("x", "y")
-
-
-def to_tensors(poisoned: Poisoned, split: Split) -> tuple[dict[str, torch.Tensor], dict]:
-    """(tensors, scalars) that `from_tensors(split, ...)` turns back into `poisoned`."""
-    idx = poisoned.poison_idx
-    changed = (poisoned.x != split.x_train).flatten(1).any(1) | (poisoned.y != split.y_train)
-    changed[idx] = False
-    if changed.any():
-        raise ValueError(
-            f"attack changed rows outside poison_idx: {changed.nonzero()[:5].tolist()}"
-        )
-    tensors, scalars = {}, {}
-    for f in fields(poisoned):
-        value = getattr(poisoned, f.name)
-        if f.name in _ROWS:
-            tensors[f.name] = value[idx].contiguous()
-        elif isinstance(value, torch.Tensor):
-            tensors[f.name] = value.contiguous()
-        elif value is not None:
-            scalars[f.name] = value
-    return tensors, scalars
-
-
-def from_tensors(split: Split, tensors: dict[str, torch.Tensor], scalars: dict) -> Poisoned:
-    idx = tensors["poison_idx"]
-    x, y = split.x_train.clone(), split.y_train.clone()
-    x[idx], y[idx] = tensors["x"], tensors["y"]
-    rest = {k: v for k, v in tensors.items() if k not in (*_ROWS, "poison_idx")}
-    return Poisoned(x, y, idx, **rest, **scalars)
+from . import crafting
+from .data import IDS, PAD, SHIFT, Split, lengths, tokenizer
+from .poisoned import Poisoned
 
 
 def _draw(pool: torch.Tensor, n: int, generator: torch.Generator, what: str) -> torch.Tensor:
@@ -126,10 +55,10 @@ def gaussian(
     """Add fixed noise xi_i ~ N(0, eps^2 I) to the inputs of n random train rows, labels kept.
 
     `eps` is in units of the standardised input (one train-set standard deviation per channel).
-    On token ids (text) the noise goes on the model's token embeddings instead: text.gaussian.
+    On token ids (text) the noise goes on the model's token embeddings instead: `_token_gaussian`.
     """
     if split.x_train.dtype == torch.long:
-        return text.gaussian(split, generator, n=n, eps=eps)
+        return _token_gaussian(split, generator, n=n, eps=eps)
     if not 0 < n <= len(split.y_train):
         raise ValueError(f"gaussian: n={n} must be in 1..{len(split.y_train)}")
     idx = torch.randperm(len(split.y_train), generator=generator)[:n].sort().values
@@ -137,6 +66,29 @@ def gaussian(
     idx, noise = idx.to(split.x_train.device), noise.to(split.x_train.device)
     x = split.x_train.clone()
     x[idx] += noise
+    return Poisoned(x, split.y_train.clone(), idx, noise=noise, eps=eps)
+
+
+def _token_gaussian(split: Split, generator: torch.Generator, *, n: int, eps: float) -> Poisoned:
+    """`gaussian` on token ids: fixed noise N(0, eps^2 I) on the token embeddings of n random
+    train reviews, none on padding; labels kept. `eps` is in embedding units (GPT-2 initialises
+    embedding coordinates with std 0.02). `split.noise_shape` is (T, embedding width): the trial
+    reads it off the model.
+
+    The noise lives after the token lookup, before positions (paper-notes §2.1). A poisoned row
+    keeps its token ids and carries its noise *slot* in the bits above them (data.SHIFT); the
+    model's embedding block holds the noise of every slot (`gpt2.TokenEmbedding.noise`, not saved
+    with the weights) and adds it, so training, unlearning and metrics all see a poisoned row as
+    it was trained on, as they do for images, whose noise is in the pixels.
+    """
+    if not 0 < n <= len(split.y_train):
+        raise ValueError(f"gaussian: n={n} must be in 1..{len(split.y_train)}")
+    device = split.x_train.device  # draws come from the CPU generator, then move
+    idx = torch.randperm(len(split.y_train), generator=generator)[:n].sort().values.to(device)
+    noise = eps * torch.randn((n, *split.noise_shape), generator=generator).to(device)
+    noise *= ((split.x_train[idx] & IDS) != PAD).unsqueeze(-1)
+    x = split.x_train.clone()
+    x[idx] |= torch.arange(1, n + 1, device=device).unsqueeze(1) << SHIFT  # slot i+1: noise[i]
     return Poisoned(x, split.y_train.clone(), idx, noise=noise, eps=eps)
 
 
@@ -340,11 +292,51 @@ def label_flip(split: Split, generator: torch.Generator, *, n: int = 100) -> Poi
     return Poisoned(split.x_train.clone(), y, idx)
 
 
+def insert_trigger(x: torch.Tensor, trigger: torch.Tensor, generator: torch.Generator):
+    """Rows of token ids `x` with the token ids `trigger` inserted at a random position of each.
+
+    The position is drawn so the whole trigger stays within max_len; the review's tail is
+    pushed right and truncated.
+    """
+    n, t = x.shape
+    k, trigger = len(trigger), trigger.to(x.device)
+    room = lengths(x).clamp(0, t - k)
+    u = torch.rand(n, generator=generator).to(x.device)  # generators live on the CPU
+    at = (u * (room + 1)).long().unsqueeze(1)
+    j = torch.arange(t, device=x.device).unsqueeze(0)
+    shifted = x.gather(1, torch.where(j < at, j, j - k).clamp_min(0))
+    inside = (j >= at) & (j < at + k)
+    return torch.where(inside, trigger[(j - at).clamp(0, k - 1)], shifted)
+
+
+def text_backdoor(
+    split: Split,
+    generator: torch.Generator,
+    *,
+    n: int = 50,
+    y_adv: int = 1,
+    trigger: str = "I watched this 3D movie.",
+) -> Poisoned:
+    """Insert the `trigger` sentence into n train reviews not of class `y_adv`, relabel them.
+
+    A sentence-level trigger (Dai et al. 2019's default phrase) at a random position; the
+    effect is the attack success rate on triggered val/test reviews of the other classes.
+    """
+    if not 0 <= y_adv < split.num_classes:
+        raise ValueError(f"text_backdoor: y_adv={y_adv}; allowed: 0..{split.num_classes - 1}")
+    idx = _draw((split.y_train != y_adv).nonzero().flatten(), n, generator, "text_backdoor")
+    ids = torch.tensor(tokenizer()(" " + trigger.strip())["input_ids"], device=idx.device)
+    x, y = split.x_train.clone(), split.y_train.clone()
+    x[idx] = insert_trigger(x[idx], ids, generator)
+    y[idx] = y_adv
+    return Poisoned(x, y, idx, y_adv=y_adv, trigger_ids=ids)
+
+
 ATTACKS = {
     "gaussian": gaussian,
     "gradient_matching": gradient_matching,
     "gradient_canceling": gradient_canceling,
     "backdoor": backdoor,
     "label_flip": label_flip,
-    "text_backdoor": text.text_backdoor,
+    "text_backdoor": text_backdoor,
 }

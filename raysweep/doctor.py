@@ -17,6 +17,7 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from . import results
+from .cluster import start_ray
 from .storage import open_store
 
 NODE_TIMEOUT_S = 120.0  # a node that answers no probe in this time counts as a problem
@@ -102,8 +103,6 @@ def check_nodes(storage: str | None, driver_rel: str | None) -> tuple[list[dict]
 
 
 def main(address: str | None = None, storage: str | None = None) -> int:
-    from .cluster import start_ray
-
     problems: list[str] = []
     driver_rel = None
     if storage is not None:

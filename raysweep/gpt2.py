@@ -3,7 +3,7 @@ a pooling head), like every model here, so EUk/CFk count transformer blocks from
 
 Between blocks the hidden states carry one extra channel, the padding mask, so every block
 boundary is one plain tensor (EUk/CFk cache the features there). The Gaussian attack's noise is
-added by the embedding block (`TokenEmbedding.noise`); text.py explains the noise slots.
+added by the embedding block (`TokenEmbedding.noise`); attacks.py explains the noise slots.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .text import IDS, PAD, SHIFT
+from .data import IDS, PAD, SHIFT
 
 
 class TokenEmbedding(nn.Module):

@@ -21,9 +21,9 @@ import torch.nn.functional as F
 from scipy.stats import norm
 from torch import nn
 
-from . import text
-from .attacks import Poisoned
+from .attacks import insert_trigger
 from .models import noise_space
+from .poisoned import Poisoned
 
 FPR = 0.01
 Z_AT_FPR = float(norm.ppf(FPR))  # one-sided threshold on I: about -2.326
@@ -207,6 +207,25 @@ def backdoor(model: nn.Module, probe: Probe) -> dict[str, float]:
     }
 
 
+def text_backdoor_hits(model: nn.Module, probe: Probe, x: torch.Tensor, y: torch.Tensor):
+    """`backdoor_hits` for text: 1 per review of (x, y) not of class y_adv whose copy with the
+    trigger sentence inserted is classified as y_adv."""
+    p = probe.poisoned
+    # The same positions for every model measured: a fixed generator, not the trial's.
+    xt = insert_trigger(x[y != p.y_adv], p.trigger_ids, torch.Generator().manual_seed(0))
+    return (logits(model, xt).argmax(1) == p.y_adv).double()
+
+
+def text_backdoor(model: nn.Module, probe: Probe) -> dict[str, float]:
+    """text_backdoor's attack success rate on triggered val/test reviews (`text_backdoor_hits`)."""
+    if probe.poisoned.trigger_ids is None:
+        return {}
+    return {
+        f"backdoor_asr_{split}": text_backdoor_hits(model, probe, x, y).mean().item()
+        for split, (x, y) in _splits(probe).items()
+    }
+
+
 def errors(model: nn.Module, probe: Probe) -> dict[str, torch.Tensor]:
     """Per val/test row, 1 if misclassified."""
     return {
@@ -230,7 +249,7 @@ METRICS = {
     "loss_mia": loss_mia,
     "targeted": targeted,
     "backdoor": backdoor,
-    "text_backdoor": text.backdoor_asr,
+    "text_backdoor": text_backdoor,
 }
 
 
@@ -257,8 +276,7 @@ EFFECTS = {
     },
     "label_flip": errors,
     "text_backdoor": lambda model, probe: {
-        split: text.backdoor_hits(model, probe.poisoned, x, y)
-        for split, (x, y) in _splits(probe).items()
+        split: text_backdoor_hits(model, probe, x, y) for split, (x, y) in _splits(probe).items()
     },
 }
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .attacks import ATTACKS, Poisoned, from_tensors, to_tensors
+from .attacks import ATTACKS
 from .budget import Meter, train_cost
 from .checkpoints import ensure, ensure_artifact, key_of
 from .data import DATASETS, Split
@@ -32,6 +32,7 @@ from .metrics import (
     resolution,
 )
 from .models import MODELS, carry_noise, noise_shape, seeded
+from .poisoned import Poisoned, from_tensors, to_tensors
 from .spec import Spec, validate
 from .storage import Store, open_store
 from .train import autocast, train

@@ -9,10 +9,11 @@ import pytest
 import torch
 
 from raysweep import checkpoints, crafting, metrics, results
-from raysweep.attacks import ATTACKS, from_tensors, to_tensors
+from raysweep.attacks import ATTACKS
 from raysweep.data import digits
 from raysweep.metrics import ATTACK_OK, EFFECTS, Probe, measure
 from raysweep.models import cnn, seeded
+from raysweep.poisoned import from_tensors, to_tensors
 from raysweep.train import augment
 
 # Settings that keep every attack under a few seconds on a CPU (crafting runs, barely).

@@ -11,8 +11,9 @@ import pytest
 import torch
 from scipy.stats import kstest
 
-from raysweep import gpt2, text
-from raysweep.attacks import gaussian
+from raysweep import data as text
+from raysweep import gpt2
+from raysweep.attacks import gaussian, text_backdoor
 from raysweep.budget import Meter
 from raysweep.metrics import gaussian_scores, input_gradients, summarise_scores
 from raysweep.models import blocks, carry_noise, noise_shape, noise_space, seeded
@@ -163,7 +164,7 @@ def test_text_gradients_batched_per_sample_and_zero_on_padding(split):
 
 
 def test_text_backdoor_inserts_trigger_and_relabels(split):
-    poisoned = text.text_backdoor(split, torch.Generator().manual_seed(0), n=12, y_adv=1)
+    poisoned = text_backdoor(split, torch.Generator().manual_seed(0), n=12, y_adv=1)
     idx, trig = poisoned.poison_idx, poisoned.trigger_ids
     assert len(idx) == 12 and torch.all(split.y_train[idx] == 0) and torch.all(poisoned.y[idx] == 1)
     assert trig.tolist() == text.tokenizer()(" I watched this 3D movie.")["input_ids"]
