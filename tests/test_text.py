@@ -11,8 +11,7 @@ import pytest
 import torch
 from scipy.stats import kstest
 
-from raysweep import data as text
-from raysweep import gpt2
+from raysweep import data, gpt2
 from raysweep.attacks import gaussian, text_backdoor
 from raysweep.budget import Meter
 from raysweep.metrics import gaussian_scores, input_gradients, summarise_scores
@@ -29,7 +28,7 @@ CONTRACT_KWARGS = {"ssd": {"alpha": 1.0}}
 
 @pytest.fixture(scope="module")
 def split():
-    return text.synthetic_imdb(n_train=300, n_test=100, max_len=T)
+    return data.synthetic_imdb(n_train=300, n_test=100, max_len=T)
 
 
 def _model(split, seed=0, **kw):
@@ -45,35 +44,35 @@ def _poisoned(split, model, n=40, eps=0.05, seed=1):
 
 
 def test_tokenizer_ids_are_gpt2s():
-    tok = text.tokenizer()
+    tok = data.tokenizer()
     assert tok("Hello world")["input_ids"] == [15496, 995]
     assert tok(" The")["input_ids"] == [383] and len(tok) == 50257
-    x = text.encode(["Hello world", "a b c d e f"], max_len=4)
-    assert x.tolist() == [[15496, 995, text.PAD, text.PAD], [64, 275, 269, 288]]
-    assert text.lengths(x).tolist() == [2, 4]
+    x = data.encode(["Hello world", "a b c d e f"], max_len=4)
+    assert x.tolist() == [[15496, 995, data.PAD, data.PAD], [64, 275, 269, 288]]
+    assert data.lengths(x).tolist() == [2, 4]
     # literal special-token text stays text: only padding is PAD
-    assert text.PAD not in text.encode(["a <|endoftext|> b"], max_len=16)[0, :8].tolist()
+    assert data.PAD not in data.encode(["a <|endoftext|> b"], max_len=16)[0, :8].tolist()
 
 
 def test_imdb_reads_the_hub_layout_and_save_to_disk(tmp_path):
-    corpus = text.synthetic_dataset(120, 40, agree=0.8, seed=3)
+    corpus = data.synthetic_dataset(120, 40, agree=0.8, seed=3)
     (tmp_path / "hub" / "plain_text").mkdir(parents=True)
     for part in ("train", "test"):
         corpus[part].to_parquet(str(tmp_path / f"hub/plain_text/{part}-00000-of-00001.parquet"))
     corpus.save_to_disk(str(tmp_path / "disk"))
     kw = dict(max_len=24, val_fraction=0.25, split_seed=7)
-    a = text.imdb(root=str(tmp_path / "hub"), **kw)
-    b = text.imdb(root=str(tmp_path / "disk"), **kw)
-    ref = text.from_dataset(corpus, n_train=None, n_test=None, **kw)
+    a = data.imdb(root=str(tmp_path / "hub"), **kw)
+    b = data.imdb(root=str(tmp_path / "disk"), **kw)
+    ref = data.from_dataset(corpus, n_train=None, n_test=None, **kw)
     assert a.x_train.shape == (90, 24) and len(a.y_val) == 30 and len(a.y_test) == 40
     assert a.x_train.dtype == torch.long and a.num_classes == 2
     for s in (b, ref):
         assert torch.equal(a.x_train, s.x_train) and torch.equal(a.y_val, s.y_val)
         assert torch.equal(a.x_test, s.x_test)
-    sub = text.imdb(root=str(tmp_path / "hub"), n_train=50, n_test=10, **kw)
+    sub = data.imdb(root=str(tmp_path / "hub"), n_train=50, n_test=10, **kw)
     assert len(sub.y_train) == 50 and len(sub.y_test) == 10 and 0 < sub.y_train.sum() < 50
     with pytest.raises(FileNotFoundError, match="plain_text/train"):
-        text.imdb(root=str(tmp_path / "nothing"))
+        data.imdb(root=str(tmp_path / "nothing"))
 
 
 def test_gpt2_is_blocks_embeddings_transformer_head(split):
@@ -89,7 +88,7 @@ def test_gpt2_is_blocks_embeddings_transformer_head(split):
     assert model(x[:0]).shape == (0, split.num_classes)  # empty batches, as other models take
     # Causal + right padding: whatever sits at the padded positions never changes a row's logits.
     h = bs[0](x)
-    pad = (x == text.PAD).unsqueeze(-1) & (torch.arange(h.shape[-1]) < TINY["n_embd"])
+    pad = (x == data.PAD).unsqueeze(-1) & (torch.arange(h.shape[-1]) < TINY["n_embd"])
     assert pad.any()
     scrambled = torch.where(pad, torch.randn(h.shape, generator=torch.Generator()), h)
     assert torch.allclose(torch.nn.Sequential(*bs[1:])(scrambled), model(x), atol=1e-5)
@@ -117,12 +116,12 @@ def test_gaussian_noise_lives_on_token_embeddings(split):
     poisoned = _poisoned(split, model, n=10)
     idx = poisoned.poison_idx
     clean = split.x_train[idx]
-    assert torch.equal(poisoned.x[idx] & text.IDS, clean)
+    assert torch.equal(poisoned.x[idx] & data.IDS, clean)
     assert poisoned.noise.shape == (10, T, TINY["n_embd"])
     others = torch.ones(len(split.y_train), dtype=torch.bool)
     others[idx] = False
     assert torch.equal(poisoned.x[others], split.x_train[others])
-    pad = (clean == text.PAD).unsqueeze(-1).expand_as(poisoned.noise)
+    pad = (clean == data.PAD).unsqueeze(-1).expand_as(poisoned.noise)
     assert pad.any() and poisoned.noise[pad].abs().max() == 0  # no noise on padding
     embed, rest = noise_space(model)
     with torch.no_grad():
@@ -144,7 +143,7 @@ def test_text_null_scores_are_standard_normal(split):
     gen = torch.Generator().manual_seed(5)
     idx = torch.randint(len(split.y_train), (600,), generator=gen)
     x, eps = split.x_train[idx], 0.05
-    real = (x != text.PAD).unsqueeze(-1)
+    real = (x != data.PAD).unsqueeze(-1)
     noise = eps * torch.randn((600, T, TINY["n_embd"]), generator=gen) * real
     scores = gaussian_scores(model, x, split.y_train[idx], noise, eps)
     assert kstest(scores.numpy(), "norm").pvalue > 0.01
@@ -159,7 +158,7 @@ def test_text_gradients_batched_per_sample_and_zero_on_padding(split):
     loop = torch.cat([input_gradients(model, x[i : i + 1], y[i : i + 1]) for i in range(24)])
     assert batched.dtype == torch.float64 and batched.shape == (24, T * TINY["n_embd"])
     assert torch.allclose(batched, loop, rtol=0, atol=1e-8)
-    pads = (x == text.PAD).repeat_interleave(TINY["n_embd"], 1)
+    pads = (x == data.PAD).repeat_interleave(TINY["n_embd"], 1)
     assert pads.any() and batched[pads].abs().max() == 0 and batched[~pads].abs().max() > 0
 
 
@@ -167,7 +166,7 @@ def test_text_backdoor_inserts_trigger_and_relabels(split):
     poisoned = text_backdoor(split, torch.Generator().manual_seed(0), n=12, y_adv=1)
     idx, trig = poisoned.poison_idx, poisoned.trigger_ids
     assert len(idx) == 12 and torch.all(split.y_train[idx] == 0) and torch.all(poisoned.y[idx] == 1)
-    assert trig.tolist() == text.tokenizer()(" I watched this 3D movie.")["input_ids"]
+    assert trig.tolist() == data.tokenizer()(" I watched this 3D movie.")["input_ids"]
     for row, clean in zip(poisoned.x[idx].tolist(), split.x_train[idx].tolist()):
         at = next(i for i in range(T) if row[i : i + len(trig)] == trig.tolist())
         assert row[:at] == clean[:at] and row[at + len(trig) :] == clean[at : T - len(trig)]
