@@ -3,8 +3,9 @@
 Two kinds live in a store: trained weights, `checkpoints/<key>/weights.safetensors`, and crafted
 poisons, `poisons/<key>/poisons.safetensors` (only the poisoned rows; trial.poison). Beside the
 tensors: meta.json (the config that determines them, what the maker adds, and the tensors'
-sha256; written last, so its presence means "complete"), and one file per time the key was made,
-under trainings/ or craftings/ (the count must stay 1).
+sha256; written after the tensors, so its presence means "complete"), and one file per time the
+key was made, under trainings/ or craftings/ (written last; the count must stay 1). A key with
+such a record but no meta.json was damaged after it was made: it is refused, never remade.
 """
 
 from __future__ import annotations
@@ -22,11 +23,11 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import nn
 
-from .storage import Store
+from .storage import CorruptStorage, Store
 
 
-class CorruptCheckpoint(RuntimeError):
-    pass
+class CorruptCheckpoint(CorruptStorage):
+    """A stored artifact that fails its checks, as one line naming it and the fix."""
 
 
 def key_of(config: dict) -> str:
@@ -37,6 +38,7 @@ def key_of(config: dict) -> str:
 
 FILES = {"checkpoints": "weights.safetensors", "poisons": "poisons.safetensors"}
 EVENTS = {"checkpoints": "trainings", "poisons": "craftings"}
+MAKES = {"checkpoints": "trains", "poisons": "crafts"}
 Tensors = dict[str, torch.Tensor]
 
 
@@ -56,12 +58,35 @@ def read(store: Store, kind: str, key: str) -> tuple[Tensors, dict]:
     try:
         meta = json.loads(store.read(f"{kind}/{key}/meta.json"))
         expected = meta["sha256"]
-    except (ValueError, KeyError, TypeError) as e:
-        raise CorruptCheckpoint(f"{where}/meta.json: unreadable ({e})") from None
-    data = store.read(f"{kind}/{key}/{FILES[kind]}")
+    except (ValueError, KeyError, TypeError, FileNotFoundError) as e:
+        fix = remedy(store, kind, key)
+        raise CorruptCheckpoint(f"{where}/meta.json: unreadable ({e}); {fix}") from None
+    try:
+        data = store.read(f"{kind}/{key}/{FILES[kind]}")
+    except FileNotFoundError:
+        fix = remedy(store, kind, key)
+        raise CorruptCheckpoint(f"{where}/{FILES[kind]}: missing; {fix}") from None
     if hashlib.sha256(data).hexdigest() != expected:
-        raise CorruptCheckpoint(f"{where}: {FILES[kind]} does not match meta.json sha256")
+        raise CorruptCheckpoint(
+            f"{where}/{FILES[kind]}: does not match the sha256 in meta.json; "
+            f"{remedy(store, kind, key)}"
+        )
     return st_load(data), meta
+
+
+def remedy(store: Store, kind: str, key: str) -> str:
+    """What to do about a damaged artifact: delete its directory, and the next run remakes it."""
+    return f"delete {store.path(f'{kind}/{key}')} and the next run {MAKES[kind]} it again"
+
+
+def check_made(store: Store, kind: str, key: str) -> None:
+    """CorruptCheckpoint if `key` was made (a record under trainings/ or craftings/) but has no
+    meta.json: remaking it silently would break made-once and hide the damage."""
+    if not store.exists(f"{kind}/{key}/meta.json") and made_count(store, kind, key):
+        raise CorruptCheckpoint(
+            f"{store.path(f'{kind}/{key}')}: made before ({EVENTS[kind]}/ records it) but "
+            f"meta.json is missing; {remedy(store, kind, key)}"
+        )
 
 
 def ensure_artifact(
@@ -73,18 +98,20 @@ def ensure_artifact(
     Concurrent callers of the same key serialise on a lock; the first makes it, the rest wait and
     load, so each key is made exactly once however many trials ask at the same moment, on any
     node (`Store.lock`: flock on shared disks, a lease in the Ray cluster for object stores).
-    meta.json is written last, so a maker that dies mid-way leaves the key unmade and the next
-    holder of the lock makes it.
+    meta.json and then the made record are written last, so a maker that dies mid-way leaves the
+    key unmade and the next holder of the lock makes it (`check_made`: a record without
+    meta.json is damage, refused).
     """
     key = key_of(config)
     if not store.exists(f"{kind}/{key}/meta.json"):
         with store.lock(f"{kind}/.locks/{key}"):
+            check_made(store, kind, key)
             if not store.exists(f"{kind}/{key}/meta.json"):
                 tensors, extra = make()
+                write(store, kind, key, tensors, {"config": config, **extra})
                 event = {"host": socket.gethostname(), "pid": os.getpid(), "time": time.time()}
                 event_name = f"{kind}/{key}/{EVENTS[kind]}/{uuid.uuid4().hex}.json"
                 store.write(event_name, json.dumps(event).encode())
-                write(store, kind, key, tensors, {"config": config, **extra})
     return read(store, kind, key)
 
 

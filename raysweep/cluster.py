@@ -25,7 +25,7 @@ from ray import tune
 
 from . import results
 from .spec import Spec
-from .storage import Store
+from .storage import CorruptStorage, RunStateError, Store
 
 # Ray's gRPC servers (GCS, raylet, workers) listen on loopback only when the node IP is exactly
 # 127.0.0.1; any other address, 127.0.0.2 included, makes them listen on every interface.
@@ -43,6 +43,10 @@ def start_ray(address: str | None, num_cpus: int | None = None) -> None:
     """
     if ray.is_initialized():
         return
+    # Nothing leaves the machine: usage statistics off in every Ray process started from here
+    # (they inherit this environment; Ray's release wheels turn them off in ray.init, nightly
+    # ones do not), and no dashboard web UI on a local Ray.
+    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, log_to_driver=False)
@@ -88,11 +92,29 @@ class Retries(tune.Callback):
         )
 
 
+class StopOnCorrupt(tune.Stopper):
+    """Stops every trial once one reports damaged storage (a checkpoint failing its sha256):
+    the trials after it would fail the same way, one failed row each."""
+
+    def __init__(self):
+        self.seen = False
+
+    def __call__(self, trial_id: str, result: dict) -> bool:
+        self.seen = self.seen or bool(result.get("corrupt"))
+        return self.seen
+
+    def stop_all(self) -> bool:
+        return self.seen
+
+
+def fit(tuner: tune.Tuner) -> None:
+    """Run the tuner; CorruptStorage with the first trial's report of damaged storage, if any."""
+    for result in tuner.fit():
+        if (result.metrics or {}).get("corrupt"):
+            raise CorruptStorage(result.metrics["corrupt"])
+
+
 # ---------------------------------------------------------------- the run's record
-
-
-class RunStateError(RuntimeError):
-    """The storage's state does not allow what was asked (start, resume), said in one line."""
 
 
 # Spec keys a resumed run may change: how many trials, confirm seeds, per-trial resources.

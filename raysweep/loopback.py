@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 NODE_IP = "127.0.0.2"
+LOCAL_SINK = "http://127.0.0.1:9/"  # the discard port: nothing listens, nothing leaves
 
 
 def _free(port: int) -> bool:
@@ -53,6 +54,9 @@ class LoopbackCluster:
         token = Path(self.temp) / "auth_token"
         token.write_text(secrets.token_hex(32))
         self.env = env | {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
+        # Usage statistics off on every node; a head started by `ray start` would still send
+        # Ray a "disabled" notice, which a closed loopback port keeps on this machine.
+        self.env |= {"RAY_USAGE_STATS_ENABLED": "0", "RAY_USAGE_STATS_REPORT_URL": LOCAL_SINK}
         self.nodes: list[dict[str, int]] = []
         self.address = ""
 

@@ -19,7 +19,7 @@ from scipy.stats import norm
 
 from . import results
 from .metrics import FPR, Z_AT_FPR
-from .storage import Store, open_store
+from .storage import CorruptStorage, RunStateError, Store, open_store
 
 HEADERS = {
     "residual": "r",
@@ -37,8 +37,15 @@ class ReportError(ValueError):
 def open_run(run_dir: str) -> tuple[Store, str, pd.DataFrame]:
     """The store holding RUN_DIR = <storage>/<experiment>, the experiment name and its rows."""
     parent, _, experiment = run_dir.rstrip("/").rpartition("/")
-    store = open_store(parent or ".")
-    df = results.read(store, experiment)
+    try:  # reading never creates: a mistyped RUN_DIR leaves no directories behind
+        store = open_store(parent or ".", create=False)
+    except RunStateError as e:
+        expected = "expected RUN_DIR = <storage>/<experiment> of a `raysweep run`"
+        raise ReportError(f"{e}; {expected}") from None
+    try:
+        df = results.read(store, experiment)
+    except CorruptStorage as e:  # a damaged row file: its path and the fix
+        raise ReportError(str(e)) from None
     if not len(df):
         raise ReportError(
             f"{run_dir}/results: no Parquet rows; expected RUN_DIR = <storage>/<experiment> "

@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 
 from .metrics import MAX_RESOLUTION
 from .spec import Spec, distributions
-from .storage import Store
+from .storage import CorruptStorage, Store
 
 # Metrics measured on each of the three models; columns are before_<m>, after_<m>, retrain_<m>.
 METRICS = {
@@ -130,12 +130,32 @@ def write_row(store: Store, spec: Spec, row: dict) -> str:
 
 
 def read(store: Store, experiment: str) -> pd.DataFrame:
-    """All rows of an experiment (empty frame if none)."""
+    """All rows of an experiment (empty frame if none); CorruptStorage naming a damaged file."""
     names = [n for n in store.list(f"{experiment}/results") if n.endswith(".parquet")]
     if not names:
         return pd.DataFrame()
     paths = [store.path(f"{experiment}/results/{n}") for n in names]
-    return pq.read_table(paths, filesystem=store.fs).to_pandas()
+    try:
+        return pq.read_table(paths, filesystem=store.fs).to_pandas()
+    except (pa.ArrowException, OSError) as e:
+        raise _damaged(store, paths, e) from None
+
+
+def _damaged(store: Store, paths: list[str], error: Exception) -> CorruptStorage:
+    """The first row file that does not read on its own, or the directory if each one does."""
+    fix = "move it out of results/ (or delete it); `raysweep run SPEC --resume` runs a trial in its place"
+    for path in paths:
+        try:
+            pq.read_table(path, filesystem=store.fs)
+        except (pa.ArrowException, OSError) as e:
+            why = _first_line(e).replace(f" '{path}'", "")  # pyarrow names the file again
+            return CorruptStorage(f"{path}: not a readable Parquet row ({why}); {fix}")
+    where = paths[0].rsplit("/", 1)[0]
+    return CorruptStorage(f"{where}: the row files do not read together ({_first_line(error)})")
+
+
+def _first_line(e: Exception) -> str:
+    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
 
 
 def params_of(spec: Spec, row: dict) -> dict:

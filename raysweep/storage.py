@@ -4,13 +4,19 @@ A URI may carry pyarrow's filesystem options as query parameters, e.g.
 `s3://bucket/runs?endpoint_override=127.0.0.1:9000&scheme=http` for an S3-compatible server;
 credentials come from the usual environment (AWS_ACCESS_KEY_ID, GOOGLE_APPLICATION_CREDENTIALS, ...)
 and never from the URI, which is printed and recorded.
+
+Also here: the locks that serialise makers of one artifact, the lease that keeps one driver per
+experiment (`driver_lease`), and the one-line errors a storage's state raises (RunStateError).
 """
 
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import fcntl
+import json
 import os
+import socket
 import threading
 import time
 import uuid
@@ -23,6 +29,21 @@ import pyarrow.fs as pafs
 # outlives a stalled renewal or two, and a dead holder's lease frees within LEASE_S.
 LEASE_S = 60.0
 POLL_S = 0.5
+# An object store has no compare-and-swap through pyarrow: a driver writes its lease, waits this
+# long, and holds it only if it reads its own lease back (the last of racing writers wins).
+SETTLE_S = 1.0
+
+
+class RunStateError(RuntimeError):
+    """The storage's state does not allow what was asked (start, resume), said in one line."""
+
+
+class CorruptStorage(RunStateError):
+    """A damaged file in the storage, as one line naming it and the fix."""
+
+
+class LeaseHeld(RunStateError):
+    """Another driver is running the experiment, as one line naming its host and start time."""
 
 
 @dataclass(frozen=True)
@@ -177,12 +198,150 @@ def _lease(name: str, ttl: float = LEASE_S) -> Iterator[None]:
         ray.get(table.release.remote(name, holder))
 
 
-def open_store(uri: str) -> Store:
-    """A Store for a local path (created if missing) or a pyarrow-supported URI."""
+def open_store(uri: str, create: bool = True) -> Store:
+    """A Store for a local path (created if missing, unless `create` is False) or a
+    pyarrow-supported URI; RunStateError for a local path that is missing and not created."""
     if "://" in uri and not uri.startswith("file://"):
         fs, root = pafs.FileSystem.from_uri(uri)
         return Store(uri, fs, root)
     # Absolute, so the same Store means the same place in Ray workers, whose cwd differs.
     root = os.path.abspath(os.path.expanduser(uri.removeprefix("file://")))
-    os.makedirs(root, exist_ok=True)
+    if create:
+        os.makedirs(root, exist_ok=True)
+    elif not os.path.isdir(root):
+        raise RunStateError(f"{uri}: no such directory")
     return Store(root, pafs.LocalFileSystem(), root)
+
+
+# ---------------------------------------------------------------- one driver per experiment
+
+LEASES_DIR = ".leases"  # beside the experiments (not in them), hidden from Store.list
+
+
+@contextlib.contextmanager
+def driver_lease(store: Store, experiment: str) -> Iterator[None]:
+    """Hold the right to drive `experiment` while the block runs, or raise LeaseHeld at once.
+
+    Two drivers of one experiment would tell each other's Optuna trials and overwrite each
+    other's rows. Local paths (NFS included): a non-blocking flock, which the kernel frees when
+    its holder dies. Object stores: an expiring lease object renewed every LEASE_S / 4, as the
+    checkpoint leases are, but in the store itself, so it binds drivers of any cluster and is
+    taken before Ray starts; a holder that died on this host is taken over at once, one
+    elsewhere once its lease expires (by the hosts' clocks, so they must agree within LEASE_S).
+    """
+    me = {
+        "holder": uuid.uuid4().hex,
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "pidns": _pid_namespace(),
+        "started_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    hold = _flock_lease if store.local else _object_lease
+    with hold(store, f"{LEASES_DIR}/{experiment}", me, store.path(experiment)):
+        yield
+
+
+def _held(where: str, holder: dict, expires: bool) -> LeaseHeld:
+    who = ", ".join(f"{k} {holder.get(k, '?')}" for k in ("host", "pid"))
+    wait = f"; a killed driver's lease expires within {LEASE_S:.0f} s" if expires else ""
+    return LeaseHeld(
+        f"{where}: another driver is running this experiment ({who}, since "
+        f"{holder.get('started_at', '?')}); wait for it to finish or stop it{wait}"
+    )
+
+
+@contextlib.contextmanager
+def _flock_lease(store: Store, rel: str, me: dict, where: str) -> Iterator[None]:
+    path = store.path(rel)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "a+b") as f:  # append mode: after truncate(0) the write lands at 0
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise _held(where, _flock_holder(f), expires=False) from None
+        f.truncate(0)
+        f.write(json.dumps(me).encode())
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _flock_holder(f) -> dict:
+    for _ in range(10):  # the holder may have locked the file and not yet written itself in
+        f.seek(0)
+        try:
+            return json.loads(f.read())
+        except ValueError:
+            time.sleep(0.1)
+    return {}
+
+
+@contextlib.contextmanager
+def _object_lease(store: Store, rel: str, me: dict, where: str) -> Iterator[None]:
+    current = _read_lease(store, rel)
+    if current and not _stale(current):
+        raise _held(where, current, expires=True)
+    _write_lease(store, rel, me)
+    time.sleep(SETTLE_S)
+    current = _read_lease(store, rel)
+    if current.get("holder") != me["holder"]:
+        raise _held(where, current, expires=True)
+    stop = threading.Event()
+
+    def renew():
+        while not stop.wait(LEASE_S / 4):
+            if _read_lease(store, rel).get("holder") != me["holder"]:  # stalled past LEASE_S
+                print(f"warning: {where}: another driver took over the lease", flush=True)
+                return
+            _write_lease(store, rel, me)
+
+    renewer = threading.Thread(target=renew, name=f"lease-{rel}", daemon=True)
+    renewer.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        renewer.join()
+        if _read_lease(store, rel).get("holder") == me["holder"]:
+            store.delete(rel)
+
+
+def _read_lease(store: Store, rel: str) -> dict:
+    try:
+        return json.loads(store.read(rel))
+    except FileNotFoundError:
+        return {}
+    except ValueError:  # a torn or foreign object: nobody's lease
+        return {"expires": 0}
+
+
+def _write_lease(store: Store, rel: str, me: dict) -> None:
+    store.write(rel, json.dumps(me | {"expires": time.time() + LEASE_S}).encode())
+
+
+def _stale(lease: dict) -> bool:
+    """Expired, or its holder was a process on this host (same pid namespace) that is gone."""
+    if lease.get("expires", 0) < time.time():
+        return True
+    here = (socket.gethostname(), _pid_namespace())
+    return (lease.get("host"), lease.get("pidns")) == here and not _alive(lease.get("pid"))
+
+
+def _alive(pid) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, TypeError, ValueError):
+        return True
+    return True
+
+
+def _pid_namespace() -> int | None:
+    # Containers can share a hostname; a pid means something only in its own pid namespace.
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return None

@@ -26,15 +26,18 @@ from . import results
 from .cluster import (
     MAX_FAILURES,
     Retries,
+    StopOnCorrupt,
     check_resume,
+    fit,
     open_journal,
     record_spec,
     slots,
     start_ray,
 )
+from .preflight import check_data, check_storage
 from .progress import Progress
 from .spec import Spec, distributions
-from .storage import Store, open_store
+from .storage import CorruptStorage, Store, driver_lease, open_store
 from .trial import derive_seed, run_trial
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -184,6 +187,8 @@ def execute(spec: Spec, store: Store, config: dict) -> dict:
         args = (config["method"], config["budget"], config["params"], config["number"])
         row |= run_trial(spec, store, *args, report=lambda r: None, seed=config["seed"])
         row |= {"status": "ok", "error": None}
+    except CorruptStorage:
+        raise  # damaged storage is not this trial's failure: the sweep stops (make_trainable)
     except Exception as e:  # a failing trial is a row, not a crashed sweep
         row |= {"status": "failed", "error": f"{type(e).__name__}: {e}"}
         row |= {"objective": float("nan"), "wall_s": None}
@@ -201,7 +206,11 @@ def make_trainable(spec: Spec, store_uri: str, threads: int):
         import torch
 
         torch.set_num_threads(threads)
-        row = execute(Spec(source, raw), open_store(store_uri), config)
+        try:
+            row = execute(Spec(source, raw), open_store(store_uri), config)
+        except CorruptStorage as e:  # no row: StopOnCorrupt ends the sweep, `fit` says why
+            tune.report({"corrupt": str(e), "objective": math.nan, "ok": False})
+            return
         ok = row["status"] == "ok"
         tune.report(
             {
@@ -293,11 +302,12 @@ def confirm(spec: Spec, storage: str, slots: int) -> None:
             storage_path=store.path(f"{spec.name}/tune"),
             storage_filesystem=store.fs,
             callbacks=[Progress("confirm", planned), Retries()],
+            stop=StopOnCorrupt(),
             verbose=0,
             failure_config=tune.FailureConfig(max_failures=MAX_FAILURES),
         ),
     )
-    tuner.fit()
+    fit(tuner)
 
 
 def run(
@@ -312,9 +322,25 @@ def run(
 
     `resume`: None starts or continues; False refuses an existing experiment; True needs one
     (`cluster.check_resume`). `max_concurrent` caps parallel trials (`cluster.slots`).
+    Before anything is written or Ray starts: the dataset's files are checked, the experiment's
+    driver lease is taken (a second driver is refused) and its storage is checked to read back
+    whole (`preflight`).
     """
+    check_data(spec)
     store = open_store(storage)
-    check_resume(spec, store, resume)
+    with driver_lease(store, spec.name):
+        check_storage(spec, store)
+        check_resume(spec, store, resume)
+        return _run(spec, store, address, num_cpus, max_concurrent)
+
+
+def _run(
+    spec: Spec,
+    store: Store,
+    address: str | None,
+    num_cpus: int | None,
+    max_concurrent: int | None,
+) -> pd.DataFrame:
     record_spec(spec, store)
     journal, sync = open_journal(spec, store)
     studies = open_studies(spec, store, journal)
@@ -342,11 +368,12 @@ def run(
                 storage_path=store.path(f"{spec.name}/tune"),
                 storage_filesystem=store.fs,
                 callbacks=[Progress("tune", planned, results.read(store, spec.name)), Retries()],
+                stop=StopOnCorrupt(),
                 verbose=0,
                 failure_config=tune.FailureConfig(max_failures=MAX_FAILURES),
             ),
         )
-        tuner.fit()
+        fit(tuner)
     if confirm_plan(spec, results.read(store, spec.name)):
         start_ray(address, num_cpus)
         confirm(spec, store.uri, slots(spec, max_concurrent))

@@ -28,7 +28,7 @@ from conftest import TINY_SPEC
 from raysweep import checkpoints, results, sweep
 from raysweep.loopback import LoopbackCluster
 from raysweep.spec import validate
-from raysweep.storage import open_store
+from raysweep.storage import LEASES_DIR, open_store
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -55,6 +55,12 @@ def test_cluster_yaml_passes_ray_validation():
     starts = config["head_start_ray_commands"] + config["worker_start_ray_commands"]
     assert all("RAY_AUTH_MODE=token" in c for c in starts if "ray start" in c)
     assert "~/.ray/auth_token" in config["file_mounts"]
+    # Least privilege: the user's security group (SSH from their CIDR) on every node, so ray up
+    # creates none (its own admits SSH from anywhere); workers get only the bucket's profile.
+    for node_type in config["available_node_types"].values():
+        assert node_type["node_config"]["SecurityGroupIds"] == ["RAYSWEEP_SECURITY_GROUP"]
+    assert gpu["node_config"]["IamInstanceProfile"] == {"Name": "raysweep-worker"}
+    assert "0.0.0.0/0" not in (REPO / "cluster.yaml").read_text()
 
     raw["max_worker"] = 3  # the validator is not a rubber stamp: a typo'd key fails
     with pytest.raises(jsonschema.ValidationError, match="max_worker"):
@@ -115,6 +121,47 @@ def _assert_complete(df, spec) -> None:
     }
 
 
+def _loopback(ip: str) -> bool:
+    addr = ipaddress.ip_address(ip)
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
+        addr = addr.ipv4_mapped
+    return addr.is_loopback
+
+
+def _wait_lease(store, name: str, proc, log: Path, timeout: float = 60) -> dict:
+    """The driver lease of experiment `name` once `proc` holds it."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if store.exists(f"{LEASES_DIR}/{name}"):
+            try:
+                holder = json.loads(store.read(f"{LEASES_DIR}/{name}"))
+            except ValueError:  # written but not yet filled in
+                holder = {}
+            if holder.get("pid") == proc.pid:
+                return holder
+        assert proc.poll() is None, f"driver exited early:\n{_tail(log)}"
+        time.sleep(0.1)
+    raise AssertionError(f"no lease after {timeout}s:\n{_tail(log)}")
+
+
+def _second_driver_refused(first, holder: dict, args, log: Path, env=None) -> None:
+    """A second `run --resume` while `first` runs: exit 2, exactly one line naming the first."""
+    second = _raysweep(*args, "--resume", log=log, env=env, timeout=60)
+    assert first.poll() is None, "the first driver ended before the second was refused"
+    lines = log.read_text().strip().splitlines()
+    assert second.returncode == 2, _tail(log)
+    assert len(lines) == 1, lines
+    who = f"(host {socket.gethostname()}, pid {first.pid}, since {holder['started_at']})"
+    assert "another driver is running this experiment " + who in lines[0]
+
+
+def _one_study_trial_per_row(spec, store) -> None:
+    """The journal agrees with the rows: each cell's study has exactly its trials, all complete."""
+    for name, study in sweep.open_studies(spec, store).items():
+        states = [t.state for t in study.get_trials(deepcopy=False)]
+        assert states == [optuna.trial.TrialState.COMPLETE] * spec.trials_per_cell, (name, states)
+
+
 def _kill_group(proc) -> None:
     try:
         os.killpg(proc.pid, signal.SIGKILL)  # the driver's session: its local Ray, if any
@@ -155,14 +202,91 @@ def test_local_ray_listens_on_loopback_only(local_ray):
                 listening.append((proc.name(), c.laddr.ip, c.laddr.port))
     assert any("raylet" in name for name, _, _ in listening)
     assert any("gcs_server" in name for name, _, _ in listening)
+    assert [x for x in listening if not _loopback(x[1])] == []
 
-    def loopback(ip: str) -> bool:
-        addr = ipaddress.ip_address(ip)
-        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
-            addr = addr.ipv4_mapped
-        return addr.is_loopback
 
-    assert [x for x in listening if not loopback(x[1])] == []
+@pytest.fixture
+def report_url():
+    """A loopback HTTP server standing in for Ray's usage-stats URL: yields (url, requests)."""
+    import http.server
+    import threading
+
+    hits: list[str] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            hits.append(self.path)
+            self.send_response(200)
+            self.end_headers()
+
+        do_GET = do_POST
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_port}/", hits
+    server.shutdown()
+
+
+@pytest.mark.integration
+def test_local_ray_sends_nothing_off_the_machine(tmp_path, report_url):
+    """A local Ray started by raysweep from an environment that does not turn usage statistics
+    off: every Ray process it starts has them off, the report URL is never contacted, the
+    dashboard's web UI is not served and no process talks to another host."""
+    import psutil
+
+    url, hits = report_url
+    env = {k: v for k, v in _env().items() if k != "RAY_USAGE_STATS_ENABLED"}
+    env["RAY_USAGE_STATS_REPORT_URL"] = url  # where Ray would send its reports
+    code = (
+        "import sys, ray; from raysweep.cluster import start_ray; start_ray(None, num_cpus=1); "
+        "print(ray.get_runtime_context().gcs_address, flush=True); sys.stdin.read()"
+    )
+    log = open(tmp_path / "log", "w")
+    driver = subprocess.Popen(
+        [sys.executable, "-c", code],
+        env=env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=log,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        assert driver.stdout.readline().strip(), _tail(tmp_path / "log")
+        seen = {}
+        for proc in psutil.Process(driver.pid).children(recursive=True):
+            try:
+                seen[proc.pid] = (proc.name(), proc.cmdline(), proc.environ())
+                remote = [c.raddr.ip for c in proc.net_connections(kind="inet") if c.raddr]
+            except psutil.NoSuchProcess:
+                continue
+            assert all(_loopback(ip) for ip in remote), (proc.cmdline(), remote)
+        # Ray's Python processes retitle themselves (setproctitle: "ray::IDLE"), which blanks
+        # /proc/<pid>/environ; they inherit the environment of the raylet that starts them.
+        readable = {name: environ for name, _, environ in seen.values() if environ}
+        assert {"gcs_server", "raylet"} <= set(readable), readable.keys()
+        api_server = []
+        for _, cmdline, environ in seen.values():
+            assert not environ or environ.get("RAY_USAGE_STATS_ENABLED") == "0", cmdline
+            if any(part.endswith("dashboard/dashboard.py") for part in cmdline):
+                api_server = cmdline
+        # Ray's API server stays, for its usage-stats module alone: no web UI, on loopback.
+        assert "--disable-frontend" in api_server and "--host=127.0.0.1" in api_server
+        (log_dir,) = [a.split("=", 1)[1] for a in api_server if a.startswith("--log-dir=")]
+        deadline = time.monotonic() + 20
+        while not any(  # said once its usage-stats module has run (and would have reported)
+            "Usage reporting is disabled" in p.read_text(errors="replace")
+            for p in Path(log_dir).glob("dashboard*")
+        ):
+            assert time.monotonic() < deadline, "the API server never ran its usage-stats module"
+            time.sleep(0.1)
+        time.sleep(1.0)  # time for a report it would send right after saying so
+        assert hits == []
+    finally:
+        driver.stdin.close()
+        driver.wait(timeout=60)
+        _kill_group(driver)
+        log.close()
 
 
 @pytest.mark.integration
@@ -224,6 +348,27 @@ def test_driver_killed_then_resume(tmp_path):
     assert "8/8 tuning trials recorded, 0 to run" in _tail(log)
 
 
+@pytest.mark.integration
+def test_a_second_driver_is_refused_while_the_first_runs(tmp_path):
+    """The first driver holds the experiment's lease (flock); a second, started mid-sweep, is
+    refused before it starts Ray or writes anything, and the first finishes undisturbed."""
+    spec_path = _spec_file(tmp_path, **SLOW)
+    spec = validate(yaml.safe_load(spec_path.read_text()), "slow")
+    storage = str(tmp_path / "s")
+    store = open_store(storage)
+    args = ("run", str(spec_path), "--storage", storage, "--num-cpus", "2")
+    first = _raysweep(*args, log=tmp_path / "log1", wait=False)
+    try:
+        holder = _wait_lease(store, "slow", first, tmp_path / "log1")
+        _second_driver_refused(first, holder, args, tmp_path / "log2")
+        first.wait(timeout=150)
+    finally:
+        _kill_group(first)
+    assert first.returncode == 0, _tail(tmp_path / "log1")
+    _assert_complete(results.read(store, "slow"), spec)
+    _one_study_trial_per_row(spec, store)
+
+
 # ---------------------------------------------------------------- two nodes
 
 
@@ -258,6 +403,28 @@ def test_two_node_sweep_on_object_store(two_nodes, s3_server, tmp_path):
         assert checkpoints.train_count(store, key) == 1
     assert len({*df["poisoned_key"]}) == 1 and len({*df["retrain_key"]}) == 1
     assert store.exists("tiny/optuna.journal") and store.list("tiny/tune")  # Tune's state too
+
+
+@pytest.mark.integration
+def test_a_second_driver_is_refused_on_the_object_store(two_nodes, s3_server, tmp_path):
+    """Two drivers of one S3 experiment on the loopback cluster: the lease object in the store
+    refuses the second; the first completes with its journal and rows in agreement."""
+    uri = s3_server()
+    spec_path = _spec_file(tmp_path, **SLOW)
+    spec = validate(yaml.safe_load(spec_path.read_text()), "slow")
+    args = ("run", str(spec_path), "--storage", uri, "--address", two_nodes.address)
+    first = _raysweep(*args, log=tmp_path / "log1", env=two_nodes.env, wait=False)
+    store = open_store(uri)
+    try:
+        holder = _wait_lease(store, "slow", first, tmp_path / "log1")
+        _second_driver_refused(first, holder, args, tmp_path / "log2", env=two_nodes.env)
+        first.wait(timeout=150)
+    finally:
+        _kill_group(first)
+    assert first.returncode == 0, _tail(tmp_path / "log1")
+    _assert_complete(results.read(store, "slow"), spec)
+    _one_study_trial_per_row(spec, store)
+    assert not store.exists(f"{LEASES_DIR}/slow")  # released when the first ended
 
 
 @pytest.mark.integration

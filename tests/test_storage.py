@@ -8,17 +8,29 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import socket
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import optuna
 import pytest
 import torch
 from torch import nn
 
-from raysweep import checkpoints, cluster, results, sweep
+from raysweep import checkpoints, cluster, preflight, results, storage, sweep
 from raysweep.spec import validate
-from raysweep.storage import Leases, open_store
+from raysweep.storage import (
+    LEASES_DIR,
+    CorruptStorage,
+    LeaseHeld,
+    Leases,
+    driver_lease,
+    open_store,
+)
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -110,6 +122,26 @@ def test_rows_round_trip(store, tiny_spec_dict):
     assert list(df.columns[: len(results.COLUMNS)]) == list(results.COLUMNS)
 
 
+def test_damaged_rows_and_journal_are_named(store, tiny_spec_dict):
+    """On either backend: a truncated row file and a garbage journal line, named in one line."""
+    spec = validate(tiny_spec_dict, "tiny")
+    base = {"experiment": "tiny", "phase": "tune", "cell": "gd-b0.1", "status": "ok"}
+    rel = results.write_row(store, spec, base | {"trial_number": 0})
+    results.write_row(store, spec, base | {"trial_number": 1})
+    store.write(rel, store.read(rel)[:-20])
+    with pytest.raises(CorruptStorage) as damaged:
+        results.read(store, "tiny")
+    assert str(damaged.value).startswith(f"{store.path(rel)}: not a readable Parquet row")
+    journal, sync = cluster.open_journal(spec, store)
+    sweep.open_studies(spec, store, journal)["gd-b0.1"].ask()
+    sync()
+    preflight.check_journal(store, "tiny")  # healthy
+    lines = store.read("tiny/optuna.journal").split(b"\n")
+    store.write("tiny/optuna.journal", b"\n".join([lines[0], b"\x00{garbage", *lines[1:]]))
+    with pytest.raises(CorruptStorage, match="optuna.journal: line 2 is not an Optuna journal"):
+        preflight.check_journal(store, "tiny")
+
+
 def test_journal_survives_the_driver(store, tiny_spec_dict):
     """Studies reopened from the store (a new driver) continue where the last one stopped."""
     spec = validate(tiny_spec_dict, "tiny")
@@ -161,6 +193,74 @@ def test_leases_expire_and_pass_on():
     assert not table.acquire("k", "a", ttl=0.2)
     table.release("k", "b")
     assert table.acquire("k", "a", ttl=0.2)
+
+
+def test_a_second_driver_is_refused_naming_the_first(store):
+    """While one driver holds the experiment, another is refused at once, in one line."""
+    with driver_lease(store, "tiny"):
+        holder = json.loads(store.read(f"{LEASES_DIR}/tiny"))
+        with pytest.raises(LeaseHeld) as refused:
+            with driver_lease(store, "tiny"):
+                pytest.fail("two drivers hold one experiment")
+        with driver_lease(store, "other"):  # one lease per experiment, not per store
+            pass
+    line = str(refused.value)
+    assert "\n" not in line
+    assert f"{store.path('tiny')}: another driver is running this experiment" in line
+    assert f"host {socket.gethostname()}, pid {os.getpid()}, since {holder['started_at']}" in line
+    with driver_lease(store, "tiny"):  # released on exit
+        pass
+
+
+def test_a_dead_drivers_flock_is_taken_over(tmp_path):
+    """A driver killed while it holds a local lease: the kernel frees its flock at once."""
+    code = (
+        "import sys, time; from raysweep.storage import driver_lease, open_store\n"
+        f"with driver_lease(open_store({str(tmp_path)!r}), 'tiny'):\n"
+        "    print('held', flush=True); time.sleep(120)"
+    )
+    env = os.environ | {"PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    holder = subprocess.Popen(
+        [sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=env
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(LeaseHeld, match=f"pid {holder.pid}, since"):
+            with driver_lease(open_store(str(tmp_path)), "tiny"):
+                pass
+    finally:
+        holder.kill()
+        holder.wait()
+    with driver_lease(open_store(str(tmp_path)), "tiny"):
+        pass
+
+
+def test_stale_object_store_leases_are_taken_over(s3_server, monkeypatch):
+    """Expired, or held by a process of this host that is gone: taken over. Live: refused."""
+    monkeypatch.setattr(storage, "SETTLE_S", 0.05)
+    store = open_store(s3_server())
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True
+    )
+    here = {"host": socket.gethostname(), "pidns": storage._pid_namespace(), "started_at": "t0"}
+    elsewhere = {"host": "other-host", "pid": 1, "started_at": "t0"}
+    leases = {
+        "expired": (elsewhere | {"expires": time.time() - 1}, True),
+        "dead": (here | {"pid": int(dead.stdout), "expires": time.time() + 60}, True),
+        "torn": (None, True),
+        "live": (elsewhere | {"expires": time.time() + 60}, False),
+    }
+    for name, (lease, taken) in leases.items():
+        data = b"{torn" if lease is None else json.dumps(lease).encode()
+        store.write(f"{LEASES_DIR}/{name}", data)
+        if taken:
+            with driver_lease(store, name):
+                assert json.loads(store.read(f"{LEASES_DIR}/{name}"))["pid"] == os.getpid()
+            assert not store.exists(f"{LEASES_DIR}/{name}")  # released
+        else:
+            with pytest.raises(LeaseHeld, match="host other-host, pid 1, since t0.*expires within"):
+                with driver_lease(store, name):
+                    pass
 
 
 @pytest.mark.integration

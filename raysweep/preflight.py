@@ -1,0 +1,120 @@
+"""What the driver checks before it writes anything or starts Ray: the dataset's files, and that
+the experiment's storage reads back whole (rows, Optuna journal, checkpoints).
+
+Each problem is one line naming the file and the fix, raised before `run` or `run --resume`
+changes a byte, so a damaged store is never half-rewritten and a missing dataset never fails
+every trial of a cluster run one at a time. Read-only, like everything here.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from pathlib import Path
+
+from . import checkpoints, results
+from .data import DATASETS
+from .spec import Spec, SpecError
+from .storage import CorruptStorage, Store
+
+# ---------------------------------------------------------------- data
+
+
+def _cifar10(source: str, root: str, **_) -> None:
+    """torchvision's on-disk CIFAR-10 (python version): every file present, with its md5."""
+    from torchvision.datasets import CIFAR10
+    from torchvision.datasets.utils import check_integrity
+
+    base = Path(root).expanduser() / CIFAR10.base_folder
+    files = [*CIFAR10.train_list, *CIFAR10.test_list, [CIFAR10.meta["filename"], None]]
+    expected = (
+        f"expected torchvision's layout {base}/{{data_batch_1..5, test_batch, batches.meta}} "
+        "(cifar-10-python.tar.gz extracted under dataset.root)"
+    )
+    for name, md5 in files:
+        path = base / name
+        if not path.is_file():
+            raise SpecError(f"{source}: dataset.root: {path} is missing; {expected}")
+        if md5 is not None and not check_integrity(str(path), md5):
+            raise SpecError(f"{source}: dataset.root: {path} is not CIFAR-10's (md5); {expected}")
+
+
+def _imdb(source: str, root: str, **_) -> None:
+    """A local IMDb copy where `root` says (an empty root means the hub: nothing to check)."""
+    if not root:
+        return
+    path = Path(root).expanduser()
+    parquet = all(any(path.rglob(f"{s}*.parquet")) for s in ("train", "test"))
+    if not ((path / "dataset_dict.json").is_file() or parquet):
+        raise SpecError(
+            f"{source}: dataset.root: {path} holds no IMDb copy; expected the hub's parquet "
+            "layout (plain_text/train-*.parquet, plain_text/test-*.parquet) or a save_to_disk "
+            "folder (dataset_dict.json)"
+        )
+
+
+# Datasets read from files the user provides; the others are built in (digits, synthetic_imdb).
+DATA_CHECKS = {"cifar10": _cifar10, "imdb": _imdb}
+
+
+def check_data(spec: Spec) -> None:
+    """SpecError (one line: the path and what was expected) if the dataset's files are not there."""
+    name = spec.dataset["name"]
+    if name not in DATA_CHECKS:
+        return
+    # The defaults live in the dataset function's signature; bind the spec's section to it.
+    bound = inspect.signature(DATASETS[name]).bind(
+        **{k: v for k, v in spec.dataset.items() if k != "name"}
+    )
+    bound.apply_defaults()
+    DATA_CHECKS[name](spec.source, **bound.arguments)
+
+
+# ---------------------------------------------------------------- storage
+
+
+def check_storage(spec: Spec, store: Store) -> None:
+    """CorruptStorage (one line: the file and the fix) if the experiment's storage is damaged:
+    a row file that does not read, a journal line that is not an Optuna entry, an artifact made
+    but missing its meta.json, or a checkpoint the rows used that fails its sha256."""
+    df = results.read(store, spec.name)  # names the damaged row file
+    check_journal(store, spec.name)
+    for kind in checkpoints.EVENTS:
+        for key in store.list(kind):
+            checkpoints.check_made(store, kind, key)
+    if len(df):
+        used = {*df["poisoned_key"].dropna(), *df["retrain_key"].dropna()}
+        for key in sorted(used):
+            if store.exists(f"checkpoints/{key}/meta.json"):
+                checkpoints.read(store, "checkpoints", key)  # the sha256 check
+
+
+def check_journal(store: Store, experiment: str) -> None:
+    """Every line of <experiment>/optuna.journal is a JSON Optuna entry ending in a newline.
+
+    Optuna skips a bad last line but appends after it, which turns it into a bad line in the
+    middle; from there the journal no longer loads.
+    """
+    rel = f"{experiment}/optuna.journal"
+    if not store.exists(rel):
+        return
+    lines = store.read(rel).split(b"\n")  # the last piece is b"" if it ends in a newline
+    for number, line in enumerate(lines, start=1):
+        last = number == len(lines)
+        if last and line == b"":
+            return
+        if last or not _is_entry(line):  # a last piece with bytes: a write that never ended
+            keep = f"keep only its first {number - 1} lines (`head -n {number - 1}`)"
+            raise CorruptStorage(
+                f"{store.path(rel)}: line {number} is not an Optuna journal entry (a torn or "
+                f"damaged write); {keep if number > 1 else 'delete it'}, then `raysweep run "
+                "SPEC --resume` runs the trials recorded after that point again"
+            )
+
+
+def _is_entry(line: bytes) -> bool:
+    try:
+        entry = json.loads(line)
+    except ValueError:  # JSONDecodeError, UnicodeDecodeError
+        return False
+    return isinstance(entry, dict) and "op_code" in entry
