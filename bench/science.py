@@ -95,7 +95,7 @@ def main() -> int:
     print(
         "seed threads | poisoned z  control | retrain z  control | E_val poisoned retrain | "
         "resolution attack_ok | "
-        "acc poisoned retrain | loss-MIA TPR poisoned retrain | s | misses"
+        "acc poisoned retrain | poisons fit | loss-MIA TPR poisoned retrain | s | misses"
     )
     failed = 0
     for seed in args.seeds:
@@ -113,6 +113,7 @@ def main() -> int:
                 f"{r.get('control_gus_z', nan):8.2f} | {b['effect_val']:14.3f} "
                 f"{r['effect_val']:7.3f} | {s.resolution:10.3f} "
                 f"{str(s.attack_ok):>9} | {b['clean_acc_test']:12.3f} {r['clean_acc_test']:7.3f} | "
+                f"{b['forget_acc']:11.3f} | "
                 f"{b['loss_mia_tpr']:20.3f} {r['loss_mia_tpr']:7.3f} | "
                 f"{time.time() - started:3.0f} | {'; '.join(misses) or 'pass'}",
                 flush=True,
