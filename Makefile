@@ -6,7 +6,7 @@ BIN     := $(VENV)/bin
 TORCH   := torch==2.14.1 torchvision==0.29.1
 STORAGE ?= runs
 
-.PHONY: quickstart test lint bench clean
+.PHONY: quickstart figures test lint bench clean
 
 $(BIN)/raysweep: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -16,6 +16,10 @@ $(BIN)/raysweep: pyproject.toml
 
 quickstart: $(BIN)/raysweep
 	$(BIN)/raysweep run search_spaces/quickstart.yaml --storage $(STORAGE)
+
+# README's figures: the quickstart's report (table and PNGs) into docs/figures/, committed.
+figures: quickstart
+	$(BIN)/raysweep report $(STORAGE)/quickstart --out docs/figures
 
 test: $(BIN)/raysweep
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/pytest -q

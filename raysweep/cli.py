@@ -1,5 +1,5 @@
 """Command line: `raysweep validate SPEC`, `raysweep run SPEC [--storage URI] [--address ADDR]
-[--resume]`, `raysweep report RUN_DIR [--out DIR]`, `raysweep doctor [--address ADDR]
+[--resume] [--mlflow URI]`, `raysweep report RUN_DIR [--out DIR]`, `raysweep doctor [--address ADDR]
 [--storage URI]`."""
 
 from __future__ import annotations
@@ -21,10 +21,12 @@ def _run(args) -> int:
     spec = load(args.spec)  # fails here, before Ray starts, on any spec problem
     # Imported by the commands that need them, not for a cycle: Ray, Optuna and pandas would
     # double `raysweep validate`'s start-up (about 4 s to 9 s).
-    from . import report, results, sweep
+    from . import report, results, sweep, tracking
     from .cluster import RunStateError
 
     try:
+        # MLflow is checked before any compute: a missing extra or a bad URI fails in seconds.
+        tracker = tracking.connect(args.mlflow, spec.name) if args.mlflow else None
         df = sweep.run(
             spec,
             args.storage,
@@ -33,9 +35,12 @@ def _run(args) -> int:
             resume=args.resume,
             max_concurrent=args.max_concurrent,
         )
-    except RunStateError as e:
+    except (RunStateError, tracking.TrackingError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if tracker:
+        n = tracking.log_rows(tracker, spec, df)
+        print(f"MLflow: {n} new runs in experiment '{spec.name}' at {args.mlflow}")
     failed = int((df["status"] != "ok").sum()) if len(df) else 0
     where = f"{args.storage}/{spec.name}/results"
     print(f"\n{spec.name}: {len(df)} trials ({failed} failed); Parquet rows in {where}\n")
@@ -85,6 +90,13 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         default=None,
         help="trials at once (default: what the cluster fits now; set it to let autoscaling grow)",
+    )
+    p.add_argument(
+        "--mlflow",
+        metavar="URI",
+        default=None,
+        help="also log every trial as an MLflow run at this tracking URI (pip install "
+        "'raysweep[mlflow]')",
     )
     p.set_defaults(fn=_run)
     p = sub.add_parser("report", help="tables (Markdown, CSV) and figures of a finished run")

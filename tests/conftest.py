@@ -20,6 +20,8 @@ for _k, _v in {
     "AWS_EC2_METADATA_DISABLED": "true",
 }.items():
     os.environ.setdefault(_k, _v)
+# MLflow's usage telemetry off (tests/test_tracking.py): nothing leaves this machine in tests.
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 # One thread per test process, as in a 1-CPU trial: on a shared 2-core machine two torch threads
 # per process are many times slower, and results then match what the sweep computes.
 torch.set_num_threads(1)
@@ -88,3 +90,35 @@ def s3_server():
 
     yield new_uri
     server.stop()
+
+
+def sweep_in_process(spec, storage: str):
+    """The sweep's own searcher, trial and confirm code, without Ray: tuning, then confirmation."""
+    from ray.tune.search import Searcher
+
+    from raysweep import results, sweep
+    from raysweep.storage import open_store
+
+    store = open_store(storage)
+    studies = sweep.open_studies(spec, store)
+    searcher = sweep.CellSearcher(spec, studies, sweep.reconcile(spec, store, studies))
+    i = 0
+    while (config := searcher.suggest(f"t{i}")) != Searcher.FINISHED:
+        row = sweep.execute(spec, store, config)
+        searcher.on_trial_complete(f"t{i}", {"objective": row["objective"]})
+        i += 1
+    for config in sweep.confirm_plan(spec, results.read(store, spec.name)):
+        sweep.execute(spec, store, config)
+    return results.read(store, spec.name)
+
+
+@pytest.fixture(scope="session")
+def finished_run(tmp_path_factory):
+    """RUN_DIR of a finished tiny run (4 cells x 2 trials, confirmed on seeds 1 and 2), with its
+    Optuna journal; shared by the report, MLflow and dashboard tests. Treat it as read-only."""
+    from raysweep.spec import validate
+
+    spec = validate({**TINY_SPEC, "confirm": {"seeds": [1, 2]}})
+    storage = str(tmp_path_factory.mktemp("run"))
+    sweep_in_process(spec, storage)
+    return f"{storage}/{spec.name}"

@@ -9,15 +9,11 @@ from types import SimpleNamespace
 import numpy as np
 import pandas as pd
 import pytest
-import torch
-from ray.tune.search import Searcher
 
-from raysweep import report, results, sweep
+from raysweep import report, results, tuning_figures
 from raysweep.cli import main
 from raysweep.metrics import Z_AT_FPR
 from raysweep.progress import Progress
-from raysweep.spec import validate
-from raysweep.storage import open_store
 
 STATS = {
     "residual": "residual",
@@ -28,41 +24,11 @@ STATS = {
 }
 
 
-def sweep_in_process(spec, storage: str) -> pd.DataFrame:
-    """The sweep's own searcher, trial and confirm code, without Ray: tuning, then confirmation."""
-    store = open_store(storage)
-    studies = sweep.open_studies(spec, store)
-    searcher = sweep.CellSearcher(spec, studies, sweep.reconcile(spec, store, studies))
-    i = 0
-    while (config := searcher.suggest(f"t{i}")) != Searcher.FINISHED:
-        row = sweep.execute(spec, store, config)
-        searcher.on_trial_complete(f"t{i}", {"objective": row["objective"]})
-        i += 1
-    for config in sweep.confirm_plan(spec, results.read(store, spec.name)):
-        sweep.execute(spec, store, config)
-    return results.read(store, spec.name)
-
-
 @pytest.fixture(scope="module")
-def one_thread():
-    # Two cores shared by several processes: torch's default of 2 threads each is 30x slower here.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory, one_thread):
-    """A finished tiny run (4 cells x 2 trials, confirmed on seeds 1 and 2) with its report."""
-    from conftest import TINY_SPEC
-
-    spec = validate({**TINY_SPEC, "confirm": {"seeds": [1, 2]}})
-    storage = str(tmp_path_factory.mktemp("run"))
-    sweep_in_process(spec, storage)
-    path = f"{storage}/{spec.name}"
-    report.write(path)
-    return path
+def run_dir(finished_run):
+    """The finished tiny run with its report written to RUN_DIR/report."""
+    report.write(finished_run)
+    return finished_run
 
 
 def test_report_writes_markdown_csv_and_figures(run_dir):
@@ -159,7 +125,7 @@ def test_a_failed_attack_is_marked_and_warned_about_never_averaged_in_silently(r
 def test_pareto_front_keeps_only_undominated_points():
     r = np.array([0.5, 0.2, 0.9, 0.2, 0.7, 0.1])
     acc = np.array([0.90, 0.80, 0.95, 0.70, 0.85, 0.60])
-    assert report.pareto_front(r, acc).tolist() == [5, 1, 0, 2]
+    assert tuning_figures.pareto_front(r, acc).tolist() == [5, 1, 0, 2]
 
 
 def _trial(cell, **result):
