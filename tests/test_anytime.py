@@ -8,6 +8,9 @@ import torch
 from raysweep import unlearners as U
 from raysweep.budget import Meter, metered
 from raysweep.models import MODELS, seeded
+from raysweep.spec import validate
+from raysweep.storage import open_store
+from raysweep.trial import run_trial
 
 SHAPE, CLASSES = (3, 16, 16), 10
 ANYTIME = sorted(set(U.UNLEARNERS) - U.PER_BUDGET)
@@ -79,3 +82,30 @@ def test_checkpoints_a_run_never_reaches_see_its_final_state():
     assert meter.take(30) == 20 and meter.take(5) == 5 and stops == [20.0]
     meter.finish()
     assert stops == [20.0, 60.0] and meter.used == 25
+
+
+@pytest.mark.parametrize("method, params", [("gd", {"lr": 0.01}), ("ga", {"lr": 1e-4, "steps": 5})])
+def test_a_checkpoint_row_equals_a_separate_trial_at_that_budget(
+    method, params, tiny_spec_dict, tmp_path
+):
+    spec = validate({**tiny_spec_dict, "budgets": [0.02, 0.05, 0.1]})
+    store = open_store(str(tmp_path))
+    rows = []
+    final = run_trial(spec, store, method, 0.1, params, 0, rows.append, checkpoints=(0.02, 0.05))
+    assert [r["budget"] for r in rows] == [0.02, 0.05, 0.1] and rows[-1] is final
+    for i, budget in enumerate((0.02, 0.05)):
+        below = (0.02,)[:i]  # a run at 0.05 is measured at 0.02 too, and split there
+        alone = run_trial(spec, store, method, budget, params, 0, lambda r: None, checkpoints=below)
+        for key, value in alone.items():
+            if key != "wall_s":
+                assert rows[i][key] == value or (value != value and rows[i][key] != rows[i][key]), (
+                    key
+                )
+
+
+def test_per_budget_methods_refuse_checkpoints(tiny_spec_dict, tmp_path):
+    spec = validate({**tiny_spec_dict, "methods": {"l1_sparse": {"lr": 0.01}}})
+    with pytest.raises(ValueError, match="l1_sparse: its runs are not prefixes"):
+        run_trial(
+            spec, open_store(str(tmp_path)), "l1_sparse", 0.1, {}, 0, print, checkpoints=(0.05,)
+        )
