@@ -3,12 +3,17 @@
 Unit: one example's forward+backward pass. A forward-only pass (teacher outputs, Fisher-free
 scoring, frozen prefixes run without grad) costs FORWARD_ONLY of a unit. Methods ask the meter
 before each batch; it grants as many examples as still fit, so the cap can never be exceeded.
+
+Checkpoints ("anytime budgets"): a meter may also stop at smaller caps on the way. It grants no
+example past a checkpoint until the run has been measured there (`at_checkpoint`), so a batch that
+straddles one is split, and the state measured is exactly where a run capped at that checkpoint
+would have ended; then it grants again, from the same state and the same random stream.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -16,13 +21,20 @@ FORWARD_ONLY = 1.0 / 3.0
 
 
 class Meter:
-    """Counts units spent against a fixed cap."""
+    """Counts units spent against a fixed cap (and stops at `checkpoints`, units below it)."""
 
-    def __init__(self, cap: float):
+    def __init__(
+        self,
+        cap: float,
+        checkpoints: tuple[float, ...] = (),
+        at_checkpoint: Callable[[float], None] = lambda units: None,
+    ):
         if cap < 0:
             raise ValueError(f"budget cap must be >= 0, got {cap}")
         self.cap = float(cap)
         self.used = 0.0
+        self.stops = sorted(float(c) for c in checkpoints if c < cap)
+        self.at_checkpoint = at_checkpoint
 
     @property
     def left(self) -> float:
@@ -30,13 +42,27 @@ class Meter:
 
     def take(self, n: int, cost: float = 1.0) -> int:
         """Grant up to n examples at `cost` units each; charge and return how many were granted."""
-        granted = min(n, math.floor(self.left / cost + 1e-9)) if cost > 0 else n
-        granted = max(granted, 0)
+        while True:
+            granted = _fits(n, cost, (self.stops[0] if self.stops else self.cap) - self.used)
+            if granted > 0 or not self.stops or n == 0:
+                break
+            # Nothing more fits before the next checkpoint: a run capped there ends here.
+            self.at_checkpoint(self.stops.pop(0))
         self.used += granted * cost
         return granted
 
+    def finish(self) -> None:
+        """The run ended: checkpoints it never reached see its final state (it stopped early)."""
+        while self.stops:
+            self.at_checkpoint(self.stops.pop(0))
+
     def fraction_used(self) -> float:
         return self.used / self.cap if self.cap else 0.0
+
+
+def _fits(n: int, cost: float, left: float) -> int:
+    """How many of n examples at `cost` units each fit in `left` units."""
+    return max(min(n, math.floor(left / cost + 1e-9)), 0) if cost > 0 else n
 
 
 def train_cost(epochs: int, n_train: int) -> float:
@@ -65,9 +91,12 @@ def metered(
     generator: torch.Generator,
     cost: float = 1.0,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Batches of (x, y) charged to `meter`; the last one is truncated to what the budget allows."""
+    """Batches of (x, y) charged to `meter`; the last one is truncated to what the budget allows,
+    and one that straddles a checkpoint is split there into two (both are used)."""
     for xb, yb in batches(x, y, batch_size, generator):
-        granted = meter.take(len(yb), cost)
-        if granted == 0:
-            return
-        yield xb[:granted], yb[:granted]
+        while len(yb):
+            granted = meter.take(len(yb), cost)
+            if granted == 0:
+                return
+            yield xb[:granted], yb[:granted]
+            xb, yb = xb[granted:], yb[granted:]

@@ -45,7 +45,14 @@ def _run(args) -> int:
     where = f"{args.storage}/{spec.name}/results"
     print(f"\n{spec.name}: {len(df)} trials ({failed} failed); Parquet rows in {where}\n")
     if len(df):
-        print(report.markdown_table(results.table(df)))
+        table = results.table(df)
+        print(report.markdown_table(table))
+        cells = table[table["source"] != "reference"]
+        print(
+            f"\n{int((~cells['converged'].astype(bool)).sum())} of {len(cells)} cells not converged "
+            "(their best improved in the last third of their trials by more than the noise; "
+            "`raysweep run SPEC --resume` with a larger trials_per_cell continues them)"
+        )
         print(f"\nTables and figures: raysweep report {args.storage}/{spec.name}")
     return 0
 

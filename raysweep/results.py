@@ -17,6 +17,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .convergence import CELL, convergence
 from .metrics import MAX_RESOLUTION
 from .spec import Spec, distributions
 from .storage import CorruptStorage, Store
@@ -259,8 +260,10 @@ def table(df: pd.DataFrame) -> pd.DataFrame:
     constraint on test (and had informative poison scores) out of `n`; the means and stds are over those
     feasible runs only, and `residual_lo`/`residual_hi` span every feasible run's 95% interval
     of r (the hull), so two methods whose spans overlap are not told apart by this table.
+    `converged` is false where more trials might still change the cell's best (convergence.py).
     """
     counts = df[df["phase"] == "tune"].groupby(["attack", "method", "budget"])["status"]
+    converged = convergence(df).set_index(CELL)["converged"]
     cells, seeds = [], {}
     for best, runs, source in chosen(df):
         key = (best["attack"], best["method"], best["budget"])
@@ -270,6 +273,7 @@ def table(df: pd.DataFrame) -> pd.DataFrame:
         row |= {"n": len(runs), "seeds": ",".join(map(str, sorted(runs["seed"])))}
         row |= {"attack_ok": int(runs["attack_ok"].sum())}  # seeds whose attack worked
         row |= {"trials": counts.size()[key], "failed": int((counts.get_group(key) != "ok").sum())}
+        row |= {"converged": bool(converged.get(key, False))}  # convergence.py: the rule
         row |= {"tuned_trial": best["trial_number"], "feasible": len(feasible)}
         row |= {"setting": _setting(best)}
         row |= _stats(
@@ -292,6 +296,7 @@ def table(df: pd.DataFrame) -> pd.DataFrame:
             refs.append(ref)
     out = pd.DataFrame(refs + cells)
     order = ["attack", "method", "budget", "source", "n", "seeds", "attack_ok", "trials", "failed"]
+    order += ["converged"]
     order += ["tuned_trial", "feasible", "setting", "residual", "residual_std"]
     order += ["residual_lo", "residual_hi"]
     order += [c for s in STATS[1:] for c in (s, f"{s}_std")]

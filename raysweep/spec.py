@@ -40,6 +40,7 @@ TOP_KEYS = {
     "resources": "{cpu: > 0, gpu: >= 0} per trial",
     "sampler": "tpe | random",
     "confirm": "{seeds: [int, ...]}: fresh seeds on which each cell's best setting is re-run",
+    "tried_first": "{method: [{hyperparameter: value}, ...]}: settings each study tries first",
 }
 REQUIRED = ("name", "dataset", "model", "attack", "train", "methods", "budgets")
 SAMPLERS = ("tpe", "random")
@@ -291,7 +292,43 @@ def validate(raw: Any, src: str = "<spec>") -> Spec:
         raise SpecError(f"{src}: sampler: '{raw['sampler']}'; allowed: {_allowed(SAMPLERS)}")
     raw.setdefault("confirm", {"seeds": []})
     _confirm(src, raw["confirm"], raw["seed"])
+    # No default written: specs without the key keep their hash (and stay resumable).
+    _tried_first(src, raw.get("tried_first", {}), raw["methods"])
     return Spec(src, raw)
+
+
+def _tried_first(src: str, tried: Any, methods: dict) -> None:
+    """Published settings (the paper's grid, the method authors' defaults): each must name only
+    the method's searched hyperparameters, each value inside its range or among its choices."""
+    if not isinstance(tried, dict):
+        raise SpecError(f"{src}: tried_first: must be a mapping; allowed keys: {_allowed(methods)}")
+    for method, settings in tried.items():
+        key = f"tried_first.{method}"
+        if method not in methods:
+            raise _unknown(src, "tried_first", method, methods)
+        if not isinstance(settings, list):
+            raise SpecError(f"{src}: {key}: {settings!r}; allowed: a list of mappings")
+        space = {k: v for k, v in (methods[method] or {}).items() if isinstance(v, dict)}
+        params = keyword_params(UNLEARNERS[method])
+        for i, setting in enumerate(settings):
+            if not isinstance(setting, dict) or not setting:
+                raise SpecError(
+                    f"{src}: {key}[{i}]: {setting!r}; allowed: a mapping of {_allowed(space)}"
+                )
+            for name, value in setting.items():
+                if name not in space:
+                    raise _unknown(src, f"{key}[{i}]", name, space)
+                _inside(src, f"{key}[{i}].{name}", value, space[name], params[name].default)
+
+
+def _inside(src: str, key: str, value: Any, space: dict, default: Any) -> None:
+    """`value` is one a study could sample from `space` (a {low, high} range or {choices})."""
+    if "choices" in space:
+        if value not in space["choices"]:
+            raise SpecError(f"{src}: {key}: {value!r}; allowed: {space['choices']}")
+        return
+    kind = int if _is_int(space, default) else float
+    _number(src, key, value, space["low"], space["high"], lo_open=False, kind=kind)
 
 
 def _confirm(src: str, confirm: Any, seed: int) -> None:

@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .budget import Meter, metered
-from .models import seeded
+from .budget import FORWARD_ONLY, Meter, metered
+from .models import blocks, seeded
 
 Pair = tuple[torch.Tensor, torch.Tensor]
 
@@ -175,3 +175,27 @@ def scrub_min_step(student, teacher, x, y, opt, alpha: float, gamma: float, temp
         target = teacher(x)
     out = student(x)
     step(opt, alpha * kl(out, target, temperature) + gamma * F.cross_entropy(out, y))
+
+
+def split_last(model: nn.Module, k: int) -> tuple[nn.Sequential, nn.Sequential]:
+    """(frozen prefix, last k blocks); k past the block count means the whole model."""
+    if k < 1:
+        raise ValueError(f"k={k}: must be >= 1 (blocks counted from the output end)")
+    bs = blocks(model)
+    k = min(k, len(bs))
+    return nn.Sequential(*bs[: len(bs) - k]), nn.Sequential(*bs[len(bs) - k :])
+
+
+def train_last(prefix, suffix, retain: Pair, meter: Meter, generator, lr, bs, momentum, wd):
+    """Train `suffix` on S_r seen through the frozen `prefix` (EUk and CFk).
+
+    The prefix runs once per retain row, without grad, at FORWARD_ONLY; its features are kept and
+    every suffix pass over them is charged a full unit (an overestimate: the prefix is not rerun).
+    Only as many rows are featurised as the budget can also train on once. The features take
+    memory: rows x the prefix's output size.
+    """
+    cost = FORWARD_ONLY if len(prefix) else 0.0
+    x, y = subset(meter, *retain, generator, cost, math.floor(meter.left / (1.0 + cost)))
+    feats = features(prefix, x)
+    opt = sgd(suffix.parameters(), lr, momentum, wd)
+    descend(suffix, opt, metered(meter, feats, y, bs, generator))

@@ -63,6 +63,7 @@ def open_studies(
     if storage is None:
         storage, _ = open_journal(spec, store)
     studies = {}
+    existing = set(optuna.get_all_study_names(storage))
     for method, budget in spec.cells():
         name = cell_name(method, budget)
         seed = derive_seed(spec.seed, name) % 2**32
@@ -70,7 +71,19 @@ def open_studies(
         studies[name] = optuna.create_study(
             study_name=name, storage=storage, sampler=sampler, load_if_exists=True
         )
+        if name not in existing:
+            enqueue_first(spec, method, studies[name])
     return studies
+
+
+def enqueue_first(spec: Spec, method: str, study: optuna.Study) -> None:
+    """Queue the spec's `tried_first` settings as a new study's first trials, in listed order.
+
+    At most `trials_per_cell` of them (the list is in priority order), so a short sweep tries the
+    first ones. Only a new study gets them: a resumed one already ran (or queued) its own.
+    """
+    for params in spec.raw.get("tried_first", {}).get(method, [])[: spec.trials_per_cell]:
+        study.enqueue_trial(params)
 
 
 class CellSearcher(Searcher):

@@ -36,7 +36,7 @@ from .poisoned import Poisoned, from_tensors, to_tensors
 from .spec import Spec, validate
 from .storage import Store, open_store
 from .train import autocast, train
-from .unlearners import UNLEARNERS
+from .unlearners import PER_BUDGET, UNLEARNERS
 
 
 def device() -> torch.device:
@@ -261,19 +261,49 @@ def run_trial(
     number: int,
     report: Callable[[dict], None],
     seed: int | None = None,
+    checkpoints: tuple[float, ...] = (),
 ) -> dict:
-    """Unlearn the poisoned model with one method and setting, measure it, report one row."""
+    """Unlearn the poisoned model with one method and setting, measure it, report one row.
+
+    `checkpoints`: smaller budgets at which the same run is also measured (anytime budgets), each
+    reported as a row of its own before the final one; only for methods outside PER_BUDGET.
+    """
     started = time.time()
     seed = spec.seed if seed is None else seed
     setup = prepare(json.dumps(spec.raw, sort_keys=True), store.uri, seed)
+    stops = sorted(b for b in checkpoints if b < budget)
+    if stops and method in PER_BUDGET:
+        raise ValueError(f"{method}: its runs are not prefixes of longer ones (PER_BUDGET)")
 
     model = _loaded(spec, setup.split, setup.poisoned, setup.poisoned_state)
-    meter = Meter(budget * setup.c_train)
-    gen = generator(seed, method, budget, number)
+    row = functools.partial(_row, spec, setup, model, method, number, seed, started)
+
+    by_units = {b * setup.c_train: b for b in stops}
+
+    def at_checkpoint(units: float) -> None:
+        # Measured as the final model is (eval mode, no autocast), then put back as it was.
+        modes = {m: m.training for m in model.modules()}
+        with torch.autocast(device().type, enabled=False), torch.enable_grad():
+            report(row(by_units[units], meter.used))
+        for m, training in modes.items():
+            m.train(training)
+
+    meter = Meter(budget * setup.c_train, tuple(by_units), at_checkpoint)
+    # A prefix method's stream does not depend on its budget: its run to a checkpoint is the
+    # shorter run, bit for bit (tests/test_anytime.py).
+    per_budget = (budget,) if method in PER_BUDGET else ()
+    gen = generator(seed, method, *per_budget, number)
     with autocast(spec.train.get("precision", "fp32"), model):  # as the model was trained
         UNLEARNERS[method](model, setup.probe.forget, setup.probe.retain, meter, gen, **params)
-    after, units = measure(model.eval(), setup.probe, spec.attack["name"])
+    meter.finish()
+    final = row(budget, meter.used)
+    report(final)
+    return final
 
+
+def _row(spec, setup, model, method, number, seed, started, budget, used) -> dict:
+    """Measure `model` as the result of a run at `budget` that spent `used` units: one row."""
+    after, units = measure(model.eval(), setup.probe, spec.attack["name"])
     r_val = residual(after["effect_val"], setup.before["effect_val"], setup.retrain["effect_val"])
     r_test = residual(
         after["effect_test"], setup.before["effect_test"], setup.retrain["effect_test"]
@@ -303,8 +333,9 @@ def run_trial(
         "seed": seed,
         "poisoned_key": setup.poisoned_key,
         "retrain_key": setup.retrain_key,
-        "budget_used": meter.fraction_used(),
-        "budget_units": meter.used,
+        "budget": budget,
+        "budget_used": used / (budget * setup.c_train),
+        "budget_units": used,
         "residual_val": r_val,
         "residual": r_test,
         "residual_lo": r_lo,
@@ -323,7 +354,6 @@ def run_trial(
         "after_scores": stored_scores(spec, units),
         "retrain_scores": stored_scores(spec, setup.retrain_units),
     }
-    report(row)
     return row
 
 

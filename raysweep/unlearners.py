@@ -24,11 +24,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .budget import FORWARD_ONLY, Meter, metered
-from .models import blocks
 from .steps import (
     Pair,
     descend,
-    features,
     fisher,
     frozen,
     kl,
@@ -40,8 +38,10 @@ from .steps import (
     scrub_max_step,
     scrub_min_step,
     sgd,
+    split_last,
     step,
     subset,
+    train_last,
 )
 
 # One example through the student (forward+backward) and through one frozen teacher (forward).
@@ -116,30 +116,6 @@ def ga(
 # --- the last K blocks (Goel et al. 2022) -------------------------------------------------------
 
 
-def _split_last(model: nn.Module, k: int) -> tuple[nn.Sequential, nn.Sequential]:
-    """(frozen prefix, last k blocks); k past the block count means the whole model."""
-    if k < 1:
-        raise ValueError(f"k={k}: must be >= 1 (blocks counted from the output end)")
-    bs = blocks(model)
-    k = min(k, len(bs))
-    return nn.Sequential(*bs[: len(bs) - k]), nn.Sequential(*bs[len(bs) - k :])
-
-
-def _train_last(prefix, suffix, retain: Pair, meter: Meter, generator, lr, bs, momentum, wd):
-    """Train `suffix` on S_r seen through the frozen `prefix` (EUk and CFk).
-
-    The prefix runs once per retain row, without grad, at FORWARD_ONLY; its features are kept and
-    every suffix pass over them is charged a full unit (an overestimate: the prefix is not rerun).
-    Only as many rows are featurised as the budget can also train on once. The features take
-    memory: rows x the prefix's output size.
-    """
-    cost = FORWARD_ONLY if len(prefix) else 0.0
-    x, y = subset(meter, *retain, generator, cost, math.floor(meter.left / (1.0 + cost)))
-    feats = features(prefix, x)
-    opt = sgd(suffix.parameters(), lr, momentum, wd)
-    descend(suffix, opt, metered(meter, feats, y, bs, generator))
-
-
 def euk(
     model: nn.Module,
     forget: Pair,
@@ -154,9 +130,9 @@ def euk(
     weight_decay: float = 5e-4,
 ) -> None:
     """Exact unlearning of the last k blocks: re-initialise them, train only them on S_r."""
-    prefix, suffix = _split_last(model, k)
+    prefix, suffix = split_last(model, k)
     reinit(suffix, generator)
-    _train_last(prefix, suffix, retain, meter, generator, lr, batch_size, momentum, weight_decay)
+    train_last(prefix, suffix, retain, meter, generator, lr, batch_size, momentum, weight_decay)
 
 
 def cfk(
@@ -173,8 +149,8 @@ def cfk(
     weight_decay: float = 5e-4,
 ) -> None:
     """Catastrophic forgetting of the last k blocks: fine-tune only them on S_r."""
-    prefix, suffix = _split_last(model, k)
-    _train_last(prefix, suffix, retain, meter, generator, lr, batch_size, momentum, weight_decay)
+    prefix, suffix = split_last(model, k)
+    train_last(prefix, suffix, retain, meter, generator, lr, batch_size, momentum, weight_decay)
 
 
 # --- distillation from the original model (SCRUB, Bad Teacher) ----------------------------------
@@ -381,6 +357,12 @@ def ssd(
             dampen = i_f > alpha * i_d  # implies i_f > 0: the division below is safe
             p[dampen] *= (lam * i_d[dampen] / i_f[dampen]).clamp(max=1.0)
 
+
+# Methods whose run at a smaller budget is not the prefix of their run at a larger one: one-off
+# passes sized to the budget (euk/cfk featurise, ssd/salun score a subsample of what it affords)
+# or a schedule over the total (l1_sparse). Each budget is a run of its own; every other method
+# runs once to its largest budget and is measured on the way (budget.Meter checkpoints).
+PER_BUDGET = frozenset({"euk", "cfk", "ssd", "salun", "l1_sparse"})
 
 UNLEARNERS = {
     "gd": gd,
