@@ -245,8 +245,8 @@ def feasibility_warnings(table: pd.DataFrame) -> list[str]:
     cells = table[(table["source"] != "reference") & (table["feasible"] < table["n"])]
     return [
         f"warning: {row['attack']}: {row['method']} at {row['budget']:g}: infeasible on "
-        f"{row['n'] - row['feasible']} of {row['n']} runs (rows' infeasible_reason); its numbers "
-        f"are over the other {row['feasible']}"
+        f"{row['n'] - row['feasible']:.0f} of {row['n']:.0f} runs (rows' infeasible_reason); its "
+        f"numbers are over the other {row['feasible']:.0f}"
         for row in cells.to_dict("records")
     ]
 
