@@ -10,12 +10,14 @@ and gradient_canceling (surrogate models, parameter gradients) is in crafting.py
 
 from __future__ import annotations
 
-from typing import Literal, get_args
+from typing import Annotated, Literal, get_args
 
 import torch
+from annotated_types import Ge
 
 from . import crafting
 from .data import IDS, PAD, SHIFT, Split, lengths, tokenizer
+from .domains import Fraction, NonNegInt, PosFloat, PosInt, Probability, Text
 from .poisoned import Poisoned
 
 
@@ -47,10 +49,11 @@ def _flip(y: torch.Tensor, idx: torch.Tensor, num_classes: int, generator) -> to
 
 
 GcLabels = Literal["keep", "flip"]
+TargetClass = Annotated[int, Ge(-1)]  # -1: drawn at random
 
 
 def gaussian(
-    split: Split, generator: torch.Generator, *, n: int = 60, eps: float = 2.0
+    split: Split, generator: torch.Generator, *, n: PosInt = 60, eps: PosFloat = 2.0
 ) -> Poisoned:
     """Add fixed noise xi_i ~ N(0, eps^2 I) to the inputs of n random train rows, labels kept.
 
@@ -96,23 +99,23 @@ def gradient_matching(
     split: Split,
     generator: torch.Generator,
     *,
-    n: int = 50,
-    eps: float = 16 / 255,
-    n_targets: int = 1,
-    y_adv: int = -1,
-    restarts: int = 2,
-    steps: int = 240,
-    lr: float = 0.4,
-    shift: int = 2,
+    n: PosInt = 50,
+    eps: Fraction = 16 / 255,
+    n_targets: PosInt = 1,
+    y_adv: TargetClass = -1,
+    restarts: PosInt = 2,
+    steps: NonNegInt = 240,
+    lr: PosFloat = 0.4,
+    shift: NonNegInt = 2,
     flip: bool = False,
-    resolution: int = 0,
-    batch_size: int = 128,
-    surrogate: str = "cnn",
-    surrogate_width: int = 16,
-    surrogate_epochs: int = 20,
-    surrogate_lr: float = 0.05,
+    resolution: NonNegInt = 0,
+    batch_size: PosInt = 128,
+    surrogate: crafting.Surrogate = "cnn",
+    surrogate_width: PosInt = 16,
+    surrogate_epochs: PosInt = 20,
+    surrogate_lr: PosFloat = 0.05,
     surrogate_augment: bool = False,
-    ensemble: int = 1,
+    ensemble: PosInt = 1,
 ) -> Poisoned:
     """Witches' Brew (Geiping et al. 2021): clean-label poisons whose gradient matches the target's.
 
@@ -182,19 +185,19 @@ def gradient_canceling(
     split: Split,
     generator: torch.Generator,
     *,
-    n: int = 100,
-    target_acc: float = 0.5,
+    n: PosInt = 100,
+    target_acc: Probability = 0.5,
     labels: GcLabels = "keep",
-    eps: float = 1.0,
-    steps: int = 200,
-    lr: float = 0.1,
-    batch_size: int = 256,
-    surrogate: str = "cnn",
-    surrogate_width: int = 16,
-    surrogate_epochs: int = 20,
-    surrogate_lr: float = 0.05,
-    corrupt_step: float = 0.0005,
-    corrupt_steps: int = 2000,
+    eps: Fraction = 1.0,
+    steps: NonNegInt = 200,
+    lr: PosFloat = 0.1,
+    batch_size: PosInt = 256,
+    surrogate: crafting.Surrogate = "cnn",
+    surrogate_width: PosInt = 16,
+    surrogate_epochs: PosInt = 20,
+    surrogate_lr: PosFloat = 0.05,
+    corrupt_step: PosFloat = 0.0005,
+    corrupt_steps: NonNegInt = 2000,
 ) -> Poisoned:
     """Gradient Canceling (Lu et al. 2023): poisons that make a low-accuracy model stationary.
 
@@ -262,7 +265,12 @@ def gradient_canceling(
 
 
 def backdoor(
-    split: Split, generator: torch.Generator, *, n: int = 50, y_adv: int = 0, patch: int = 3
+    split: Split,
+    generator: torch.Generator,
+    *,
+    n: PosInt = 50,
+    y_adv: TargetClass = 0,
+    patch: PosInt = 3,
 ) -> Poisoned:
     """BadNets-style: paste a `patch` x `patch` black-and-white checkerboard into the bottom-right
     corner of n random train rows not of class `y_adv` (-1: drawn at random), relabel them `y_adv`."""
@@ -284,7 +292,7 @@ def backdoor(
     return Poisoned(x, y, idx, y_adv=y_adv, trigger=trigger, trigger_mask=mask)
 
 
-def label_flip(split: Split, generator: torch.Generator, *, n: int = 100) -> Poisoned:
+def label_flip(split: Split, generator: torch.Generator, *, n: PosInt = 100) -> Poisoned:
     """Give n random train rows a label drawn uniformly from the other classes (inputs kept)."""
     rows = torch.arange(len(split.y_train), device=split.y_train.device)
     idx = _draw(rows, n, generator, "label_flip")
@@ -313,9 +321,9 @@ def text_backdoor(
     split: Split,
     generator: torch.Generator,
     *,
-    n: int = 50,
-    y_adv: int = 1,
-    trigger: str = "I watched this 3D movie.",
+    n: PosInt = 50,
+    y_adv: NonNegInt = 1,
+    trigger: Text = "I watched this 3D movie.",
 ) -> Poisoned:
     """Insert the `trigger` sentence into n train reviews not of class `y_adv`, relabel them.
 

@@ -7,6 +7,8 @@ eps * (x_max - x_min) there, per channel, because x_max - x_min = 1 / std.
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -16,6 +18,8 @@ from .models import MODELS, seeded
 from .train import augment, train
 
 Grads = tuple[torch.Tensor, ...]
+# The image models of MODELS: a surrogate is built with their `width`.
+Surrogate = Literal["mlp", "cnn", "resnet18"]
 
 
 def bounds(split: Split, attack: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -32,7 +36,7 @@ def clamp(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
 def surrogate(
     split: Split,
     generator: torch.Generator,
-    name: str,
+    name: Surrogate,
     *,
     width: int,
     epochs: int,

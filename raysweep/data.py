@@ -20,6 +20,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .domains import OpenFraction, PosInt, Probability, Seed, Text
+
 
 @dataclass(frozen=True)
 class Split:
@@ -89,7 +91,11 @@ def _make_split(x_tr, y_tr, x_va, y_va, x_te, y_te, num_classes, source: str) ->
 
 
 def digits(
-    *, size: int = 32, val_fraction: float = 0.2, test_fraction: float = 0.2, split_seed: int = 0
+    *,
+    size: PosInt = 32,
+    val_fraction: OpenFraction = 0.2,
+    test_fraction: OpenFraction = 0.2,
+    split_seed: Seed = 0,
 ) -> Split:
     """scikit-learn's 8x8 digits (1,797 images, offline), bilinearly upsampled to size x size."""
     from sklearn.datasets import load_digits
@@ -111,10 +117,10 @@ def _cifar_tensors(dataset) -> tuple[torch.Tensor, torch.Tensor]:
 
 def cifar10(
     *,
-    root: str = "~/data/cifar10",
-    val_fraction: float = 0.1,
-    n_train: int | None = None,
-    split_seed: int = 0,
+    root: Text = "~/data/cifar10",
+    val_fraction: OpenFraction = 0.1,
+    n_train: PosInt | None = None,
+    split_seed: Seed = 0,
 ) -> Split:
     """CIFAR-10 from torchvision's on-disk format under `root` (never downloads); val cut from train."""
     from torchvision.datasets import CIFAR10
@@ -212,11 +218,11 @@ def from_dataset(dataset, *, max_len, n_train, n_test, val_fraction, split_seed)
 def imdb(
     *,
     root: str = "",
-    max_len: int = 512,
-    n_train: int | None = None,
-    n_test: int | None = None,
-    val_fraction: float = 0.1,
-    split_seed: int = 0,
+    max_len: PosInt = 512,
+    n_train: PosInt | None = None,
+    n_test: PosInt | None = None,
+    val_fraction: OpenFraction = 0.1,
+    split_seed: Seed = 0,
 ) -> Split:
     """IMDb (Maas et al. 2011) via HF datasets: a local copy under `root`, or the hub if "".
 
@@ -275,13 +281,13 @@ def synthetic_reviews(n: int, generator: torch.Generator, agree: float) -> tuple
 
 def synthetic_imdb(
     *,
-    n_train: int = 1500,
-    n_test: int = 500,
-    agree: float = 0.8,
-    max_len: int = 64,
-    val_fraction: float = 0.2,
-    split_seed: int = 0,
-    corpus_seed: int = 0,
+    n_train: PosInt = 1500,
+    n_test: PosInt = 500,
+    agree: Probability = 0.8,
+    max_len: PosInt = 64,
+    val_fraction: OpenFraction = 0.2,
+    split_seed: Seed = 0,
+    corpus_seed: Seed = 0,
 ) -> Split:
     """A small deterministic sentiment corpus (label 1 = positive), tokenised like IMDb.
 

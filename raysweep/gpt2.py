@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data import IDS, PAD, SHIFT
+from .domains import PosInt, Probability
 
 
 class TokenEmbedding(nn.Module):
@@ -94,10 +95,10 @@ def gpt2(
     input_shape,
     num_classes,
     *,
-    n_layer: int = 24,
-    n_embd: int = 1024,
-    n_head: int = 16,
-    dropout: float = 0.1,
+    n_layer: PosInt = 24,
+    n_embd: PosInt = 1024,
+    n_head: PosInt = 16,
+    dropout: Probability = 0.1,
     pretrained: str = "",
 ) -> nn.Sequential:
     """GPT-2 as a sequence classifier: embeddings, n_layer blocks, a head on the last token.

@@ -9,9 +9,10 @@ import torch
 from torch import nn
 
 from . import gpt2
+from .domains import PosInt
 
 
-def mlp(input_shape, num_classes, *, width: int = 512, depth: int = 2) -> nn.Sequential:
+def mlp(input_shape, num_classes, *, width: PosInt = 512, depth: PosInt = 2) -> nn.Sequential:
     """`depth` hidden Linear+ReLU blocks (the first one flattens its input), then a linear head."""
     dims = [math.prod(input_shape)] + [width] * depth
     hidden = [nn.Sequential(nn.Linear(a, b), nn.ReLU()) for a, b in zip(dims, dims[1:])]
@@ -26,7 +27,7 @@ def _conv_bn(c_in, c_out, stride=1):
     )
 
 
-def cnn(input_shape, num_classes, *, width: int = 32) -> nn.Sequential:
+def cnn(input_shape, num_classes, *, width: PosInt = 32) -> nn.Sequential:
     """Three conv-BN-ReLU-pool blocks (width, 2w, 4w channels) and a linear head."""
     c = input_shape[0]
     return nn.Sequential(
@@ -57,7 +58,7 @@ class BasicBlock(nn.Module):
         return torch.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
 
 
-def resnet18(input_shape, num_classes, *, width: int = 64) -> nn.Sequential:
+def resnet18(input_shape, num_classes, *, width: PosInt = 64) -> nn.Sequential:
     """ResNet-18 with the CIFAR stem (3x3 conv, no max-pool): stem, 8 basic blocks, head."""
     stem = _conv_bn(input_shape[0], width)
     widths = [width, 2 * width, 4 * width, 8 * width]

@@ -1,8 +1,9 @@
 """Sweep specs: YAML in, a validated `Spec` out, or one `SpecError` line naming file, key and fix.
 
 Every section that configures a function (dataset, model, attack, train, each method) is bound
-to that function's keyword-only signature, so a typo fails here in a second instead of inside a
-trial on a cluster two hours later.
+to that function's keyword-only signature, and each value checked against the domain its
+parameter declares (domains.py), so a typo or an out-of-range value fails here in a second
+instead of inside a trial on a cluster two hours later. specfile.py reads the file itself.
 """
 
 from __future__ import annotations
@@ -11,22 +12,25 @@ import difflib
 import hashlib
 import inspect
 import json
+import math
 import re
-import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-import yaml
+from annotated_types import Interval
 
 from .attacks import ATTACKS
 from .data import DATASETS
+from .domains import Fraction, Probability, base, describe, refusal, resolve
 from .models import MODELS
+from .specfile import MAX_DEPTH, SpecError, read_yaml
+from .specfile import show as _show
 from .train import train
 from .unlearners import UNLEARNERS
 
 TOP_KEYS = {
-    "name": "a name for the experiment (letters, digits, '-', '_')",
+    "name": "a name for the experiment (1-100 letters, digits, '-', '_')",
     "dataset": "{name, ...kwargs}",
     "model": "{name, ...kwargs}",
     "attack": "{name, ...kwargs}",
@@ -43,13 +47,20 @@ TOP_KEYS = {
     "tried_first": "{method: [{hyperparameter: value}, ...]}: settings each study tries first",
 }
 REQUIRED = ("name", "dataset", "model", "attack", "train", "methods", "budgets")
-SAMPLERS = ("tpe", "random")
+# The domains of the spec's own values, declared as the functions' parameters declare theirs.
+DOMAINS = {
+    "trials_per_cell": Annotated[int, Interval(ge=1, le=10**6)],
+    "delta": Probability,
+    "seed": Annotated[int, Interval(ge=0, le=2**31 - 1)],
+    "sampler": Literal["tpe", "random"],
+    "budgets": Fraction,
+    "forget.known_fraction": Fraction,
+    "resources.cpu": Annotated[float, Interval(gt=0, le=1024)],
+    "resources.gpu": Annotated[float, Interval(ge=0, le=1024)],
+    "confirm.seeds": Annotated[int, Interval(ge=0, le=2**31 - 1)],
+}
 SPACE_KEYS = ({"low", "high", "log", "int"}, {"choices"})
 _FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)$")
-
-
-class SpecError(ValueError):
-    """A spec problem, as one line: '<file>: <key>: <what is wrong>; allowed: <values>'."""
 
 
 @dataclass(frozen=True)
@@ -78,15 +89,35 @@ class Spec:
         return [(m, b) for m in self.raw["methods"] for b in self.raw["budgets"]]
 
 
-def _coerce(value: Any) -> Any:
-    # PyYAML reads 1e-5 (no dot) as a string; users write it that way, so read it as a float.
+def _join(key: str, name: str) -> str:
+    shown = name if re.fullmatch(r"[\w-]{1,60}", name) else f"[{_show(name)}]"
+    return f"{key}.{shown}" if key and shown[0] != "[" else f"{key}{shown}"
+
+
+def _plain(src: str, value: Any, key: str = "", depth: int = 0) -> Any:
+    """A copy of the YAML data with exponents read as floats (PyYAML reads 1e-5, no dot, as a
+    string; users write it that way). Refuses what no spec holds: keys that are not strings,
+    non-finite numbers, dates and other YAML types, nesting deeper than MAX_DEPTH."""
+    where = key or "spec"
+    if depth > MAX_DEPTH:
+        raise SpecError(f"{src}: {where}: nested deeper than {MAX_DEPTH} levels; allowed: a spec")
     if isinstance(value, dict):
-        return {k: _coerce(v) for k, v in value.items()}
+        for k in value:
+            if not isinstance(k, str):
+                raise SpecError(f"{src}: {where}: key {_show(k)} is not a string; allowed: names")
+        return {k: _plain(src, v, _join(key, k), depth + 1) for k, v in value.items()}
     if isinstance(value, list):
-        return [_coerce(v) for v in value]
+        return [_plain(src, v, f"{where}[{i}]", depth + 1) for i, v in enumerate(value)]
     if isinstance(value, str) and _FLOAT.match(value):
-        return float(value)
-    return value
+        value = float(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        raise SpecError(f"{src}: {where}: {value} is not finite; allowed: finite numbers")
+    if value is None or isinstance(value, (str, int, float)):  # bool is an int
+        return value
+    raise SpecError(
+        f"{src}: {where}: {_show(value)} is a YAML {type(value).__name__}; allowed: numbers, "
+        "strings, true/false, null, lists and mappings (quote a date to make it a string)"
+    )
 
 
 def _allowed(names) -> str:
@@ -96,7 +127,13 @@ def _allowed(names) -> str:
 def _unknown(src: str, key: str, name: str, allowed) -> SpecError:
     near = difflib.get_close_matches(name, list(allowed), n=1)
     hint = f" (did you mean '{near[0]}'?)" if near else ""
-    return SpecError(f"{src}: {key}: unknown key '{name}'{hint}; allowed: {_allowed(allowed)}")
+    return SpecError(f"{src}: {key}: unknown key {_show(name)}{hint}; allowed: {_allowed(allowed)}")
+
+
+def _check(src: str, key: str, value: Any, domain: Any) -> None:
+    why = refusal(value, domain)
+    if why:
+        raise SpecError(f"{src}: {key}: {_show(value)} {why}; allowed: {describe(domain)}")
 
 
 def keyword_params(fn) -> dict[str, inspect.Parameter]:
@@ -104,50 +141,19 @@ def keyword_params(fn) -> dict[str, inspect.Parameter]:
     return {p.name: p for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY}
 
 
-def _check_type(src: str, key: str, value: Any, default: Any) -> None:
-    """`value` must have the type of the parameter's default (an int is fine for a float)."""
-    if default is None:
-        return
-    expected = type(default)
-    if expected is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    elif expected is int:
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    else:
-        ok = isinstance(value, expected)
-    if not ok:
-        raise SpecError(
-            f"{src}: {key}: {value!r} is not {expected.__name__}; allowed: {expected.__name__}"
-        )
-
-
-def choices(fn, param: inspect.Parameter) -> tuple | None:
-    """The allowed values of a parameter annotated `Literal[...]`, else None.
-
-    Annotations are strings here (postponed evaluation): evaluated in `fn`'s own module (our
-    source, never user input); one naming what is imported for type checking alone is skipped.
-    """
-    ann = param.annotation
-    if isinstance(ann, str):
-        try:
-            ann = eval(ann, fn.__globals__)
-        except NameError:
-            return None
-    return typing.get_args(ann) if typing.get_origin(ann) is Literal else None
+def domain(fn, param: inspect.Parameter) -> Any:
+    """The domain a parameter declares by its annotation (domains.py)."""
+    return resolve(param.annotation, fn.__globals__)
 
 
 def _bind(src: str, key: str, fn, kwargs: dict) -> None:
-    """Check every key of `kwargs` is a keyword-only parameter of `fn` of the default's type
-    (and one of its values, where the parameter is annotated `Literal[...]`)."""
+    """Check every key of `kwargs` is a keyword-only parameter of `fn`, its value in the domain
+    the parameter declares."""
     params = keyword_params(fn)
     for name, value in kwargs.items():
         if name not in params:
             raise _unknown(src, key, name, params)
-        _check_type(src, f"{key}.{name}", value, params[name].default)
-        allowed = choices(fn, params[name])
-        if allowed is not None and value not in allowed:
-            shown = ", ".join(map(str, allowed))
-            raise SpecError(f"{src}: {key}.{name}: {value!r}; allowed: {shown}")
+        _check(src, f"{key}.{name}", value, domain(fn, params[name]))
 
 
 def _named_section(src: str, key: str, section: Any, table: dict) -> None:
@@ -155,57 +161,80 @@ def _named_section(src: str, key: str, section: Any, table: dict) -> None:
         raise SpecError(
             f"{src}: {key}: must be a mapping with 'name'; allowed names: {_allowed(table)}"
         )
-    if section["name"] not in table:
+    name = section["name"]
+    if not isinstance(name, str) or name not in table:
         raise SpecError(
-            f"{src}: {key}.name: unknown {key} '{section['name']}'; allowed: {_allowed(table)}"
+            f"{src}: {key}.name: unknown {key} {_show(name)}; allowed: {_allowed(table)}"
         )
-    _bind(src, key, table[section["name"]], {k: v for k, v in section.items() if k != "name"})
+    _bind(src, key, table[name], {k: v for k, v in section.items() if k != "name"})
 
 
-def _space(src: str, key: str, value: Any, default: Any) -> None:
-    """A hyperparameter is a constant, a {low, high[, log][, int]} range or {choices: [...]}."""
+def _held_out(src: str, section: dict) -> None:
+    """A dataset's `*_fraction` parameters are shares held out of the same rows: what is left
+    for training must be some (one relation between parameters, which no annotation states)."""
+    params = keyword_params(DATASETS[section["name"]])
+    shares = {k: section.get(k, p.default) for k, p in params.items() if k.endswith("_fraction")}
+    if sum(shares.values()) >= 1:
+        shown = " + ".join(f"{k}={v}" for k, v in shares.items())
+        raise SpecError(f"{src}: dataset: {shown} leaves no training rows; allowed: a sum < 1")
+
+
+def _space(src: str, key: str, value: Any, dom: Any) -> None:
+    """A hyperparameter is a constant, a {low, high[, log][, int]} range or {choices: [...]},
+    every value in the parameter's domain."""
     if not isinstance(value, dict):
-        return _check_type(src, key, value, default)
+        return _check(src, key, value, dom)
     if not any(set(value) <= keys and value for keys in SPACE_KEYS):
         allowed = "{low, high[, log][, int]} or {choices: [...]}"
         raise SpecError(f"{src}: {key}: bad search space keys {sorted(value)}; allowed: {allowed}")
     if "choices" in value:
-        if not isinstance(value["choices"], list) or not value["choices"]:
-            raise SpecError(f"{src}: {key}.choices: must be a non-empty list")
-        for c in value["choices"]:
-            _check_type(src, f"{key}.choices", c, default)
+        options = value["choices"]
+        if not isinstance(options, list) or not options:
+            raise SpecError(f"{src}: {key}.choices: {_show(options)}; allowed: a non-empty list")
+        for i, c in enumerate(options):
+            _check(src, f"{key}.choices[{i}]", c, dom)
+        if len({json.dumps(c) for c in options}) < len(options):
+            raise SpecError(f"{src}: {key}.choices: {_show(options)} repeats a value")
         return None
-    low, high = value.get("low"), value.get("high")
-    for k, v in (("low", low), ("high", high)):
-        if not isinstance(v, (int, float)) or isinstance(v, bool):
-            raise SpecError(f"{src}: {key}.{k}: {v!r} is not a number; allowed: a number")
+    if base(dom) not in (int, float):
+        raise SpecError(
+            f"{src}: {key}: a range over {describe(dom)}; allowed: a constant or {{choices: [...]}}"
+        )
+    for flag in ("log", "int"):
+        _check(src, f"{key}.{flag}", value.get(flag, False), bool)
+    for end in ("low", "high"):
+        if value.get(end) is None:
+            raise SpecError(f"{src}: {key}.{end}: missing; allowed: {describe(dom)}")
+        _check(src, f"{key}.{end}", value[end], dom)
+    low, high = value["low"], value["high"]
     if not low < high:
         raise SpecError(f"{src}: {key}: low={low} must be < high={high}; allowed: low < high")
     if value.get("log") and low <= 0:
         raise SpecError(f"{src}: {key}.low: {low} with log: true; allowed: low > 0")
-    if _is_int(value, default) and not (isinstance(low, int) and isinstance(high, int)):
+    if _is_int(value, dom) and not (isinstance(low, int) and isinstance(high, int)):
         raise SpecError(
             f"{src}: {key}: integer parameter needs integer low/high; allowed: integers"
         )
     return None
 
 
-def _is_int(space: dict, default: Any) -> bool:
-    return bool(space.get("int")) or (isinstance(default, int) and not isinstance(default, bool))
+def _is_int(space: dict, dom: Any) -> bool:
+    return bool(space.get("int")) or base(dom) is int
 
 
 def distributions(method: str, space: dict) -> tuple[dict, dict]:
     """Split a method's validated space into Optuna distributions and constants."""
     import optuna.distributions as od
 
-    params = keyword_params(UNLEARNERS[method])
+    fn = UNLEARNERS[method]
+    params = keyword_params(fn)
     dists, fixed = {}, {}
     for name, value in (space or {}).items():
         if not isinstance(value, dict):
             fixed[name] = value
         elif "choices" in value:
             dists[name] = od.CategoricalDistribution(value["choices"])
-        elif _is_int(value, params[name].default):
+        elif _is_int(value, domain(fn, params[name])):
             dists[name] = od.IntDistribution(
                 value["low"], value["high"], log=bool(value.get("log"))
             )
@@ -222,43 +251,52 @@ def _methods(src: str, methods: Any) -> None:
             f"{src}: methods: must be a non-empty mapping; allowed: {_allowed(UNLEARNERS)}"
         )
     for method, space in methods.items():
+        key = _join("methods", method)
         if method not in UNLEARNERS:
+            raise SpecError(f"{src}: {key}: unknown method; allowed: {_allowed(UNLEARNERS)}")
+        fn = UNLEARNERS[method]
+        params = keyword_params(fn)
+        if not isinstance(space, (dict, type(None))):
             raise SpecError(
-                f"{src}: methods.{method}: unknown method; allowed: {_allowed(UNLEARNERS)}"
+                f"{src}: {key}: {_show(space)}; allowed: a mapping of its hyperparameters "
+                f"({_allowed(params)}), or nothing for the defaults"
             )
-        params = keyword_params(UNLEARNERS[method])
         for name, value in (space or {}).items():
             if name not in params:
-                raise _unknown(src, f"methods.{method}", name, params)
-            _space(src, f"methods.{method}.{name}", value, params[name].default)
+                raise _unknown(src, key, name, params)
+            _space(src, f"{key}.{name}", value, domain(fn, params[name]))
 
 
-def _number(src: str, key: str, value: Any, lo: float, hi: float, lo_open: bool, kind=float):
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if kind is int:
-        ok = ok and isinstance(value, int)
-    if ok and (value > lo if lo_open else value >= lo) and value <= hi:
-        return
-    bracket = "(" if lo_open else "["
-    raise SpecError(
-        f"{src}: {key}: {value!r} out of range; allowed: {kind.__name__} in {bracket}{lo}, {hi}]"
-    )
+def _settings(src: str, raw: dict, key: str, defaults: dict) -> dict:
+    """A mapping of the spec's own (forget, resources): known keys, each value in its domain."""
+    section = raw.setdefault(key, dict(defaults))
+    if not isinstance(section, dict):
+        raise SpecError(
+            f"{src}: {key}: {_show(section)}; allowed: a mapping of {_allowed(defaults)}"
+        )
+    for k, v in section.items():
+        if k not in defaults:
+            raise _unknown(src, key, k, defaults)
+        _check(src, f"{key}.{k}", v, DOMAINS[f"{key}.{k}"])
+    return section
 
 
 def validate(raw: Any, src: str = "<spec>") -> Spec:
     """Check a whole spec; return it as a `Spec` or raise `SpecError`."""
     if not isinstance(raw, dict):
         raise SpecError(f"{src}: top level must be a mapping; allowed keys: {_allowed(TOP_KEYS)}")
-    raw = _coerce(raw)
+    raw = _plain(src, raw)
     for key in raw:
         if key not in TOP_KEYS:
             raise _unknown(src, "spec", key, TOP_KEYS)
     for key in REQUIRED:
         if key not in raw:
             raise SpecError(f"{src}: {key}: missing; expected {TOP_KEYS[key]}")
-    if not re.fullmatch(r"[A-Za-z0-9_-]+", str(raw["name"])):
-        raise SpecError(f"{src}: name: {raw['name']!r}; allowed: letters, digits, '-', '_'")
+    name = raw["name"]
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_-]{1,100}", name):
+        raise SpecError(f"{src}: name: {_show(name)}; allowed: 1-100 letters, digits, '-', '_'")
     _named_section(src, "dataset", raw["dataset"], DATASETS)
+    _held_out(src, raw["dataset"])
     _named_section(src, "model", raw["model"], MODELS)
     _named_section(src, "attack", raw["attack"], ATTACKS)
     if not isinstance(raw["train"], dict):
@@ -267,29 +305,18 @@ def validate(raw: Any, src: str = "<spec>") -> Spec:
         )
     _bind(src, "train", train, raw["train"])
     _methods(src, raw["methods"])
-    if not isinstance(raw["budgets"], list) or not raw["budgets"]:
+    budgets = raw["budgets"]
+    if not isinstance(budgets, list) or not budgets:
         raise SpecError(f"{src}: budgets: must be a non-empty list; allowed: fractions in (0, 1]")
-    for i, b in enumerate(raw["budgets"]):
-        _number(src, f"budgets[{i}]", b, 0, 1, lo_open=True)
-    raw.setdefault("trials_per_cell", 8)
-    _number(src, "trials_per_cell", raw["trials_per_cell"], 1, 10**6, False, int)
-    raw.setdefault("delta", 0.02)
-    _number(src, "delta", raw["delta"], 0, 1, lo_open=False)
-    raw.setdefault("seed", 0)
-    _number(src, "seed", raw["seed"], 0, 2**31 - 1, False, int)
-    raw.setdefault("forget", {"known_fraction": 1.0})
-    for k in raw["forget"]:
-        if k != "known_fraction":
-            raise _unknown(src, "forget", k, ["known_fraction"])
-    _number(src, "forget.known_fraction", raw["forget"].get("known_fraction", 1.0), 0, 1, True)
-    raw.setdefault("resources", {"cpu": 1, "gpu": 0})
-    for k, v in raw["resources"].items():
-        if k not in ("cpu", "gpu"):
-            raise _unknown(src, "resources", k, ["cpu", "gpu"])
-        _number(src, f"resources.{k}", v, 0, 1024, lo_open=(k == "cpu"))
-    raw.setdefault("sampler", "tpe")
-    if raw["sampler"] not in SAMPLERS:
-        raise SpecError(f"{src}: sampler: '{raw['sampler']}'; allowed: {_allowed(SAMPLERS)}")
+    for i, b in enumerate(budgets):
+        _check(src, f"budgets[{i}]", b, DOMAINS["budgets"])
+    if len(set(budgets)) < len(budgets):
+        raise SpecError(f"{src}: budgets: {_show(budgets)} repeats a budget; allowed: distinct")
+    for key, default in (("trials_per_cell", 8), ("delta", 0.02), ("seed", 0), ("sampler", "tpe")):
+        _check(src, key, raw.setdefault(key, default), DOMAINS[key])
+    # known_fraction filled in: a trial reads it
+    _settings(src, raw, "forget", {"known_fraction": 1.0}).setdefault("known_fraction", 1.0)
+    _settings(src, raw, "resources", {"cpu": 1, "gpu": 0})
     raw.setdefault("confirm", {"seeds": []})
     _confirm(src, raw["confirm"], raw["seed"])
     # No default written: specs without the key keep their hash (and stay resumable).
@@ -309,7 +336,8 @@ def _tried_first(src: str, tried: Any, methods: dict) -> None:
         if not isinstance(settings, list):
             raise SpecError(f"{src}: {key}: {settings!r}; allowed: a list of mappings")
         space = {k: v for k, v in (methods[method] or {}).items() if isinstance(v, dict)}
-        params = keyword_params(UNLEARNERS[method])
+        fn = UNLEARNERS[method]
+        params = keyword_params(fn)
         for i, setting in enumerate(settings):
             if not isinstance(setting, dict) or not setting:
                 raise SpecError(
@@ -318,17 +346,17 @@ def _tried_first(src: str, tried: Any, methods: dict) -> None:
             for name, value in setting.items():
                 if name not in space:
                     raise _unknown(src, f"{key}[{i}]", name, space)
-                _inside(src, f"{key}[{i}].{name}", value, space[name], params[name].default)
+                _inside(src, f"{key}[{i}].{name}", value, space[name], domain(fn, params[name]))
 
 
-def _inside(src: str, key: str, value: Any, space: dict, default: Any) -> None:
+def _inside(src: str, key: str, value: Any, space: dict, dom: Any) -> None:
     """`value` is one a study could sample from `space` (a {low, high} range or {choices})."""
     if "choices" in space:
         if value not in space["choices"]:
-            raise SpecError(f"{src}: {key}: {value!r}; allowed: {space['choices']}")
+            raise SpecError(f"{src}: {key}: {_show(value)}; allowed: {space['choices']}")
         return
-    kind = int if _is_int(space, default) else float
-    _number(src, key, value, space["low"], space["high"], lo_open=False, kind=kind)
+    kind = int if _is_int(space, dom) else float
+    _check(src, key, value, Annotated[kind, Interval(ge=space["low"], le=space["high"])])
 
 
 def _confirm(src: str, confirm: Any, seed: int) -> None:
@@ -340,9 +368,9 @@ def _confirm(src: str, confirm: Any, seed: int) -> None:
             raise _unknown(src, "confirm", k, ["seeds"])
     seeds = confirm.setdefault("seeds", [])
     if not isinstance(seeds, list):
-        raise SpecError(f"{src}: confirm.seeds: {seeds!r}; allowed: a list of ints")
+        raise SpecError(f"{src}: confirm.seeds: {_show(seeds)}; allowed: a list of ints")
     for i, s in enumerate(seeds):
-        _number(src, f"confirm.seeds[{i}]", s, 0, 2**31 - 1, False, int)
+        _check(src, f"confirm.seeds[{i}]", s, DOMAINS["confirm.seeds"])
     if len(set(seeds)) != len(seeds):
         raise SpecError(f"{src}: confirm.seeds: {seeds} repeats a seed; allowed: distinct seeds")
     if seed in seeds:
@@ -353,11 +381,4 @@ def _confirm(src: str, confirm: Any, seed: int) -> None:
 
 def load(path: str | Path) -> Spec:
     """Read and validate a spec file."""
-    path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise SpecError(f"{path}: no such file") from None
-    except yaml.YAMLError as e:
-        raise SpecError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from None
-    return validate(raw, str(path))
+    return validate(read_yaml(Path(path)), str(path))

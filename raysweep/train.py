@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .budget import batches
+from .domains import NonNegFloat, NonNegInt, OpenFraction, PosFloat, PosInt
 
 Optimizer = Literal["sgd", "adamw"]
 Precision = Literal["fp32", "bf16"]
@@ -48,15 +49,15 @@ def train(
     y: torch.Tensor,
     generator: torch.Generator,
     *,
-    epochs: int = 30,
-    lr: float = 0.05,
-    batch_size: int = 64,
-    momentum: float = 0.9,
-    weight_decay: float = 5e-4,
+    epochs: PosInt = 30,
+    lr: PosFloat = 0.05,
+    batch_size: PosInt = 64,
+    momentum: OpenFraction = 0.9,  # > 0: Nesterov momentum needs some
+    weight_decay: NonNegFloat = 5e-4,
     optimizer: Optimizer = "sgd",
     precision: Precision = "fp32",
-    accumulate: int = 1,
-    shift: int = 0,
+    accumulate: PosInt = 1,
+    shift: NonNegInt = 0,
     flip: bool = False,
 ) -> nn.Module:
     """`optimizer` (SGD with Nesterov momentum, or AdamW) with a one-cycle cosine learning-rate

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .budget import FORWARD_ONLY, Meter, metered
+from .domains import Fraction, Momentum, NonNegFloat, NonNegInt, PosFloat, PosInt, Probability
 from .steps import (
     Pair,
     descend,
@@ -58,10 +59,10 @@ def gd(
     meter: Meter,
     generator: torch.Generator,
     *,
-    lr: float = 1e-3,
-    batch_size: int = 64,
-    momentum: float = 0.9,
-    weight_decay: float = 5e-4,
+    lr: PosFloat = 1e-3,
+    batch_size: PosInt = 64,
+    momentum: Momentum = 0.9,
+    weight_decay: NonNegFloat = 5e-4,
 ) -> None:
     """Keep training on the retain set (Neel et al. 2021) until the budget is spent."""
     opt = sgd(model.parameters(), lr, momentum, weight_decay)
@@ -75,11 +76,11 @@ def ngd(
     meter: Meter,
     generator: torch.Generator,
     *,
-    lr: float = 1e-3,
-    sigma2: float = 1e-6,
-    batch_size: int = 64,
-    momentum: float = 0.9,
-    weight_decay: float = 5e-4,
+    lr: PosFloat = 1e-3,
+    sigma2: NonNegFloat = 1e-6,
+    batch_size: PosInt = 64,
+    momentum: Momentum = 0.9,
+    weight_decay: NonNegFloat = 5e-4,
 ) -> None:
     """GD on the retain set, adding N(0, sigma2 I) to every parameter after each step."""
     params = list(model.parameters())
@@ -102,9 +103,9 @@ def ga(
     meter: Meter,
     generator: torch.Generator,
     *,
-    lr: float = 1e-5,
-    steps: int = 100,
-    batch_size: int = 64,
+    lr: PosFloat = 1e-5,
+    steps: PosInt = 100,
+    batch_size: PosInt = 64,
 ) -> None:
     """Gradient ascent on the forget set for at most `steps` steps (Graves et al. 2021)."""
     opt = sgd(model.parameters(), lr, 0.0, 0.0)
@@ -123,11 +124,11 @@ def euk(
     meter: Meter,
     generator: torch.Generator,
     *,
-    lr: float = 1e-3,
-    k: int = 3,
-    batch_size: int = 64,
-    momentum: float = 0.9,
-    weight_decay: float = 5e-4,
+    lr: PosFloat = 1e-3,
+    k: PosInt = 3,
+    batch_size: PosInt = 64,
+    momentum: Momentum = 0.9,
+    weight_decay: NonNegFloat = 5e-4,
 ) -> None:
     """Exact unlearning of the last k blocks: re-initialise them, train only them on S_r."""
     prefix, suffix = split_last(model, k)
@@ -142,11 +143,11 @@ def cfk(
     meter: Meter,
     generator: torch.Generator,
     *,
-    lr: float = 1e-3,
-    k: int = 3,
-    batch_size: int = 64,
-    momentum: float = 0.9,
-    weight_decay: float = 5e-4,
+    lr: PosFloat = 1e-3,
+    k: PosInt = 3,
+    batch_size: PosInt = 64,
+    momentum: Momentum = 0.9,
+    weight_decay: NonNegFloat = 5e-4,
 ) -> None:
     """Catastrophic forgetting of the last k blocks: fine-tune only them on S_r."""
     prefix, suffix = split_last(model, k)
@@ -163,14 +164,14 @@ def scrub(
     meter: Meter,
     generator: torch.Generator,
     *,
-    lr: float = 5e-4,
-    alpha: float = 1e-3,
-    gamma: float = 0.99,
-    max_epochs: int = 2,
-    temperature: float = 4.0,
-    batch_size: int = 64,
-    momentum: float = 0.9,
-    weight_decay: float = 5e-4,
+    lr: PosFloat = 5e-4,
+    alpha: NonNegFloat = 1e-3,
+    gamma: NonNegFloat = 0.99,
+    max_epochs: NonNegInt = 2,
+    temperature: PosFloat = 4.0,
+    batch_size: PosInt = 64,
+    momentum: Momentum = 0.9,
+    weight_decay: NonNegFloat = 5e-4,
 ) -> None:
     """SCRUB (Kurmanji et al. 2023): each epoch a max pass over S_f, then a min pass over S_r.
 
@@ -198,12 +199,12 @@ def bad_teacher(
     meter: Meter,
     generator: torch.Generator,
     *,
-    lr: float = 1e-3,
-    temperature: float = 1.0,
-    retain_fraction: float = 0.3,
-    batch_size: int = 64,
-    momentum: float = 0.9,
-    weight_decay: float = 5e-4,
+    lr: PosFloat = 1e-3,
+    temperature: PosFloat = 1.0,
+    retain_fraction: Fraction = 0.3,
+    batch_size: PosInt = 64,
+    momentum: Momentum = 0.9,
+    weight_decay: NonNegFloat = 5e-4,
 ) -> None:
     """Bad Teacher (Chundawat et al. 2023): on S_f imitate a randomly initialised copy of the
     model, on a random `retain_fraction` of S_r imitate the original. Each row pays one teacher.
@@ -233,11 +234,11 @@ def neggrad_plus(
     meter: Meter,
     generator: torch.Generator,
     *,
-    lr: float = 1e-3,
-    beta: float = 0.99,
-    batch_size: int = 64,
-    momentum: float = 0.9,
-    weight_decay: float = 5e-4,
+    lr: PosFloat = 1e-3,
+    beta: Probability = 0.99,
+    batch_size: PosInt = 64,
+    momentum: Momentum = 0.9,
+    weight_decay: NonNegFloat = 5e-4,
 ) -> None:
     """NegGrad+ (Kurmanji et al. 2023): minimise beta * L(S_r) - (1 - beta) * L(S_f) per step."""
     opt = sgd(model.parameters(), lr, momentum, weight_decay)
@@ -260,10 +261,10 @@ def random_label(
     meter: Meter,
     generator: torch.Generator,
     *,
-    lr: float = 1e-3,
-    batch_size: int = 64,
-    momentum: float = 0.9,
-    weight_decay: float = 5e-4,
+    lr: PosFloat = 1e-3,
+    batch_size: PosInt = 64,
+    momentum: Momentum = 0.9,
+    weight_decay: NonNegFloat = 5e-4,
 ) -> None:
     """Random labels (the RL baseline of Fan et al. 2024): train on S_f relabelled at random, with S_r."""
     opt = sgd(model.parameters(), lr, momentum, weight_decay)
@@ -278,11 +279,11 @@ def salun(
     meter: Meter,
     generator: torch.Generator,
     *,
-    lr: float = 1e-3,
-    saliency: float = 0.5,
-    batch_size: int = 64,
-    momentum: float = 0.9,
-    weight_decay: float = 5e-4,
+    lr: PosFloat = 1e-3,
+    saliency: Fraction = 0.5,
+    batch_size: PosInt = 64,
+    momentum: Momentum = 0.9,
+    weight_decay: NonNegFloat = 5e-4,
 ) -> None:
     """SalUn (Fan et al. 2024): random-label training that moves only the salient weights."""
     masks = saliency_masks(model, forget, meter, generator, saliency)
@@ -308,11 +309,11 @@ def l1_sparse(
     meter: Meter,
     generator: torch.Generator,
     *,
-    lr: float = 1e-2,
-    alpha: float = 5e-5,
-    batch_size: int = 64,
-    momentum: float = 0.9,
-    weight_decay: float = 5e-4,
+    lr: PosFloat = 1e-2,
+    alpha: NonNegFloat = 5e-5,
+    batch_size: PosInt = 64,
+    momentum: Momentum = 0.9,
+    weight_decay: NonNegFloat = 5e-4,
 ) -> None:
     """l1-sparse unlearning (Jia et al. 2023): GD on S_r plus alpha_t * ||theta||_1, with alpha_t
     decaying linearly to 0 over the steps the budget allows."""
@@ -335,8 +336,8 @@ def ssd(
     meter: Meter,
     generator: torch.Generator,
     *,
-    alpha: float = 10.0,
-    lam: float = 1.0,
+    alpha: NonNegFloat = 10.0,
+    lam: NonNegFloat = 1.0,
 ) -> None:
     """SSD: where I_F > alpha * I_D, scale theta by min(lam * I_D / I_F, 1); no training.
 

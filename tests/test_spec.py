@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
+import typing
 from pathlib import Path
+from typing import Literal
 
 import pytest
 import yaml
 
-from raysweep.spec import SpecError, load, validate
+from raysweep.domains import base, describe, refusal
+from raysweep.spec import SpecError, domain, keyword_params, load, validate
 
 SPECS = sorted(Path(__file__).parent.parent.glob("search_spaces/*.yaml"))
 
@@ -123,3 +127,179 @@ def test_paper_scale_specs_repeat_as_the_paper_does(path):
     wanted = 8 if spec.dataset["name"] == "cifar10" else 5
     seeds = spec.confirm["seeds"]
     assert len(set(seeds)) >= wanted and spec.seed not in seeds
+
+
+# ------------------------------------------------------------ domains (issue 17)
+
+
+def _every_parameter():
+    from raysweep.attacks import ATTACKS
+    from raysweep.data import DATASETS
+    from raysweep.models import MODELS
+    from raysweep.train import train
+    from raysweep.unlearners import UNLEARNERS
+
+    fns = [("train", train)]
+    for table in (DATASETS, MODELS, ATTACKS, UNLEARNERS):
+        fns += list(table.items())
+    return [(f"{n}.{p}", fn, param) for n, fn in fns for p, param in keyword_params(fn).items()]
+
+
+@pytest.mark.parametrize(
+    "fn,param", [c[1:] for c in _every_parameter()], ids=[c[0] for c in _every_parameter()]
+)
+def test_every_parameter_declares_a_domain_its_default_lies_in(fn, param):
+    dom = domain(fn, param)
+    assert refusal(param.default, dom) is None, describe(dom)
+    assert base(dom) in (int, float, bool, str) or typing.get_origin(base(dom)) is Literal
+
+
+def _set(path: str, value):
+    """A change to the tiny spec: `section.key` (methods.gd.lr, dataset, ...) set to value."""
+
+    def change(spec):
+        *parents, key = path.split(".")
+        target = spec
+        for p in parents:
+            target = target.setdefault(p, {})
+        target[key] = value
+
+    return change
+
+
+NAN = float("nan")
+
+
+@pytest.mark.parametrize(
+    "change,expected",
+    [  # what the issue found accepted, then failing inside every trial
+        (_set("train.epochs", 0), "train.epochs: 0 out of range; allowed: int >= 1"),
+        (_set("attack.n", -60), "attack.n: -60 out of range; allowed: int >= 1"),
+        (
+            _set("dataset.val_fraction", 1.5),
+            "val_fraction: 1.5 out of range; allowed: float in (0, 1)",
+        ),
+        (_set("train.batch_size", 0), "train.batch_size: 0 out of range; allowed: int >= 1"),
+        (_set("train.lr", -1), "train.lr: -1 out of range; allowed: float > 0"),
+        (_set("train.lr", NAN), "train.lr: nan is not finite; allowed: finite numbers"),
+        (_set("delta", float("inf")), "delta: inf is not finite"),
+        (
+            _set("methods.gd.lr", {"choices": [0.1, NAN]}),
+            "methods.gd.lr.choices[1]: nan is not finite",
+        ),
+        (
+            _set("methods.gd.lr", {"low": -1, "high": 0.1, "log": True}),
+            "methods.gd.lr.low: -1 out of range; allowed: float > 0",
+        ),
+        (
+            _set("methods.neggrad_plus.beta", 2),
+            "methods.neggrad_plus.beta: 2 out of range; allowed: float in [0, 1]",
+        ),
+        (_set("methods.gd.lr.log", "no"), "methods.gd.lr.log: 'no' is not bool; allowed: bool"),
+        (
+            _set("methods.ga.steps", {"low": 1.5, "high": 9}),
+            "methods.ga.steps.low: 1.5 is not int; allowed: int >= 1",
+        ),
+        (_set("methods.gd.lr", {"low": 0.1, "high": 0.1}), "low < high"),
+        (_set("methods.gd.lr", {"choices": [0.1, 0.1]}), "repeats a value"),
+        (
+            _set("dataset", {"name": "cifar10", "n_train": "abc"}),
+            "dataset.n_train: 'abc' is not int; allowed: int >= 1 or null",
+        ),
+        (
+            _set("dataset.test_fraction", 0.9),
+            "val_fraction=0.2 + test_fraction=0.9 leaves no training rows",
+        ),
+        (_set("model.depth", 0), "model.depth: 0 out of range; allowed: int >= 1"),
+        (_set("train.momentum", 0), "train.momentum: 0 out of range; allowed: float in (0, 1)"),
+        (
+            _set("train.epochs", 10**30),
+            "train.epochs: 1000000000000000000000000000000 out of range (past 64 bits)",
+        ),
+        (
+            _set("attack", {"name": "gradient_matching", "surrogate": "gpt2"}),
+            "attack.surrogate: 'gpt2' is not a choice; allowed: mlp, cnn, resnet18",
+        ),
+        (_set("name", None), "name: None; allowed: 1-100 letters"),
+        (_set("name", ["a"]), "name: ['a']; allowed"),
+        (
+            _set("model.name", ["mlp"]),
+            "model.name: unknown model ['mlp']; allowed: cnn, gpt2, mlp, resnet18",
+        ),
+        (_set("forget", 5), "forget: 5; allowed: a mapping of known_fraction"),
+        (_set("resources", 5), "resources: 5; allowed: a mapping of cpu, gpu"),
+        (
+            _set("methods.gd", [1, 2]),
+            "methods.gd: [1, 2]; allowed: a mapping of its hyperparameters",
+        ),
+        (lambda s: s["train"].update({5: 1}), "train: key 5 is not a string; allowed: names"),
+        (_set("budgets", [0.1, 0.1]), "budgets: [0.1, 0.1] repeats a budget"),
+        (_set("train.lr", [[[[[[[[[[[[[[[[[[1]]]]]]]]]]]]]]]]]]), "nested deeper than 16 levels"),
+    ],
+)
+def test_values_outside_their_domain_are_refused_in_one_line(
+    tmp_path, tiny_spec_dict, change, expected
+):
+    change(tiny_spec_dict)
+    tiny_spec_dict["methods"].setdefault("neggrad_plus", {})
+    msg = _error(tmp_path, tiny_spec_dict)
+    assert expected in msg, msg
+
+
+def test_forget_without_known_fraction_gets_the_default(tiny_spec_dict):
+    assert validate({**tiny_spec_dict, "forget": {}}).forget == {"known_fraction": 1.0}
+
+
+QUICKSTART = Path(__file__).parent.parent / "search_spaces/quickstart.yaml"
+BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"{b}: &{b} [{', '.join([f'*{a}'] * 9)}]\n" for a, b in zip("abcdefgh", "bcdefghi")
+)
+
+
+def _file_error(path) -> str:
+    with pytest.raises(SpecError) as e:
+        load(path)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(str(path)), msg
+    return msg
+
+
+@pytest.mark.parametrize(
+    "text,expected",
+    [  # what the issue found ending in a traceback, a MemoryError or a hang
+        (
+            QUICKSTART.read_text() + "seed: 3\n",
+            f"line {len(QUICKSTART.read_text().splitlines()) + 1}: key 'seed' repeated; "
+            "allowed: each key once",
+        ),
+        (BOMB, "line 2: alias *a; allowed: no aliases"),
+        ("a: " + "[" * 50_000 + "]" * 50_000, "line 1: nested deeper than 16 levels"),
+        (
+            QUICKSTART.read_text().replace("name: quickstart", "name: 2024-01-01"),
+            "name: datetime.date(2024, 1, 1) is a YAML date",
+        ),
+        ("seed: " + "9" * 5000, "not valid YAML: Exceeds the limit (4300 digits)"),
+        ("name: 2024-13-45", "not valid YAML: month must be in 1..12"),
+        ("name: a\x07", "not valid YAML: unacceptable character #x0007"),
+        ("a: 1\n" * (2**20 // 5 + 1), "larger than 1 MiB; allowed: a spec of a few KB"),
+        ("{5: 1, 6: 2}", "spec: key 5 is not a string; allowed: names"),
+    ],
+)
+def test_hostile_files_are_refused_in_one_line(tmp_path, text, expected):
+    path = tmp_path / "spec.yaml"
+    path.write_text(text)
+    started = time.time()
+    assert expected in _file_error(path)
+    assert time.time() - started < 5
+
+
+def test_paths_that_are_no_spec_file_are_refused_in_one_line(tmp_path):
+    (tmp_path / "latin1.yaml").write_bytes(b"name: caf\xe9\n")
+    assert "byte 9 (0xe9) is not UTF-8; allowed: UTF-8 text" in _file_error(
+        tmp_path / "latin1.yaml"
+    )
+    assert "is a directory; allowed: a YAML file" in _file_error(tmp_path)
+    (tmp_path / "loop.yaml").symlink_to(tmp_path / "loop.yaml")
+    assert "cannot read: Too many levels of symbolic links" in _file_error(tmp_path / "loop.yaml")
+    assert "is not a regular file" in _file_error("/dev/zero")
+    assert "no such file" in _file_error(tmp_path / "missing.yaml")

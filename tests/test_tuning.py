@@ -35,7 +35,7 @@ def test_confirm_defaults_to_no_seeds(tiny_spec_dict):
     [
         ({"seeds": [1, 1]}, "confirm.seeds: [1, 1] repeats a seed"),
         ({"seeds": [1, 0]}, "confirm.seeds: 0 is the tuning seed"),
-        ({"seeds": [1, "2"]}, "confirm.seeds[1]: '2' out of range"),
+        ({"seeds": [1, "2"]}, "confirm.seeds[1]: '2' is not int"),
         ({"seeds": 3}, "confirm.seeds: 3; allowed: a list of ints"),
         ({"seed": [1]}, "confirm: unknown key 'seed' (did you mean 'seeds'?)"),
         ([1, 2], "confirm: must be a mapping"),
