@@ -226,7 +226,7 @@ def test_text_specs_validate():
         assert set(spec.methods) == set(UNLEARNERS)  # every method, every text spec
 
 
-@pytest.mark.integration  # slow tier: trains the quickstart's two GPT-2 checkpoints (~3 CPU-min)
+@pytest.mark.integration  # slow tier: trains the quickstart's two GPT-2 checkpoints (~4 CPU-min)
 def test_quickstart_text_poisoned_shows_poison_and_retrain_does_not(tmp_path):
     """The text quickstart's science at its real settings: detectable poison, clean retrain, r
     resolved. The thresholds are bench/science.py's, which every seed 0-4 x 1, 2 threads met."""
@@ -238,5 +238,5 @@ def test_quickstart_text_poisoned_shows_poison_and_retrain_does_not(tmp_path):
     before, retrain = setup.before, setup.retrain
     assert before["gus_z"] <= -5 and abs(retrain["gus_z"]) <= 3
     assert abs(before["control_gus_z"]) <= 3 and abs(retrain["control_gus_z"]) <= 3
-    assert before["clean_acc_test"] >= 0.65 and retrain["clean_acc_test"] >= 0.65
+    assert before["clean_acc_test"] >= 0.6 and retrain["clean_acc_test"] >= 0.6
     assert setup.attack_ok and setup.resolution <= 0.25
