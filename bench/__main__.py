@@ -25,6 +25,7 @@ BENCHMARKS = [
     "sweep_efficiency",
     "scaling",
     "tpe_vs_random",
+    "anytime",
     "gpu",
 ]
 HERE = Path(__file__).parent

@@ -1,7 +1,7 @@
 """TPE against random search on the same cells, in one run: the best r each has reached after
 k trials, averaged over a few sampler seeds.
 
-Both samplers are built exactly as the sweep builds them (`sweep.make_sampler`, same startup
+Both samplers are built exactly as the sweep builds them (`searcher.make_sampler`, same startup
 trials for TPE), search the quickstart spaces, and see the same trial numbers (so the same
 unlearning randomness). Trials run in-process with `run_trial`, one at a time, not through Ray:
 this measures search quality per trial, not throughput.
@@ -23,9 +23,9 @@ import numpy as np
 import optuna
 import torch
 
+from raysweep.searcher import cell_name, make_sampler
 from raysweep.spec import Spec, distributions, validate
 from raysweep.storage import open_store
-from raysweep.sweep import cell_name, make_sampler
 from raysweep.trial import derive_seed, run_trial
 
 # The quickstart's spaces on a smaller model, with a landscape worth searching: a feasible

@@ -47,11 +47,9 @@ def _run(args) -> int:
     if len(df):
         table = results.table(df)
         print(report.markdown_table(table))
-        cells = table[table["source"] != "reference"]
         print(
-            f"\n{int((~cells['converged'].astype(bool)).sum())} of {len(cells)} cells not converged "
-            "(their best improved in the last third of their trials by more than the noise; "
-            "`raysweep run SPEC --resume` with a larger trials_per_cell continues them)"
+            f"\n{report.not_converged_line(table)} `raysweep run SPEC --resume` with a larger "
+            "trials_per_cell continues them."
         )
         print(f"\nTables and figures: raysweep report {args.storage}/{spec.name}")
     return 0

@@ -31,23 +31,14 @@ def _cells(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def anytime(table: pd.DataFrame, df: pd.DataFrame) -> pd.DataFrame:
-    """Each method's table row at each budget b: that of the cell at or below b whose tuned best
-    ranks first on val (feasible, then lowest objective). A method given more compute may stop
-    early, so its reported r never gets worse with the budget; `from_budget` names the cell."""
+    """Each method's table row at each budget, with the val objective it was chosen by. A cell's
+    best is its method's best at or below its budget (`results.best_per_cell`: a method given
+    more compute may stop early), so its reported r never gets worse with the budget;
+    `from_budget` is where the chosen run stopped."""
     best = results.best_per_cell(df)[["attack", "method", "budget", "feasible", "objective"]]
     best = best.rename(columns={"feasible": "val_feasible"})
     cells = _cells(table).merge(best, on=["attack", "method", "budget"])
-    rows = []
-    for _, g in cells.groupby(["attack", "method"]):
-        for b in sorted(g["budget"]):
-            upto = g[g["budget"] <= b].sort_values(
-                ["val_feasible", "objective", "budget"], ascending=[False, True, True]
-            )
-            rows.append(
-                upto.iloc[0].to_dict() | {"budget": b, "from_budget": upto["budget"].iloc[0]}
-            )
-    out = pd.DataFrame(rows, columns=[*cells.columns, "from_budget"])
-    return out.sort_values("method", key=lambda m: m.map(ordered(m).index), kind="stable")
+    return cells.sort_values("method", key=lambda m: m.map(ordered(m).index), kind="stable")
 
 
 def _largest(table: pd.DataFrame, df: pd.DataFrame) -> pd.DataFrame:
@@ -152,7 +143,7 @@ def gaussian_scores(table: pd.DataFrame, df: pd.DataFrame) -> Figure:
     fig, axes = grid(len(shown), sharex=True, sharey=True)
     seeds, zs = set(), []
     for ax, row in zip(axes, shown.to_dict("records")):
-        rows = runs[(row["attack"], row["method"], row["from_budget"])]
+        rows = runs[(row["attack"], row["method"], row["budget"])]
         rows = rows[rows["feasible_test"].astype(bool)]
         after = _scores(rows, "after_scores")
         seeds.update(rows["seed"])

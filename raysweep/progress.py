@@ -8,6 +8,11 @@ import pandas as pd
 from ray import tune
 
 
+def cell_key(name: str, cell: str) -> str:
+    """A trial's result key for `name` of its row in `cell` (a run has a row per budget)."""
+    return f"{name}@{cell}"
+
+
 class Progress(tune.Callback):
     """A compact live view of one phase: a line per finished trial, a per-cell table now and then.
 
@@ -34,14 +39,16 @@ class Progress(tune.Callback):
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         result = trial.last_result or {}
-        r = result.get("r_val" if self.phase == "tune" else "r")
-        cell = trial.config["cell"]
-        self._count(cell, result.get("ok", False), result.get("feasible", False), r)
-        print(self.line(cell), flush=True)
+        for cell in _cells(trial.config):
+            r = result.get(cell_key("r_val" if self.phase == "tune" else "r", cell))
+            ok, feasible = (result.get(cell_key(k, cell), False) for k in ("ok", "feasible"))
+            self._count(cell, ok, feasible, r)
+            print(self.line(cell), flush=True)
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self._count(trial.config["cell"], False, False, None)
-        print(self.line(trial.config["cell"]), flush=True)
+        for cell in _cells(trial.config):
+            self._count(cell, False, False, None)
+            print(self.line(cell), flush=True)
 
     def on_step(self, iteration, trials, **info):
         if time.time() - self.last >= self.every_s:
@@ -86,3 +93,8 @@ class Progress(tune.Callback):
             done = f"{self.done[c]}/{self.planned[c]}"
             lines.append(f"  {c:<{width}}  {done:>9}  {self._r(c):>10}  {self.failed[c]:>6}")
         return "\n".join(lines)
+
+
+def _cells(config: dict) -> list[str]:
+    """The cells a trial has rows in: its checkpoints' (anytime budgets), then its own."""
+    return [c for c, _, _ in config.get("checkpoints", [])] + [config["cell"]]

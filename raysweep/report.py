@@ -74,6 +74,9 @@ def markdown(table: pd.DataFrame, experiment: str, df: pd.DataFrame) -> str:
         "r = 1: nothing removed (poisoned); r = 0: as good as retraining. `r 95% CI` spans every "
         "feasible run's paired-bootstrap interval over the poisons (or rows): methods whose "
         "spans overlap are not told apart.",
+        "A cell's best is its method's best at or below its budget (a method may stop early): "
+        "`from budget` is where the chosen run stopped.",
+        not_converged_line(table),
         "",
         markdown_table(table),
     ]
@@ -91,20 +94,33 @@ def _count(k: int, n: int) -> str:
     return "yes" if k == n else ("**no**" if k == 0 else f"{k}/{n}")
 
 
+def not_converged_line(table: pd.DataFrame) -> str:
+    """How many cells more trials might still improve (the `converged` column, convergence.py)."""
+    cells = table[table["source"] != "reference"]
+    n = int((~cells["converged"].astype(bool)).sum())
+    return (
+        f"{n} of {len(cells)} cells not converged (`converged` **no**: the best improved in the "
+        "last third of the cell's trials by more than the noise between runs)."
+    )
+
+
 def markdown_table(table: pd.DataFrame) -> str:
     """Just the table: one line per reference and per cell; a cell's numbers are mean ± std over
     its feasible runs, and its `feasible` column says how many of the n runs those are."""
-    cols = ["attack", "method", "budget", "n", "attack worked", "feasible", "r", "r 95% CI"]
+    cols = ["attack", "method", "budget", "from budget", "n", "attack worked", "feasible"]
+    cols += ["converged", "r", "r 95% CI"]
     cols += [HEADERS[k] for k in HEADERS if k != "residual"] + ["setting"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for row in table.to_dict("records"):
-        budget = "" if pd.isna(row["budget"]) else f"{row['budget']:g}"
         ref = row["source"] == "reference"
+        budget, start = ("", "") if ref else (f"{row['budget']:g}", f"{row['from_budget']:g}")
         feasible = "" if ref else _count(int(row["feasible"]), row["n"])
+        converged = "" if ref else ("yes" if row["converged"] else "**no**")
         stats = [_pm(row[k], row[f"{k}_std"]) for k in HEADERS]
         setting = "" if pd.isna(row["setting"]) else row["setting"]
-        cells = [row["attack"], row["method"], budget, str(row["n"])]
-        cells += [_count(row["attack_ok"], row["n"]), feasible, stats[0], _interval(row)]
+        cells = [row["attack"], row["method"], budget, start, str(row["n"])]
+        cells += [_count(row["attack_ok"], row["n"]), feasible, converged, stats[0]]
+        cells += [_interval(row)]
         lines.append("| " + " | ".join([*cells, *stats[1:], setting]) + " |")
     warnings = results.attack_warnings(table) + results.feasibility_warnings(table)
     return "\n".join(lines + ([""] + warnings if warnings else []))

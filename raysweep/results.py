@@ -55,6 +55,7 @@ COLUMNS = {
     "phase": pa.string(),
     "cell": pa.string(),
     "trial_number": pa.int64(),
+    "run_of": pa.string(),  # the run the row was measured in: "<cell>:<trial_number>" of its lead
     "tuned_trial": pa.int64(),  # confirm rows: the tuning trial whose setting they re-run
     "attack": pa.string(),
     "method": pa.string(),
@@ -171,11 +172,26 @@ def params_of(spec: Spec, row: dict) -> dict:
 
 
 def best_per_cell(df: pd.DataFrame) -> pd.DataFrame:
-    """The best ok tuning trial of each (attack, method, budget): feasible first, then lowest
-    objective (both from val), then the earliest trial."""
-    ok = df[(df["phase"] == "tune") & (df["status"] == "ok")]
-    ok = ok.sort_values(["feasible", "objective", "trial_number"], ascending=[False, True, True])
-    best = ok.groupby(["attack", "method", "budget"]).head(1)
+    """Each (attack, method, budget) cell's best ok tuning row at or below its budget ("a method
+    may stop early"): feasible first, then lowest objective (both from val), then the smallest
+    budget, then the earliest trial. So a method's best never gets worse with the budget.
+
+    `budget` is the cell's and `from_budget` the chosen row's; `cell` and `trial_number` still
+    name the chosen row (in its own study, the cell of `from_budget`).
+    """
+    tune = df[df["phase"] == "tune"]
+    ok = tune[tune["status"] == "ok"].sort_values(
+        ["feasible", "objective", "budget", "trial_number"], ascending=[False, True, True, True]
+    )
+    picks = []  # (index of the chosen row, the cell's budget)
+    for (attack, method), cells in tune.groupby(["attack", "method"]):
+        rows = ok[(ok["attack"] == attack) & (ok["method"] == method)]
+        for budget in sorted(cells["budget"].unique()):
+            upto = rows.index[rows["budget"] <= budget]
+            picks += [(upto[0], budget)] if len(upto) else []
+    best = ok.loc[[i for i, _ in picks]].copy()
+    best["from_budget"] = best["budget"]
+    best["budget"] = [b for _, b in picks]
     return best.sort_values(["attack", "method", "budget"], kind="stable")
 
 
@@ -206,7 +222,7 @@ def _setting(best: pd.Series) -> str:
 
 
 def chosen(df: pd.DataFrame) -> list[tuple[pd.Series, pd.DataFrame, str]]:
-    """Each cell's best tuned row, the rows that report it, and their source: its ok confirm
+    """Each cell's best tuned row (`best_per_cell`), the rows that report it, and their source: its ok confirm
     rows (the same setting on fresh seeds) when there are any, else the tuning row itself."""
     confirmed = df[(df["phase"] == "confirm") & (df["status"] == "ok")]
     out = []
@@ -253,8 +269,9 @@ def feasibility_warnings(table: pd.DataFrame) -> list[str]:
 
 def table(df: pd.DataFrame) -> pd.DataFrame:
     """The paper-style table: per attack, the poisoned and retrain references, then each cell's
-    best setting (chosen on val), reported on test over its confirmation seeds (or the single
-    tuning run when the cell has none).
+    best setting (chosen on val, among its method's rows at or below its budget: `from_budget`
+    is where the chosen run stopped), reported on test over its confirmation seeds (or the
+    single tuning run when the cell has none).
 
     Nothing is hidden: `feasible` counts the runs whose unlearned model met the utility
     constraint on test (and had informative poison scores) out of `n`; the means and stds are over those
@@ -270,6 +287,7 @@ def table(df: pd.DataFrame) -> pd.DataFrame:
         seeds.setdefault(key[0], set()).update(runs["seed"])
         feasible = runs[runs["feasible_test"].astype(bool)]
         row = {"attack": key[0], "method": key[1], "budget": key[2], "source": source}
+        row |= {"from_budget": best["from_budget"]}  # the run it came from stopped there
         row |= {"n": len(runs), "seeds": ",".join(map(str, sorted(runs["seed"])))}
         row |= {"attack_ok": int(runs["attack_ok"].sum())}  # seeds whose attack worked
         row |= {"trials": counts.size()[key], "failed": int((counts.get_group(key) != "ok").sum())}
@@ -295,8 +313,8 @@ def table(df: pd.DataFrame) -> pd.DataFrame:
             ref |= _stats(per_seed, {k: f"{prefix}_{c}" for k, c in REPORTED.items()})
             refs.append(ref)
     out = pd.DataFrame(refs + cells)
-    order = ["attack", "method", "budget", "source", "n", "seeds", "attack_ok", "trials", "failed"]
-    order += ["converged"]
+    order = ["attack", "method", "budget", "from_budget", "source", "n", "seeds", "attack_ok"]
+    order += ["trials", "failed", "converged"]
     order += ["tuned_trial", "feasible", "setting", "residual", "residual_std"]
     order += ["residual_lo", "residual_hi"]
     order += [c for s in STATS[1:] for c in (s, f"{s}_std")]

@@ -13,14 +13,10 @@ import datetime as dt
 import math
 import socket
 import traceback
-from collections.abc import Callable
 
-import optuna
 import pandas as pd
 import ray
-from optuna.storages.journal import JournalStorage
 from ray import tune
-from ray.tune.search import Searcher
 
 from . import results
 from .cluster import (
@@ -35,158 +31,35 @@ from .cluster import (
     start_ray,
 )
 from .preflight import check_data, check_storage
-from .progress import Progress
-from .spec import Spec, distributions
+from .progress import Progress, cell_key
+from .searcher import CellSearcher, ListSearcher, open_studies, reconcile
+from .spec import Spec
 from .storage import CorruptStorage, Store, driver_lease, open_store
-from .trial import derive_seed, run_trial
-
-optuna.logging.set_verbosity(optuna.logging.WARNING)
-
-
-def cell_name(method: str, budget: float) -> str:
-    return f"{method}-b{budget:g}"
-
-
-def make_sampler(kind: str, seed: int, trials_per_cell: int) -> optuna.samplers.BaseSampler:
-    """The spec's sampler for one cell's study (bench/tpe_vs_random.py compares the two)."""
-    if kind == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
-    # constant_liar: parallel trials of a cell see each other as pending, not absent.
-    startup = max(2, trials_per_cell // 3)
-    return optuna.samplers.TPESampler(seed=seed, constant_liar=True, n_startup_trials=startup)
-
-
-def open_studies(
-    spec: Spec, store: Store, storage: JournalStorage | None = None
-) -> dict[str, optuna.Study]:
-    """One study per cell, all in the run's journal (see `cluster.open_journal`)."""
-    if storage is None:
-        storage, _ = open_journal(spec, store)
-    studies = {}
-    existing = set(optuna.get_all_study_names(storage))
-    for method, budget in spec.cells():
-        name = cell_name(method, budget)
-        seed = derive_seed(spec.seed, name) % 2**32
-        sampler = make_sampler(spec.sampler, seed, spec.trials_per_cell)
-        studies[name] = optuna.create_study(
-            study_name=name, storage=storage, sampler=sampler, load_if_exists=True
-        )
-        if name not in existing:
-            enqueue_first(spec, method, studies[name])
-    return studies
-
-
-def enqueue_first(spec: Spec, method: str, study: optuna.Study) -> None:
-    """Queue the spec's `tried_first` settings as a new study's first trials, in listed order.
-
-    At most `trials_per_cell` of them (the list is in priority order), so a short sweep tries the
-    first ones. Only a new study gets them: a resumed one already ran (or queued) its own.
-    """
-    for params in spec.raw.get("tried_first", {}).get(method, [])[: spec.trials_per_cell]:
-        study.enqueue_trial(params)
-
-
-class CellSearcher(Searcher):
-    """Hands out trials cell by cell (fewest started first) and tells each result to its study."""
-
-    def __init__(
-        self,
-        spec: Spec,
-        studies: dict[str, optuna.Study],
-        done: dict[str, set[int]],
-        sync: Callable[[], None] = lambda: None,
-    ):
-        super().__init__(metric="objective", mode="min")
-        self.spec = spec
-        self.studies = studies
-        self.sync = sync  # makes the journal durable (object stores): after every ask and tell
-        self.cells = {cell_name(m, b): (m, b) for m, b in spec.cells()}
-        self.spaces = {m: distributions(m, s) for m, s in spec.methods.items()}
-        self.started = {name: len(done.get(name, ())) for name in self.cells}
-        self.live: dict[str, tuple[str, int]] = {}
-
-    def suggest(self, trial_id: str):
-        open_cells = [c for c in self.cells if self.started[c] < self.spec.trials_per_cell]
-        if not open_cells:
-            return Searcher.FINISHED
-        name = min(open_cells, key=lambda c: self.started[c])
-        method, budget = self.cells[name]
-        dists, fixed = self.spaces[method]
-        trial = self.studies[name].ask(dists)
-        self.sync()  # before the trial can start, so a resumed driver knows it was asked
-        self.started[name] += 1
-        self.live[trial_id] = (name, trial.number)
-        return {
-            "phase": "tune",
-            "cell": name,
-            "method": method,
-            "budget": budget,
-            "number": trial.number,
-            "seed": self.spec.seed,
-            "tuned_trial": None,
-            "params": {**fixed, **trial.params},
-        }
-
-    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
-        name, number = self.live.pop(trial_id)
-        value = (result or {}).get("objective")
-        if error or value is None or not math.isfinite(value):
-            self.studies[name].tell(number, state=optuna.trial.TrialState.FAIL)
-        else:
-            self.studies[name].tell(number, value)
-        self.sync()
-
-    # The state lives in the journal, not in Tune's searcher checkpoint.
-    def save(self, checkpoint_path: str) -> None:
-        with open(checkpoint_path, "w") as f:
-            f.write("state is in optuna.journal\n")
-
-    def restore(self, checkpoint_path: str) -> None:
-        pass
-
-
-def reconcile(spec: Spec, store: Store, studies: dict[str, optuna.Study]) -> dict[str, set[int]]:
-    """Match the studies with the Parquet rows before (re)starting; return each cell's done trials.
-
-    A trial still RUNNING in a study belongs to a driver that died. If its row reached storage,
-    the study learns the row's result; otherwise it is marked FAIL (interrupted) and re-planned.
-    """
-    df = results.read(store, spec.name)
-    rows = {}
-    if len(df):
-        tuned = df[df["phase"] == "tune"]
-        rows = {(r.cell, r.trial_number): r for r in tuned.itertuples()}
-    done: dict[str, set[int]] = {}
-    for name, study in studies.items():
-        for t in study.get_trials(deepcopy=False):
-            row = rows.get((name, t.number))
-            if t.state == optuna.trial.TrialState.RUNNING:
-                if row is not None and row.status == "ok":
-                    study.tell(t.number, row.objective)
-                else:
-                    study.tell(t.number, state=optuna.trial.TrialState.FAIL)
-            if row is not None:
-                done.setdefault(name, set()).add(t.number)
-    return done
+from .trial import run_trial
 
 
 def _now() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
 
 
-def execute(spec: Spec, store: Store, config: dict) -> dict:
-    """Run one trial of either phase from its config and write its row (ok or failed)."""
-    row = {
+def execute(spec: Spec, store: Store, config: dict) -> list[dict]:
+    """Run one trial of either phase from its config and write its rows (ok or failed): one per
+    budget its run is measured at (`checkpoints`, smaller budgets' cells), its own budget last.
+
+    A run that fails still has ok rows for the checkpoints it passed: a run stopped there is
+    exactly that row (anytime budgets); the budgets it did not reach get failed rows.
+    """
+    at = {b: (cell, number) for cell, b, number in config.get("checkpoints", [])}
+    at[config["budget"]] = (config["cell"], config["number"])
+    base = {
         "experiment": spec.name,
         "spec_name": spec.name,
         "spec_hash": spec.hash,
         "phase": config["phase"],
-        "cell": config["cell"],
-        "trial_number": config["number"],
+        "run_of": f"{config['cell']}:{config['number']}",
         "tuned_trial": config["tuned_trial"],
         "attack": spec.attack["name"],
         "method": config["method"],
-        "budget": config["budget"],
         "seed": config["seed"],
         "host": socket.gethostname(),
         # Nodes of one machine or one image share a hostname; None outside Ray.
@@ -196,23 +69,55 @@ def execute(spec: Spec, store: Store, config: dict) -> dict:
         **{c: None for c in results.hyperparameter_types(spec)},
         **{f"hp_{k}": v for k, v in config["params"].items()},
     }
+    measured, error = {}, None
     try:
         args = (config["method"], config["budget"], config["params"], config["number"])
-        row |= run_trial(spec, store, *args, report=lambda r: None, seed=config["seed"])
-        row |= {"status": "ok", "error": None}
+        smaller = tuple(b for b in at if b < config["budget"])
+        run_trial(
+            spec,
+            store,
+            *args,
+            report=lambda row: measured.update({row["budget"]: row}),
+            seed=config["seed"],
+            checkpoints=smaller,
+        )
     except CorruptStorage:
         raise  # damaged storage is not this trial's failure: the sweep stops (make_trainable)
     except Exception as e:  # a failing trial is a row, not a crashed sweep
-        row |= {"status": "failed", "error": f"{type(e).__name__}: {e}"}
-        row |= {"objective": float("nan"), "wall_s": None}
+        error = f"{type(e).__name__}: {e}"
         traceback.print_exc()
-    row["finished_at"] = _now()
-    results.write_row(store, spec, row)
-    return row
+    rows = []
+    for budget, (cell, number) in sorted(at.items()):  # the run's own row last
+        row = base | {"cell": cell, "trial_number": number, "budget": budget}
+        if budget in measured:
+            row |= measured[budget] | {"status": "ok", "error": None}
+        else:
+            row |= {"status": "failed", "error": error, "objective": math.nan, "wall_s": None}
+        row["finished_at"] = _now()
+        results.write_row(store, spec, row)
+        rows.append(row)
+    return rows
+
+
+def reported(rows: list[dict]) -> dict:
+    """What a trial tells Tune: its own row's objective (the searcher's metric), and per row
+    what the searcher tells that row's study and Progress shows, keyed `<name>@<cell>`."""
+    out = {"objective": rows[-1]["objective"]}
+    for row in rows:
+        ok = row["status"] == "ok"
+        values = {
+            "objective": row["objective"],
+            "ok": ok,
+            "feasible": ok and bool(row["feasible"]),
+            "r_val": row["residual_val"] if ok else math.nan,
+            "r": row["residual"] if ok else math.nan,
+        }
+        out |= {cell_key(k, row["cell"]): v for k, v in values.items()}
+    return out
 
 
 def make_trainable(spec: Spec, store_uri: str, threads: int):
-    """The Tune function trainable: run one trial, write its row, report what Progress shows."""
+    """The Tune function trainable: run one trial, write its rows, report what Progress shows."""
     raw, source = spec.raw, spec.source
 
     def trainable(config: dict) -> None:
@@ -220,20 +125,11 @@ def make_trainable(spec: Spec, store_uri: str, threads: int):
 
         torch.set_num_threads(threads)
         try:
-            row = execute(Spec(source, raw), open_store(store_uri), config)
+            rows = execute(Spec(source, raw), open_store(store_uri), config)
         except CorruptStorage as e:  # no row: StopOnCorrupt ends the sweep, `fit` says why
-            tune.report({"corrupt": str(e), "objective": math.nan, "ok": False})
+            tune.report({"corrupt": str(e), "objective": math.nan})
             return
-        ok = row["status"] == "ok"
-        tune.report(
-            {
-                "objective": row["objective"],
-                "ok": ok,
-                "feasible": ok and bool(row["feasible"]),
-                "r_val": row["residual_val"] if ok else math.nan,
-                "r": row["residual"] if ok else math.nan,
-            }
-        )
+        tune.report(reported(rows))
 
     return trainable
 
@@ -241,6 +137,8 @@ def make_trainable(spec: Spec, store_uri: str, threads: int):
 def confirm_plan(spec: Spec, df: pd.DataFrame) -> list[dict]:
     """The confirm trials still to run: each cell's best tuned setting on each fresh seed.
 
+    A cell's best may be a row at a smaller budget (`from_budget`): it is re-run as that row ran,
+    in its own cell at its own budget, without checkpoints, once for every cell that chose it.
     A (cell, seed) is done when its ok row re-ran the current best; if more tuning changed the
     best, the row (same file name: phase, cell, seed) is re-run and replaced, never duplicated.
     """
@@ -248,47 +146,23 @@ def confirm_plan(spec: Spec, df: pd.DataFrame) -> list[dict]:
         return []
     confirmed = df[(df["phase"] == "confirm") & (df["status"] == "ok")]
     done = set(zip(confirmed["cell"], confirmed["seed"], confirmed["tuned_trial"]))
-    configs = []
+    configs = {}
     for best in results.best_per_cell(df).to_dict("records"):
         for seed in spec.confirm["seeds"]:
             if (best["cell"], seed, best["trial_number"]) in done:
                 continue
-            configs.append(
-                {
-                    "phase": "confirm",
-                    "cell": best["cell"],
-                    "method": best["method"],
-                    "budget": best["budget"],
-                    "number": seed,
-                    "seed": seed,
-                    "tuned_trial": best["trial_number"],
-                    "params": results.params_of(spec, best),
-                }
-            )
+            configs[best["cell"], seed] = {
+                "phase": "confirm",
+                "cell": best["cell"],
+                "method": best["method"],
+                "budget": best["from_budget"],
+                "number": seed,
+                "seed": seed,
+                "tuned_trial": best["trial_number"],
+                "params": results.params_of(spec, best),
+            }
     # Seed-major: a seed's two checkpoints are trained by its first trial, then loaded.
-    return sorted(configs, key=lambda c: (c["seed"], c["cell"]))
-
-
-class ListSearcher(Searcher):
-    """Hands out a fixed list of configs in order: the confirm phase has nothing to search."""
-
-    def __init__(self, configs: list[dict]):
-        super().__init__(metric="objective", mode="min")
-        self.queue = list(configs)
-
-    def suggest(self, trial_id: str):
-        return self.queue.pop(0) if self.queue else Searcher.FINISHED
-
-    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
-        pass
-
-    # What is left to run is recomputed from the Parquet rows on every start.
-    def save(self, checkpoint_path: str) -> None:
-        with open(checkpoint_path, "w") as f:
-            f.write("plan is recomputed from results/\n")
-
-    def restore(self, checkpoint_path: str) -> None:
-        pass
+    return sorted(configs.values(), key=lambda c: (c["seed"], c["cell"]))
 
 
 def confirm(spec: Spec, storage: str, slots: int) -> None:
@@ -360,10 +234,11 @@ def _run(
     done = reconcile(spec, store, studies)
     sync()
     searcher = CellSearcher(spec, studies, done, sync)
-    remaining = sum(spec.trials_per_cell - searcher.started[c] for c in searcher.cells)
+    # Tune trials are runs: a prefix method's run is a trial in each of its cells (searcher.py).
+    remaining = searcher.remaining
     planned = dict.fromkeys(searcher.cells, spec.trials_per_cell)
-    total = sum(planned.values())
-    print(f"{spec.name}: {total - remaining}/{total} tuning trials recorded, {remaining} to run")
+    total, recorded = sum(planned.values()), sum(len(done.get(c, ())) for c in planned)
+    print(f"{spec.name}: {recorded}/{total} tuning trials recorded, {remaining} to run")
     if remaining > 0:
         start_ray(address, num_cpus)
         cpu, gpu = spec.resources.get("cpu", 1), spec.resources.get("gpu", 0)

@@ -1,5 +1,6 @@
 """The report's tuning figures, from a run's Parquet rows only: every trial's (r, accuracy)
-with each method's Pareto front, and how each cell's best converged over its trials."""
+with each method's Pareto front, and how each cell's best converged over its trials (marked
+not converged by the table's rule, `convergence.py`)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,6 @@ from matplotlib.ticker import MaxNLocator
 
 from .plotstyle import LINES, POISONED, RETRAIN, finish, grid, handle, ordered, pct, style
 
-IMPROVED = 0.01  # a cell "still improved" when its best |r| fell by more in its last third
 R_MAX = 1.5  # the Pareto panels' |r| axis: past it a method did worse than doing nothing
 
 
@@ -96,22 +96,17 @@ def best_so_far(cell: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame({"n": np.arange(1, len(cell) + 1), "r": r, "best": best})
 
 
-def still_improving(best: pd.Series) -> bool:
-    """Did the best fall by more than IMPROVED in the last third of the trials?"""
-    if len(best) < 3:
-        return False
-    before = best.iloc[: len(best) - len(best) // 3].min()
-    return bool(before - best.min() > IMPROVED) or (math.isnan(before) and best.notna().any())
-
-
 def convergence(table: pd.DataFrame, df: pd.DataFrame) -> Figure:
     """Per cell, the best feasible |r| on val so far against the trials run: one panel per
-    method, one line per budget; crosses on top are infeasible or failed trials."""
+    method, one line per budget; crosses on top are infeasible or failed trials, and a hollow
+    circle ends the line of a cell the table marks not converged (`convergence.py`'s rule)."""
     tuned = df[df["phase"] == "tune"]
+    cells = table[table["source"] != "reference"]
+    flags = cells.set_index(["attack", "method", "budget"])["converged"].astype(bool)
     methods, budgets = ordered(tuned["method"]), sorted(tuned["budget"].unique(), reverse=True)
     dash = {b: LINES[i % len(LINES)] for i, b in enumerate(budgets)}  # solid: largest budget
     fig, axes = grid(len(methods), sharex=True, sharey=True)
-    top, improving, cells = 1.25, 0, 0
+    top = 1.25
     for ax, method in zip(axes, methods):
         colour = style(method)["color"]
         for budget in budgets:
@@ -125,20 +120,26 @@ def convergence(table: pd.DataFrame, df: pd.DataFrame) -> Figure:
             ax.plot(x, y, color=colour, ls=dash[budget], drawstyle="steps-post")
             bad = s["r"].isna()
             ax.plot(s["n"][bad], np.full(bad.sum(), top), ls="", marker="x", ms=4, color=colour)
-            cells += 1
-            improving += still_improving(s["best"])
+            if not flags.get((cell["attack"].iloc[0], method, budget), False):
+                end = top if np.isnan(y[-1]) else y[-1]  # no feasible trial: drawn on top
+                ax.plot(x[-1], end, ls="", marker="o", mfc="white", ms=6, color=colour)
         ax.set_title(method, fontsize=8, color=colour)
         ax.set_ylim(0, top * 1.06)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.tick_params(labelsize=7)
     fig.supxlabel("trials run in the cell (its Optuna study)", fontsize=9)
     fig.supylabel("best feasible |r| on val so far", fontsize=9)
+    not_converged = int((~flags).sum())
     title = (
-        f"Tuning convergence: {improving} of {cells} cells still improved their best |r| (by more "
-        f"than {IMPROVED:g})\nin the last third of their trials: more trials might help there"
+        f"Tuning convergence: {not_converged} of {len(flags)} cells not converged (their best "
+        "improved in the last third of\ntheir trials by more than the noise between runs): more "
+        "trials might help there"
     )
     handles = [Line2D([], [], color="black", ls=dash[b], label=f"budget {pct(b)}") for b in budgets]
     handles.append(
         Line2D([], [], color="black", ls="", marker="x", label="infeasible or failed trial")
+    )
+    handles.append(
+        Line2D([], [], color="black", ls="", marker="o", mfc="white", label="not converged")
     )
     return finish(fig, title, handles, ncols=len(handles))

@@ -97,15 +97,16 @@ def sweep_in_process(spec, storage: str):
     from ray.tune.search import Searcher
 
     from raysweep import results, sweep
+    from raysweep.searcher import CellSearcher, open_studies, reconcile
     from raysweep.storage import open_store
 
     store = open_store(storage)
-    studies = sweep.open_studies(spec, store)
-    searcher = sweep.CellSearcher(spec, studies, sweep.reconcile(spec, store, studies))
+    studies = open_studies(spec, store)
+    searcher = CellSearcher(spec, studies, reconcile(spec, store, studies))
     i = 0
     while (config := searcher.suggest(f"t{i}")) != Searcher.FINISHED:
-        row = sweep.execute(spec, store, config)
-        searcher.on_trial_complete(f"t{i}", {"objective": row["objective"]})
+        rows = sweep.execute(spec, store, config)  # a row per budget the run was measured at
+        searcher.on_trial_complete(f"t{i}", sweep.reported(rows))
         i += 1
     for config in sweep.confirm_plan(spec, results.read(store, spec.name)):
         sweep.execute(spec, store, config)

@@ -27,6 +27,7 @@ from conftest import TINY_SPEC
 
 from raysweep import checkpoints, results, sweep
 from raysweep.loopback import LoopbackCluster
+from raysweep.searcher import cell_name, open_studies
 from raysweep.spec import validate
 from raysweep.storage import LEASES_DIR, open_store
 
@@ -117,7 +118,7 @@ def _assert_complete(df, spec) -> None:
     assert len(df) == planned
     assert not df.duplicated(["phase", "cell", "trial_number"]).any()
     assert df.groupby("cell").size().to_dict() == {
-        sweep.cell_name(m, b): spec.trials_per_cell for m, b in spec.cells()
+        cell_name(m, b): spec.trials_per_cell for m, b in spec.cells()
     }
 
 
@@ -157,7 +158,7 @@ def _second_driver_refused(first, holder: dict, args, log: Path, env=None) -> No
 
 def _one_study_trial_per_row(spec, store) -> None:
     """The journal agrees with the rows: each cell's study has exactly its trials, all complete."""
-    for name, study in sweep.open_studies(spec, store).items():
+    for name, study in open_studies(spec, store).items():
         states = [t.state for t in study.get_trials(deepcopy=False)]
         assert states == [optuna.trial.TrialState.COMPLETE] * spec.trials_per_cell, (name, states)
 
@@ -301,7 +302,7 @@ def test_failed_trials_are_rows_and_study_failures(local_ray, tmp_path, tiny_spe
     assert (ga["status"] == "failed").all()
     assert ga["error"].str.contains("FloatingPointError: ga: non-finite").all()
     assert (gd["status"] == "ok").all()
-    studies = sweep.open_studies(spec, open_store(str(tmp_path / "store")))
+    studies = open_studies(spec, open_store(str(tmp_path / "store")))
     states = {n: {t.state for t in s.get_trials(deepcopy=False)} for n, s in studies.items()}
     assert states == {
         "ga-b0.1": {optuna.trial.TrialState.FAIL},

@@ -7,24 +7,11 @@ import math
 
 import pandas as pd
 import pytest
+from conftest import sweep_in_process
 
-from raysweep import results, sweep
+from raysweep import results
 from raysweep.convergence import best_so_far, convergence
 from raysweep.spec import validate
-from raysweep.storage import open_store
-
-
-def run_inline(spec, storage: str) -> pd.DataFrame:
-    """What `sweep.run` does, one trial at a time in this process: tune every cell, confirm."""
-    store = open_store(storage)
-    studies = sweep.open_studies(spec, store)
-    searcher = sweep.CellSearcher(spec, studies, sweep.reconcile(spec, store, studies))
-    while (config := searcher.suggest("t")) is not sweep.CellSearcher.FINISHED:
-        row = sweep.execute(spec, store, config)
-        searcher.on_trial_complete("t", {"objective": row["objective"]})
-    for config in sweep.confirm_plan(spec, results.read(store, spec.name)):
-        sweep.execute(spec, store, config)
-    return pd.read_parquet(f"{storage}/{spec.name}/results")  # plain pandas, not results.read
 
 
 def flag_by_pandas(df: pd.DataFrame) -> dict[tuple, bool]:
@@ -46,7 +33,8 @@ def flag_by_pandas(df: pd.DataFrame) -> dict[tuple, bool]:
 
 def test_table_flag_equals_the_rule_recomputed_from_parquet(tiny_spec_dict, tmp_path):
     spec = validate({**tiny_spec_dict, "trials_per_cell": 4, "confirm": {"seeds": [1, 2]}})
-    df = run_inline(spec, str(tmp_path))
+    sweep_in_process(spec, str(tmp_path))
+    df = pd.read_parquet(f"{tmp_path}/{spec.name}/results")  # plain pandas, not results.read
     assert (df.status == "ok").all()
     table = results.table(df)
     cells = table[table.source != "reference"]

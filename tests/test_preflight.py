@@ -21,6 +21,7 @@ from torch import nn
 
 from raysweep import checkpoints, cluster, preflight, results, sweep
 from raysweep.cli import main
+from raysweep.searcher import CellSearcher, open_studies, reconcile
 from raysweep.spec import load
 from raysweep.storage import LEASES_DIR, CorruptStorage, open_store
 
@@ -40,12 +41,12 @@ def finished(tmp_path_factory) -> Path:
     spec = load(str(_spec_file(root)))
     store = open_store(str(root / "store"))
     cluster.record_spec(spec, store)
-    studies = sweep.open_studies(spec, store)
-    searcher = sweep.CellSearcher(spec, studies, sweep.reconcile(spec, store, studies))
+    studies = open_studies(spec, store)
+    searcher = CellSearcher(spec, studies, reconcile(spec, store, studies))
     while (config := searcher.suggest("t")) != Searcher.FINISHED:
-        row = sweep.execute(spec, store, config)
-        assert row["status"] == "ok", row["error"]
-        searcher.on_trial_complete("t", {"objective": row["objective"]})
+        rows = sweep.execute(spec, store, config)
+        assert all(row["status"] == "ok" for row in rows), [row["error"] for row in rows]
+        searcher.on_trial_complete("t", sweep.reported(rows))
     return root
 
 

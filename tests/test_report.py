@@ -12,8 +12,9 @@ import pytest
 
 from raysweep import report, results, tuning_figures
 from raysweep.cli import main
+from raysweep.convergence import convergence
 from raysweep.metrics import Z_AT_FPR
-from raysweep.progress import Progress
+from raysweep.progress import Progress, cell_key
 
 STATS = {
     "residual": "residual",
@@ -38,11 +39,11 @@ def test_report_writes_markdown_csv_and_figures(run_dir):
         with open(f"{run_dir}/report/{f}.png", "rb") as fh:
             assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
     md = open(f"{run_dir}/report/report.md").read()
-    assert "confirmation seeds 1, 2" in md and "| gaussian | gd | 0.05 | 2 |" in md
+    assert "confirmation seeds 1, 2" in md and "| gaussian | gd | 0.05 | " in md
     df = pd.read_parquet(f"{run_dir}/results")
     per_seed = df[df["phase"] == "confirm"].drop_duplicates("seed")
     worked = {2: "yes", 1: "1/2", 0: "**no**"}[int(per_seed["attack_ok"].sum())]
-    assert f"| gaussian | poisoned |  | 2 | {worked} |  | 1.000 ± 0.000 |  |" in md
+    assert f"| gaussian | poisoned |  |  | 2 | {worked} |  |  | 1.000 ± 0.000 |  |" in md
 
 
 def test_table_equals_a_pandas_recomputation_from_parquet(run_dir):
@@ -50,18 +51,19 @@ def test_table_equals_a_pandas_recomputation_from_parquet(run_dir):
     table = pd.read_csv(f"{run_dir}/report/report.csv")
     tune = df[(df["phase"] == "tune") & (df["status"] == "ok")]
     confirm = df[(df["phase"] == "confirm") & (df["status"] == "ok")]
-    assert len(df[df["phase"] == "tune"]) == 8 and len(confirm) == 8
-    for (method, budget), cell in tune.groupby(["method", "budget"]):
-        feasible = cell[cell["feasible"]]
-        best = (feasible if len(feasible) else cell).sort_values("objective").iloc[0]
+    assert len(df[df["phase"] == "tune"]) == 8
+    for (method, budget), _ in tune.groupby(["method", "budget"]):
+        # the best of the method's rows at or below the cell's budget: a method may stop early
+        upto = tune[(tune["method"] == method) & (tune["budget"] <= budget)]
+        feasible = upto[upto["feasible"]]
+        best = (feasible if len(feasible) else upto).sort_values(["objective", "budget"]).iloc[0]
         runs = confirm[
-            (confirm["method"] == method)
-            & (confirm["budget"] == budget)
-            & (confirm["tuned_trial"] == best["trial_number"])
+            (confirm["cell"] == best["cell"]) & (confirm["tuned_trial"] == best["trial_number"])
         ]
-        assert sorted(runs["seed"]) == [1, 2]
+        assert sorted(runs["seed"]) == [1, 2] and (runs["budget"] == best["budget"]).all()
         got = table[(table["method"] == method) & (table["budget"] == budget)].iloc[0]
         assert got["tuned_trial"] == best["trial_number"] and got["n"] == 2
+        assert got["from_budget"] == best["budget"]
         # Numbers are over the feasible runs; how many those are is a column of its own.
         kept = runs[runs["feasible_test"]]
         assert got["feasible"] == len(kept)
@@ -95,7 +97,7 @@ def test_stored_scores_are_the_ones_behind_gus(run_dir):
 def test_cli_report_prints_the_table_and_fails_cleanly_on_a_wrong_dir(run_dir, tmp_path, capsys):
     assert main(["report", run_dir, "--out", str(tmp_path / "out")]) == 0
     out = capsys.readouterr().out
-    assert "| gaussian | ga | 0.1 | 2 |" in out and str(tmp_path / "out" / "pareto.png") in out
+    assert "| gaussian | ga | 0.1 | " in out and str(tmp_path / "out" / "pareto.png") in out
     assert main(["report", str(tmp_path / "nothing-here")]) == 2
     assert "no Parquet rows" in capsys.readouterr().err
 
@@ -113,13 +115,13 @@ def test_a_failed_attack_is_marked_and_warned_about_never_averaged_in_silently(r
     df["attack_ok"] = True
     df["feasible_test"] = True
     clean = report.markdown_table(results.table(df))
-    assert "warning" not in clean and "| gaussian | poisoned |  | 2 | yes |" in clean
+    assert "warning" not in clean and "| gaussian | poisoned |  |  | 2 | yes |" in clean
     df.loc[df["seed"] == 1, "attack_ok"] = False  # one confirmation seed's attack did not work
     marked = report.markdown_table(results.table(df))
-    assert "| gaussian | poisoned |  | 2 | 1/2 |" in marked
+    assert "| gaussian | poisoned |  |  | 2 | 1/2 |" in marked
     assert marked.splitlines()[-1].startswith("warning: gaussian: the attack worked on 1 of 2")
     df["attack_ok"] = False
-    assert "| gaussian | retrain |  | 2 | **no** |" in report.markdown_table(results.table(df))
+    assert "| gaussian | retrain |  |  | 2 | **no** |" in report.markdown_table(results.table(df))
 
 
 def test_pareto_front_keeps_only_undominated_points():
@@ -128,8 +130,11 @@ def test_pareto_front_keeps_only_undominated_points():
     assert tuning_figures.pareto_front(r, acc).tolist() == [5, 1, 0, 2]
 
 
-def _trial(cell, **result):
-    return SimpleNamespace(config={"cell": cell}, last_result=result)
+def _trial(cell, checkpoints=(), **result):
+    """A finished Tune trial as Progress sees it: rows in `checkpoints` cells, then its own."""
+    cells = [c for c, _, _ in checkpoints] + [cell]
+    result = {cell_key(k, c): v for c in cells for k, v in result.items()}
+    return SimpleNamespace(config={"cell": cell, "checkpoints": checkpoints}, last_result=result)
 
 
 def test_progress_shows_done_planned_best_r_and_failures(capsys):
@@ -146,6 +151,16 @@ def test_progress_shows_done_planned_best_r_and_failures(capsys):
     assert table[3].split() == ["ga-b0.1", "1/3", "-", "1"]
 
 
+def test_progress_counts_a_run_in_every_cell_it_has_a_row_in(capsys):
+    p = Progress("tune", {"gd-b0.05": 2, "gd-b0.1": 2}, every_s=math.inf)
+    run = _trial("gd-b0.1", [["gd-b0.05", 0.05, 0]], ok=True, feasible=True, r_val=0.2)
+    p.on_trial_complete(0, [], run)
+    p.on_trial_error(0, [], run)
+    lines = capsys.readouterr().out.splitlines()
+    assert "tune 1/4 | gd-b0.05 1/2 best r_val 0.200" in lines[0]
+    assert "tune 4/4 | gd-b0.1 2/2 best r_val 0.200 failed 1" in lines[3]
+
+
 def test_progress_of_a_resumed_run_starts_from_its_rows():
     rows = pd.DataFrame(
         {
@@ -159,3 +174,21 @@ def test_progress_of_a_resumed_run_starts_from_its_rows():
     table = Progress("tune", {"gd-b0.1": 4, "ga-b0.1": 4}, rows).table().splitlines()
     assert table[2].split() == ["gd-b0.1", "2/4", "0.250", "1"]
     assert table[3].split() == ["ga-b0.1", "1/4", "infeasible", "0"]
+
+
+def test_report_and_figure_count_the_cells_convergence_py_marks_not_converged(run_dir):
+    df = pd.read_parquet(f"{run_dir}/results")
+    flags = convergence(df).set_index(["method", "budget"])["converged"]
+    n, cells = int((~flags).sum()), len(flags)
+    md = open(f"{run_dir}/report/report.md").read()
+    assert f"{n} of {cells} cells not converged" in md
+    lines = [line.strip("|").split("|") for line in md.splitlines() if line.startswith("| ")]
+    head = [c.strip() for c in lines[0]]
+    shown = {}
+    for line in lines[1:]:
+        row = dict(zip(head, (c.strip() for c in line)))
+        if row["converged"]:  # references have none
+            shown[row["method"], float(row["budget"])] = row["converged"]
+    assert shown == {k: "yes" if v else "**no**" for k, v in flags.items()}
+    fig = tuning_figures.convergence(results.table(df), df)
+    assert f"{n} of {cells} cells not converged" in fig.legends[0].get_title().get_text()

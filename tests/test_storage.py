@@ -21,7 +21,8 @@ import pytest
 import torch
 from torch import nn
 
-from raysweep import checkpoints, cluster, preflight, results, storage, sweep
+from raysweep import checkpoints, cluster, preflight, results, storage
+from raysweep.searcher import open_studies
 from raysweep.spec import validate
 from raysweep.storage import (
     LEASES_DIR,
@@ -133,7 +134,7 @@ def test_damaged_rows_and_journal_are_named(store, tiny_spec_dict):
         results.read(store, "tiny")
     assert str(damaged.value).startswith(f"{store.path(rel)}: not a readable Parquet row")
     journal, sync = cluster.open_journal(spec, store)
-    sweep.open_studies(spec, store, journal)["gd-b0.1"].ask()
+    open_studies(spec, store, journal)["gd-b0.1"].ask()
     sync()
     preflight.check_journal(store, "tiny")  # healthy
     lines = store.read("tiny/optuna.journal").split(b"\n")
@@ -146,7 +147,7 @@ def test_journal_survives_the_driver(store, tiny_spec_dict):
     """Studies reopened from the store (a new driver) continue where the last one stopped."""
     spec = validate(tiny_spec_dict, "tiny")
     journal, sync = cluster.open_journal(spec, store)
-    studies = sweep.open_studies(spec, store, journal)
+    studies = open_studies(spec, store, journal)
     study = studies["gd-b0.1"]
     done = study.ask()
     study.tell(done.number, 0.25)
@@ -154,7 +155,7 @@ def test_journal_survives_the_driver(store, tiny_spec_dict):
     sync()
     assert store.exists("tiny/optuna.journal")
 
-    again = sweep.open_studies(spec, store)  # a fresh local copy, restored from the store
+    again = open_studies(spec, store)  # a fresh local copy, restored from the store
     trials = again["gd-b0.1"].get_trials(deepcopy=False)
     states = {t.number: t.state for t in trials}
     assert states == {

@@ -7,7 +7,8 @@ import optuna
 import pytest
 import yaml
 
-from raysweep import sweep
+from raysweep.progress import cell_key
+from raysweep.searcher import CellSearcher, cell_name, open_studies
 from raysweep.spec import SpecError, load, validate
 from raysweep.storage import open_store
 
@@ -55,40 +56,63 @@ def test_no_tried_first_keeps_the_spec_hash(tiny_spec_dict):
 
 def _suggest_all(spec, storage) -> list[dict]:
     store = open_store(storage)
-    studies = sweep.open_studies(spec, store)
+    studies = open_studies(spec, store)
     # No trial runs here, so what is done comes from the studies (a sweep reads its rows).
     done = {n: {t.number for t in s.trials if t.state.is_finished()} for n, s in studies.items()}
-    searcher = sweep.CellSearcher(spec, studies, done)
+    searcher = CellSearcher(spec, studies, done)
     configs = []
-    while (config := searcher.suggest(f"t{len(configs)}")) is not sweep.CellSearcher.FINISHED:
+    while (config := searcher.suggest(f"t{len(configs)}")) is not CellSearcher.FINISHED:
         configs.append(config)
-        searcher.on_trial_complete(f"t{len(configs) - 1}", {"objective": 0.5})
+        cells = [c for c, _, _ in config["checkpoints"]] + [config["cell"]]
+        result = {cell_key("objective", c): 0.5 for c in cells}
+        searcher.on_trial_complete(f"t{len(configs) - 1}", result)
     return configs
+
+
+def _observed(configs) -> dict[str, list[tuple[int, dict]]]:
+    """Each cell's (trial number, setting) in order: its own runs and its lead's checkpoints."""
+    out = {}
+    for c in configs:
+        for cell, _, number in [*c["checkpoints"], [c["cell"], c["budget"], c["number"]]]:
+            out.setdefault(cell, []).append((number, c["params"]))
+    return out
 
 
 def test_tried_first_settings_are_each_cells_first_trials(tiny_spec_dict, tmp_path):
     spec = validate({**tiny_spec_dict, "trials_per_cell": 3, "tried_first": FIRST})
-    configs = _suggest_all(spec, str(tmp_path))
+    observed = _observed(_suggest_all(spec, str(tmp_path)))
     for method, budget in spec.cells():
-        cell = [c for c in configs if c["cell"] == sweep.cell_name(method, budget)]
-        assert [c["number"] for c in cell] == [0, 1, 2]
+        cell = observed[cell_name(method, budget)]
+        assert [number for number, _ in cell] == [0, 1, 2]
         first = FIRST[method]
-        assert [{k: c["params"][k] for k in first[0]} for c in cell[: len(first)]] == first
+        assert [{k: p[k] for k in first[0]} for _, p in cell[: len(first)]] == first
         if method == "ga":
-            assert cell[0]["params"] == {"lr": 5e-6, "steps": 5}  # constants still apply
+            assert cell[0][1] == {"lr": 5e-6, "steps": 5}  # constants still apply
 
     # A resumed (longer) sweep continues the studies and queues nothing again.
     more = validate({**tiny_spec_dict, "trials_per_cell": 5, "tried_first": FIRST})
-    configs = _suggest_all(more, str(tmp_path))
-    assert {c["number"] for c in configs} == {3, 4}
-    tried = [c["params"]["lr"] for c in configs if c["method"] == "gd"]
+    observed = _observed(_suggest_all(more, str(tmp_path)))
+    assert {n for cell in observed.values() for n, _ in cell} == {3, 4}
+    tried = [p["lr"] for c, cell in observed.items() if c.startswith("gd") for _, p in cell]
     assert not set(tried) & {1e-3, 1e-2}
 
 
 def test_at_most_trials_per_cell_settings_are_queued(tiny_spec_dict, tmp_path):
     spec = validate({**tiny_spec_dict, "trials_per_cell": 1, "tried_first": FIRST})
-    configs = _suggest_all(spec, str(tmp_path))
-    assert [c["params"]["lr"] for c in configs if c["method"] == "gd"] == [1e-3, 1e-3]
-    studies = sweep.open_studies(spec, open_store(str(tmp_path)))
+    observed = _observed(_suggest_all(spec, str(tmp_path)))
+    assert [p["lr"] for c in ("gd-b0.05", "gd-b0.1") for _, p in observed[c]] == [1e-3, 1e-3]
+    studies = open_studies(spec, open_store(str(tmp_path)))
     waiting = optuna.trial.TrialState.WAITING
     assert not any(t.state == waiting for s in studies.values() for t in s.trials)
+
+
+def test_only_studies_that_sample_queue_them(tiny_spec_dict, tmp_path):
+    """A prefix method's smaller cells get its largest cell's settings; a PER_BUDGET method's
+    cells each sample, so each queues them."""
+    tiny_spec_dict["methods"]["l1_sparse"] = {"lr": {"low": 1e-4, "high": 1e-1, "log": True}}
+    first = {"gd": [{"lr": 1e-3}], "l1_sparse": [{"lr": 1e-2}]}
+    spec = validate({**tiny_spec_dict, "tried_first": first})
+    studies = open_studies(spec, open_store(str(tmp_path)))
+    queued = {n: [t.system_attrs["fixed_params"] for t in s.trials] for n, s in studies.items()}
+    assert queued["gd-b0.1"] == [{"lr": 1e-3}] and queued["gd-b0.05"] == []
+    assert queued["l1_sparse-b0.05"] == queued["l1_sparse-b0.1"] == [{"lr": 1e-2}]
