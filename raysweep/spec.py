@@ -143,7 +143,7 @@ def keyword_params(fn) -> dict[str, inspect.Parameter]:
 
 def domain(fn, param: inspect.Parameter) -> Any:
     """The domain a parameter declares by its annotation (domains.py)."""
-    return resolve(param.annotation, fn.__globals__)
+    return resolve(param.annotation, inspect.unwrap(fn).__globals__)  # a wrapper: its target
 
 
 def _bind(src: str, key: str, fn, kwargs: dict) -> None:
