@@ -46,7 +46,8 @@ def test_mlflow_runs_are_the_parquet_rows(finished_run, tmp_path, monkeypatch, c
     client = mlflow.MlflowClient(tracking_uri=uri)
     experiment = client.get_experiment_by_name("tiny")
     runs = {r.info.run_name: r for r in client.search_runs([experiment.experiment_id])}
-    assert len(runs) == len(df) == 16
+    # one run per row, names unique (8 tuning rows; confirm rows: one per chosen run and seed)
+    assert len(runs) == len(df) and set(df["phase"]) == {"tune", "confirm"}
     numbers = [c for c, t in results.COLUMNS.items() if t == pa.float64()]
     numbers += [f"{m}_{k}" for m in results.MODELS_MEASURED for k in results.METRICS]
     for row in df.to_dict("records"):
