@@ -65,6 +65,16 @@ def _fits(n: int, cost: float, left: float) -> int:
     return max(min(n, math.floor(left / cost + 1e-9)), 0) if cost > 0 else n
 
 
+def flops(fn: Callable[[], object]) -> int:
+    """Floating-point operations of `fn()` as torch counts them (matrix products, convolutions):
+    run it on meta tensors to count without computing."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
 def train_cost(epochs: int, n_train: int) -> float:
     """C_train: the units the original training run spent."""
     return float(epochs * n_train)

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Literal
 
 import torch
 from torch import nn
 
 from . import gpt2
-from .domains import PosInt
+from .domains import PosFloat, PosInt
 
 
 def mlp(input_shape, num_classes, *, width: PosInt = 512, depth: PosInt = 2) -> nn.Sequential:
@@ -71,6 +72,68 @@ def resnet18(input_shape, num_classes, *, width: PosInt = 64) -> nn.Sequential:
     return nn.Sequential(stem, *blocks, head)
 
 
+class Frozen(nn.Module):
+    """A trained feature extractor that nothing trains: no gradients, and always in eval mode
+    (its BatchNorm statistics stay those of its own training), whatever `.train()` is called."""
+
+    def __init__(self, body: nn.Module):
+        super().__init__()
+        self.body = body.requires_grad_(False)
+        self.train(False)
+
+    def train(self, mode: bool = True) -> Frozen:
+        return super().train(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+def body_of(model: nn.Sequential) -> tuple[nn.Sequential, int]:
+    """(the model without its final linear layer, the width of what that layer read): a trained
+    classifier's penultimate features. State-dict keys of the body are the model's own."""
+    *rest, head = blocks(model)
+    if isinstance(head, nn.Linear):
+        return nn.Sequential(*rest, nn.Flatten()), head.in_features
+    *pre, last = head  # a head block such as (pool, flatten, linear)
+    return nn.Sequential(*rest, nn.Sequential(*pre), nn.Flatten()), last.in_features
+
+
+Extractor = Literal["mlp", "cnn", "resnet18"]
+
+
+def linear(
+    input_shape,
+    num_classes,
+    *,
+    extractor: Extractor = "mlp",
+    width: PosInt = 512,
+    depth: PosInt = 2,
+    extractor_epochs: PosInt = 20,
+    extractor_lr: PosFloat = 0.05,
+) -> nn.Sequential:
+    """Logistic regression on the penultimate features of a frozen `extractor`: blocks
+    (Frozen extractor, linear head), so only the head trains and K = 1 is the whole of it.
+
+    The extractor (`width`, and `depth` for an MLP) is a checkpoint of its own, trained on the
+    clean train set for `extractor_epochs` at `extractor_lr` (trial.extractor_state); those two
+    are read there, not here. Built here it is freshly initialised: the trial loads its weights.
+    Inputs still pass through it, so every attack remains an attack on inputs.
+    """
+    body, features = body_of(extractor_model(input_shape, num_classes, extractor, width, depth))
+    return nn.Sequential(Frozen(body), nn.Linear(features, num_classes))
+
+
+def extractor_model(input_shape, num_classes, name: str, width: int, depth: int) -> nn.Sequential:
+    """The classifier whose training gives a linear model's extractor (its head is dropped)."""
+    kwargs = {"width": width, "depth": depth} if name == "mlp" else {"width": width}
+    return MODELS[name](input_shape, num_classes, **kwargs)
+
+
+def trainable(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters an unlearner may change: all but a frozen extractor's."""
+    return [p for p in model.parameters() if p.requires_grad]
+
+
 def seeded(build, generator: torch.Generator):
     """Call `build()` with torch's default RNG seeded from `generator`, then restore the RNG.
 
@@ -123,4 +186,5 @@ MODELS = {
     "cnn": cnn,
     "resnet18": resnet18,
     "gpt2": gpt2.gpt2,
+    "linear": linear,
 }

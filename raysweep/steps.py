@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .budget import FORWARD_ONLY, Meter, metered
-from .models import blocks, seeded
+from .budget import FORWARD_ONLY, Meter, flops, metered
+from .models import Frozen, blocks, seeded, trainable
 
 Pair = tuple[torch.Tensor, torch.Tensor]
 
@@ -133,7 +133,7 @@ def saliency_masks(model, forget: Pair, meter: Meter, generator, saliency: float
     x, y = subset(meter, *forget, generator, 1.0, math.floor(meter.left / 2))
     if len(y) == 0:
         return None
-    params = list(model.parameters())
+    params = trainable(model)
     model.eval()
     model.zero_grad(set_to_none=True)
     for i in range(0, len(y), 256):
@@ -152,7 +152,7 @@ def fisher(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, torc
     since each row's gradient is as large as the model either way.
     """
     model.eval()
-    names, params = zip(*model.named_parameters())
+    names, params = zip(*((n, p) for n, p in model.named_parameters() if p.requires_grad))
     total = [torch.zeros_like(p) for p in params]
     for i in range(len(y)):
         loss = F.cross_entropy(model(x[i : i + 1]), y[i : i + 1])
@@ -182,7 +182,8 @@ def split_last(model: nn.Module, k: int) -> tuple[nn.Sequential, nn.Sequential]:
     if k < 1:
         raise ValueError(f"k={k}: must be >= 1 (blocks counted from the output end)")
     bs = blocks(model)
-    k = min(k, len(bs))
+    # A frozen extractor is never part of the last k: nothing may re-initialise or train it.
+    k = min(k, sum(not isinstance(b, Frozen) for b in bs))
     return nn.Sequential(*bs[: len(bs) - k]), nn.Sequential(*bs[len(bs) - k :])
 
 
@@ -199,3 +200,50 @@ def train_last(prefix, suffix, retain: Pair, meter: Meter, generator, lr, bs, mo
     feats = features(prefix, x)
     opt = sgd(suffix.parameters(), lr, momentum, wd)
     descend(suffix, opt, metered(meter, feats, y, bs, generator))
+
+
+# --- a Newton step on the last linear layer (newton) -----------------------------------------------
+
+
+def last_linear(model: nn.Module) -> tuple[nn.Sequential, nn.Linear]:
+    """(everything before the final linear layer, that layer), also where the last block is a
+    head such as (pool, flatten, linear)."""
+    *rest, head = blocks(model)
+    if isinstance(head, nn.Sequential) and len(head) and isinstance(head[-1], nn.Linear):
+        rest, head = [*rest, *head[:-1]], head[-1]
+    if not isinstance(head, nn.Linear):
+        raise ValueError(
+            f"newton: the model's last block is a {type(head).__name__}; allowed: a model whose "
+            "last block is a linear layer (models.linear)"
+        )
+    return nn.Sequential(*rest), head
+
+
+def newton_row_cost(model: nn.Module, x1: torch.Tensor, passes: int) -> float:
+    """Units one retain row costs `newton`: the prefix's forward once, then `passes` pairs of
+    products with the layer's weights (a gradient is a forward and a backward product, each
+    Hessian-vector product one more pair), over one row's forward+backward through the model.
+    FLOPs as torch counts them, on meta copies of the model and the row (nothing computes)."""
+    meta = copy.deepcopy(model).to("meta").train()
+    x = torch.empty_like(x1[:1], device="meta")
+    y = torch.zeros(1, dtype=torch.long, device="meta")
+    unit = flops(lambda: F.cross_entropy(meta(x), y).backward())
+    prefix, head = last_linear(meta)
+    product = 2 * head.out_features * (head.in_features + 1)
+    return (flops(lambda: prefix(x)) + 2 * passes * product) / unit
+
+
+def conjugate_gradient(hvp: Callable, b: torch.Tensor, steps: int, tol: float = 1e-10):
+    """x with hvp(x) = b for a symmetric positive definite hvp, from x = 0 in at most `steps`
+    iterations (stops once the residual is below `tol` relative to b)."""
+    x, r = torch.zeros_like(b), b.clone()
+    d, rr = r.clone(), (r * r).sum()
+    for _ in range(steps):
+        if rr.sqrt() <= tol * b.norm():
+            break
+        hd = hvp(d)
+        alpha = rr / (d * hd).sum()
+        x, r = x + alpha * d, r - alpha * hd
+        rr, rr_old = (r * r).sum(), rr
+        d = r + (rr / rr_old) * d
+    return x

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import inspect
 import json
 import math
 import time
@@ -31,7 +32,7 @@ from .metrics import (
     residual_interval,
     resolution,
 )
-from .models import MODELS, carry_noise, noise_shape, seeded
+from .models import MODELS, Frozen, blocks, carry_noise, extractor_model, noise_shape, seeded
 from .poisoned import Poisoned, from_tensors, to_tensors
 from .spec import Spec, validate
 from .storage import Store, open_store
@@ -79,18 +80,63 @@ class Setup:
 
 
 def build_model(
-    spec: Spec, split: Split, init: torch.Generator | None = None, poisoned: Poisoned | None = None
+    spec: Spec,
+    split: Split,
+    init: torch.Generator | None = None,
+    poisoned: Poisoned | None = None,
+    extractor: dict | None = None,
 ) -> torch.nn.Module:
     """The spec's model; freshly initialised from `init` (or left to be loaded from a state dict).
 
     With `poisoned`, a model that adds the Gaussian noise itself (text) gets it, so the poisoned
-    rows of S_corr reach it as they were trained on.
+    rows of S_corr reach it as they were trained on. With `extractor` (a state dict from
+    `extractor_state`), a linear model's frozen extractor gets its trained weights.
     """
     cfg = spec.model
     fn = MODELS[cfg["name"]]
     build = lambda: fn(split.input_shape, split.num_classes, **_kwargs(cfg))
     model = seeded(build, init) if init is not None else build()
+    if extractor is not None:
+        body = frozen_extractor(model).body
+        body.load_state_dict({k: v for k, v in extractor.items() if k in body.state_dict()})
     return carry_noise(model, poisoned.noise if poisoned is not None else None)
+
+
+def frozen_extractor(model: torch.nn.Module) -> Frozen | None:
+    """A linear model's frozen extractor (its first block); None for every other model."""
+    first = blocks(model)[0]
+    return first if isinstance(first, Frozen) else None
+
+
+def extractor_state(spec: Spec, store: Store, split: Split, seed: int) -> dict | None:
+    """A linear model's extractor, trained on the clean train set once per key (None otherwise).
+
+    Its own checkpoint, keyed by the data, the extractor's settings and the seed, not by the
+    attack or the head's training: every spec that shares them shares one extractor, and the
+    attacker who knows it (the fine-tuning threat model) sees the same weights as the victim.
+    """
+    cfg = spec.model
+    if cfg["name"] != "linear":
+        return None
+    arch = {k: cfg.get(k, d) for k, d in EXTRACTOR_DEFAULTS.items()}
+    key = {"role": "extractor", "dataset": spec.dataset, "data": split.source, **arch, "seed": seed}
+
+    def fit():
+        build = lambda: extractor_model(
+            split.input_shape, split.num_classes, arch["extractor"], arch["width"], arch["depth"]
+        )
+        model = seeded(build, generator(seed, "extractor", "init")).to(device())
+        kw = {"epochs": arch["extractor_epochs"], "lr": arch["extractor_lr"]}
+        return train(model, split.x_train, split.y_train, generator(seed, "extractor"), **kw)
+
+    return ensure(store, key, fit)
+
+
+# The linear model's extractor settings and their defaults (models.linear's signature).
+EXTRACTOR_DEFAULTS = {
+    p: inspect.signature(MODELS["linear"]).parameters[p].default
+    for p in ("extractor", "width", "depth", "extractor_epochs", "extractor_lr")
+}
 
 
 def _forget_retain(poisoned: Poisoned, known_fraction: float, seed: int):
@@ -117,7 +163,9 @@ def checkpoint_config(spec: Spec, split: Split, seed: int, role: str) -> dict:
     }
 
 
-def poison(spec: Spec, store: Store, split: Split, seed: int) -> Poisoned:
+def poison(
+    spec: Spec, store: Store, split: Split, seed: int, extractor: dict | None = None
+) -> Poisoned:
     """The spec's poisons for `seed`: crafted once per store, then loaded by every process.
 
     Optimised attacks (a surrogate plus hundreds of crafting steps) can cost more than training,
@@ -133,13 +181,24 @@ def poison(spec: Spec, store: Store, split: Split, seed: int) -> Poisoned:
         "seed": seed,
     }
     cfg["noise_shape"] = list(split.noise_shape) if split.noise_shape else None
+    fn = ATTACKS[spec.attack["name"]]
+    # An optimised attack on a linear model crafts against its frozen extractor (which the
+    # attacker knows: the fine-tuning threat model); its poisons then depend on that extractor.
+    through = extractor is not None and "extractor" in inspect.signature(fn).parameters
+    if through:
+        cfg["extractor"] = {k: spec.model.get(k, d) for k, d in EXTRACTOR_DEFAULTS.items()}
 
     def craft():
         # On the trial's device: a CIFAR-10 ResNet-18 surrogate alone would take hours on a CPU.
         # Random draws come from the CPU generator, so only float rounding depends on the
         # device, and the store keeps the one copy everyone uses.
-        fn = ATTACKS[spec.attack["name"]]
-        crafted = fn(moved(split, device()), generator(seed, "attack"), **_kwargs(spec.attack))
+        extra = {}
+        if through:
+            model = build_model(spec, split, extractor=extractor)
+            extra["extractor"] = frozen_extractor(model.to(device()))
+        crafted = fn(
+            moved(split, device()), generator(seed, "attack"), **extra, **_kwargs(spec.attack)
+        )
         tensors, scalars = to_tensors(moved(crafted, torch.device("cpu")), split)
         return tensors, {"scalars": scalars}
 
@@ -155,7 +214,8 @@ def prepare(spec_json: str, store_uri: str, seed: int) -> Setup:
     with torch.device("meta"):  # only shapes: where the model wants the Gaussian noise
         shape = noise_shape(build_model(spec, split), split.input_shape)
     split = dataclasses.replace(split, noise_shape=shape)
-    poisoned = poison(spec, store, split, seed)
+    extractor = extractor_state(spec, store, split, seed)
+    poisoned = poison(spec, store, split, seed, extractor)
     # Splitting runs on the CPU (crafting on the device, inside `poison`); everything after
     # runs where the trial was placed.
     poisoned = moved(poisoned, device())
@@ -164,7 +224,7 @@ def prepare(spec_json: str, store_uri: str, seed: int) -> Setup:
     epochs = spec.train.get("epochs", 30)
 
     def fit(x, y, role):
-        model = lambda: build_model(spec, split, generator(seed, role, "init"), poisoned)
+        model = lambda: build_model(spec, split, generator(seed, role, "init"), poisoned, extractor)
         return lambda: train(model().to(device()), x, y, generator(seed, role), **spec.train)
 
     cfg_p, cfg_r = (

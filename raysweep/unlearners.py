@@ -25,12 +25,17 @@ from torch import nn
 
 from .budget import FORWARD_ONLY, Meter, metered
 from .domains import Fraction, Momentum, NonNegFloat, NonNegInt, PosFloat, PosInt, Probability
+from .models import trainable
 from .steps import (
     Pair,
+    conjugate_gradient,
     descend,
+    features,
     fisher,
     frozen,
     kl,
+    last_linear,
+    newton_row_cost,
     one_epoch,
     reinit,
     relabel,
@@ -65,7 +70,7 @@ def gd(
     weight_decay: NonNegFloat = 5e-4,
 ) -> None:
     """Keep training on the retain set (Neel et al. 2021) until the budget is spent."""
-    opt = sgd(model.parameters(), lr, momentum, weight_decay)
+    opt = sgd(trainable(model), lr, momentum, weight_decay)
     descend(model, opt, metered(meter, *retain, batch_size, generator))
 
 
@@ -83,7 +88,7 @@ def ngd(
     weight_decay: NonNegFloat = 5e-4,
 ) -> None:
     """GD on the retain set, adding N(0, sigma2 I) to every parameter after each step."""
-    params = list(model.parameters())
+    params = trainable(model)
     opt = sgd(params, lr, momentum, weight_decay)
     std = sigma2**0.5
 
@@ -108,7 +113,7 @@ def ga(
     batch_size: PosInt = 64,
 ) -> None:
     """Gradient ascent on the forget set for at most `steps` steps (Graves et al. 2021)."""
-    opt = sgd(model.parameters(), lr, 0.0, 0.0)
+    opt = sgd(trainable(model), lr, 0.0, 0.0)
     batches = metered(meter, *forget, batch_size, generator)
     # range first: zip stops on it without drawing (and paying for) one batch too many.
     descend(model, opt, (b for _, b in zip(range(steps), batches)), sign=-1.0, forget_only=True)
@@ -178,7 +183,7 @@ def scrub(
     `max_epochs` is the original's `msteps`: epochs after it are min-only. The teacher is the
     model as given; each step pays its forward as well as the student's forward+backward.
     """
-    teacher, opt = frozen(model), sgd(model.parameters(), lr, momentum, weight_decay)
+    teacher, opt = frozen(model), sgd(trainable(model), lr, momentum, weight_decay)
     model.train()
     for epoch in itertools.count():
         if epoch < max_epochs:
@@ -215,7 +220,7 @@ def bad_teacher(
     keep = torch.randperm(len(xr), generator=generator)[: max(1, round(retain_fraction * len(xr)))]
     x = torch.cat([xf, xr[keep.to(xr.device)]])
     is_forget = torch.arange(len(x), device=x.device) < len(xf)
-    opt = sgd(model.parameters(), lr, momentum, weight_decay)
+    opt = sgd(trainable(model), lr, momentum, weight_decay)
     model.train()
     for xb, fb in metered(meter, x, is_forget, batch_size, generator, TAUGHT):
         x_keep, x_forget = xb[~fb], xb[fb]
@@ -241,7 +246,7 @@ def neggrad_plus(
     weight_decay: NonNegFloat = 5e-4,
 ) -> None:
     """NegGrad+ (Kurmanji et al. 2023): minimise beta * L(S_r) - (1 - beta) * L(S_f) per step."""
-    opt = sgd(model.parameters(), lr, momentum, weight_decay)
+    opt = sgd(trainable(model), lr, momentum, weight_decay)
     model.train()
     # Both batches are paid for. zip draws the retain batch first, so if the budget ends on the
     # forget batch, one retain batch is paid and unused: an overcharge, never an undercharge.
@@ -267,7 +272,7 @@ def random_label(
     weight_decay: NonNegFloat = 5e-4,
 ) -> None:
     """Random labels (the RL baseline of Fan et al. 2024): train on S_f relabelled at random, with S_r."""
-    opt = sgd(model.parameters(), lr, momentum, weight_decay)
+    opt = sgd(trainable(model), lr, momentum, weight_decay)
     x, y = relabel(forget, retain, generator)
     descend(model, opt, metered(meter, x, y, batch_size, generator))
 
@@ -289,7 +294,7 @@ def salun(
     masks = saliency_masks(model, forget, meter, generator, saliency)
     if masks is None:
         return
-    params = list(model.parameters())
+    params = trainable(model)
 
     @torch.no_grad()
     def mask_update():
@@ -317,7 +322,7 @@ def l1_sparse(
 ) -> None:
     """l1-sparse unlearning (Jia et al. 2023): GD on S_r plus alpha_t * ||theta||_1, with alpha_t
     decaying linearly to 0 over the steps the budget allows."""
-    params = list(model.parameters())
+    params = trainable(model)
     opt = sgd(params, lr, momentum, weight_decay)
     planned = max(1, math.ceil(meter.left / batch_size))
     model.train()
@@ -353,17 +358,73 @@ def ssd(
     fisher_f, fisher_r = fisher(model, xf, yf), fisher(model, xr, yr)
     with torch.no_grad():
         for name, p in model.named_parameters():
+            if name not in fisher_f:  # frozen: no Fisher, never dampened
+                continue
             i_f = fisher_f[name] / len(yf)
             i_d = (n_f * i_f + n_r * fisher_r[name] / len(yr)) / (n_f + n_r)
             dampen = i_f > alpha * i_d  # implies i_f > 0: the division below is safe
             p[dampen] *= (lam * i_d[dampen] / i_f[dampen]).clamp(max=1.0)
 
 
+# --- a Newton step (Guo et al. 2020): the positive control of the convex regime ------------------
+
+
+def newton(
+    model: nn.Module,
+    forget: Pair,
+    retain: Pair,
+    meter: Meter,
+    generator: torch.Generator,
+    *,
+    weight_decay: NonNegFloat = 5e-4,
+    damping: NonNegFloat = 0.0,
+    steps: PosInt = 1,
+    cg_steps: PosInt = 100,
+) -> None:
+    """Damped Newton steps on the retain objective for the final linear layer (one by default):
+    theta <- theta - (H + (lambda + damping) I)^-1 (grad L_r(theta) + lambda theta), where L_r
+    is the mean cross-entropy on S_r and lambda the training weight decay (set it to the spec's
+    train.weight_decay: the steps then head for the retrain optimum of a convex model). What
+    comes before the layer stays fixed; on a linear model (frozen extractor, logistic head) that
+    is the whole model, and one step is certified removal's update (Guo et al. 2020). Far from
+    the optimum the logistic loss is not quadratic, so `steps` > 1 iterates.
+
+    Solved in float64 by conjugate gradient with Hessian-vector products on the rows' cached
+    features, never forming H. Cost: each row is charged `steps.newton_row_cost` units (its
+    featurisation once, then per step 2 + 2 * cg_steps products with the layer, in FLOPs against
+    one row's forward+backward through the model), for all of cg_steps even if CG stops early;
+    S_r is subsampled at random to what the budget affords.
+    """
+    prefix, head = last_linear(model)
+    cost = newton_row_cost(model, retain[0], steps * (1 + cg_steps))
+    x, y = subset(meter, *retain, generator, cost, math.floor(meter.left / cost))
+    if len(y) == 0:
+        return
+    with torch.no_grad():
+        phi = features(prefix, x).flatten(1).double()
+        phi = torch.cat([phi, torch.ones_like(phi[:, :1])], 1)  # the bias is a weight on 1
+        onehot = F.one_hot(y, head.out_features).double()
+        theta = torch.cat([head.weight, head.bias[:, None]], 1).double()
+        for _ in range(steps):
+            p = torch.softmax(phi @ theta.T, 1)
+            grad = (p - onehot).T @ phi / len(y) + weight_decay * theta
+
+            def hvp(v: torch.Tensor, p=p) -> torch.Tensor:
+                # H v for softmax regression: per row (diag(p) - p p^T) (phi v), back through phi.
+                u = phi @ v.T
+                s = p * u - p * (p * u).sum(1, keepdim=True)
+                return s.T @ phi / len(y) + (weight_decay + damping) * v
+
+            theta -= conjugate_gradient(hvp, grad, cg_steps)
+        head.weight.copy_(theta[:, :-1])
+        head.bias.copy_(theta[:, -1])
+
+
 # Methods whose run at a smaller budget is not the prefix of their run at a larger one: one-off
 # passes sized to the budget (euk/cfk featurise, ssd/salun score a subsample of what it affords)
 # or a schedule over the total (l1_sparse). Each budget is a run of its own; every other method
 # runs once to its largest budget and is measured on the way (budget.Meter checkpoints).
-PER_BUDGET = frozenset({"euk", "cfk", "ssd", "salun", "l1_sparse"})
+PER_BUDGET = frozenset({"euk", "cfk", "ssd", "salun", "l1_sparse", "newton"})
 
 UNLEARNERS = {
     "gd": gd,
@@ -378,4 +439,5 @@ UNLEARNERS = {
     "l1_sparse": l1_sparse,
     "bad_teacher": bad_teacher,
     "random_label": random_label,
+    "newton": newton,
 }

@@ -60,6 +60,8 @@ def audit(model):
     seen = [0.0]
 
     def hook(module, inputs, output):
+        if output.device.type == "meta":  # shapes only (newton counts FLOPs): nothing computed
+            return
         seen[0] += len(output) * (1.0 if torch.is_grad_enabled() else FORWARD_ONLY)
 
     blocks(model)[-1].register_forward_hook(hook)
