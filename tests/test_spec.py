@@ -224,7 +224,7 @@ NAN = float("nan")
         (_set("name", ["a"]), "name: ['a']; allowed"),
         (
             _set("model.name", ["mlp"]),
-            "model.name: unknown model ['mlp']; allowed: cnn, gpt2, mlp, resnet18",
+            "model.name: unknown model ['mlp']; allowed: cnn, gpt2, linear, mlp, resnet18",
         ),
         (_set("forget", 5), "forget: 5; allowed: a mapping of known_fraction"),
         (_set("resources", 5), "resources: 5; allowed: a mapping of cpu, gpu"),
