@@ -1,6 +1,6 @@
 """Command line: `raysweep validate SPEC`, `raysweep run SPEC [--storage URI] [--address ADDR]
 [--resume] [--mlflow URI]`, `raysweep report RUN_DIR [--out DIR]`, `raysweep doctor [--address ADDR]
-[--storage URI]`."""
+[--storage URI]`, `raysweep mechanism SPEC [--seeds N ...] [--storage URI] [--out DIR]`."""
 
 from __future__ import annotations
 
@@ -74,6 +74,24 @@ def _doctor(args) -> int:
     return doctor.main(address=args.address, storage=args.storage)
 
 
+def _mechanism(args) -> int:
+    spec = load(args.spec)
+    import torch
+
+    from . import mechanism, mechanism_figures
+
+    torch.set_num_threads(max(1, int(spec.resources["cpu"])))  # as the sweep runs one trial
+
+    seeds = args.seeds if args.seeds is not None else [spec.seed + i for i in range(5)]
+    df = mechanism.study(spec, args.storage, seeds)
+    out = args.out or f"{args.storage}/{spec.name}/mechanism"
+    paths = mechanism_figures.write(df, out, spec.budgets)
+    print(mechanism.verdict_h1(df))
+    print(mechanism.verdict_h2(df, max(spec.budgets)))
+    print("\n".join(["", "wrote:", *paths]))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="raysweep", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -112,6 +130,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--address", default=None, help="Ray cluster address (default: start locally)")
     p.add_argument("--storage", default=None, help="local path or s3:// / gs:// URI to probe")
     p.set_defaults(fn=_doctor)
+    p = sub.add_parser(
+        "mechanism", help="the paper's §6 mechanism study on a linear spec (rows and figures)"
+    )
+    p.add_argument("spec")
+    p.add_argument(
+        "--seeds", type=int, nargs="+", default=None, help="default: the spec's seed and the next 4"
+    )
+    p.add_argument("--storage", default="runs", help="checkpoints: local path or s3:// / gs:// URI")
+    p.add_argument("--out", default=None, help="where to write (default: STORAGE/<name>/mechanism)")
+    p.set_defaults(fn=_mechanism)
     args = parser.parse_args(argv)
     try:
         return args.fn(args)
