@@ -41,7 +41,7 @@ from .unlearners import PER_BUDGET, UNLEARNERS
 
 
 def device() -> torch.device:
-    """Where trials compute. Ray exposes only the GPUs a trial was given (CUDA_VISIBLE_device()S,
+    """Where trials compute. Ray exposes only the GPUs a trial was given (CUDA_VISIBLE_DEVICES,
     set before the trial runs), so any visible GPU is this trial's."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
