@@ -2,10 +2,12 @@
 
 Every attack has the signature `fn(split, generator, *, <parameters with defaults>) -> Poisoned`;
 `generator` is its only source of randomness, so a seed fixes the poisons (and so the checkpoint
-key). Attacks that edit pixels keep every input inside the split's valid range [x_min, x_max]
-(the image of [0, 1] under the per-channel standardisation); attacks on text edit GPT-2 token
-ids (data.py). `Poisoned` is in poisoned.py; the crafting machinery shared by gradient_matching
-and gradient_canceling (surrogate models, parameter gradients) is in crafting.py.
+key). The two optimised attacks also take `extractor`, positional-or-keyword and never from the
+spec: a `linear` model's frozen extractor, which the trial hands them. Attacks that edit pixels
+keep every input inside the split's valid range [x_min, x_max] (the image of [0, 1] under the
+per-channel standardisation); attacks on text edit GPT-2 token ids (data.py). `Poisoned` is in
+poisoned.py; the crafting machinery shared by gradient_matching and gradient_canceling
+(surrogate models, parameter gradients) is in crafting.py.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Annotated, Literal, get_args
 
 import torch
 from annotated_types import Ge
+from torch import nn
 
 from . import crafting
 from .data import IDS, PAD, SHIFT, Split, lengths, tokenizer
@@ -98,6 +101,7 @@ def _token_gaussian(split: Split, generator: torch.Generator, *, n: int, eps: fl
 def gradient_matching(
     split: Split,
     generator: torch.Generator,
+    extractor: nn.Module | None = None,
     *,
     n: PosInt = 50,
     eps: Fraction = 16 / 255,
@@ -135,6 +139,10 @@ def gradient_matching(
     taken from the spec's `model` section: the poisons then depend only on the attack's own
     parameters, the threat model (attacker knows the architecture family, not the victim's
     weights) is explicit in the spec, and `raysweep validate` type-checks it.
+
+    `extractor` (never from the spec: the trial passes a `linear` model's frozen extractor) makes
+    each surrogate a linear head on it, trained `surrogate_epochs` at `surrogate_lr` from its own
+    initialisation (crafting.head_on); the poisons are still perturbed in input space, through it.
     """
     lo, hi = crafting.bounds(split, "gradient_matching")
     y_adv = _target_class(split, y_adv, generator, "gradient_matching")
@@ -153,6 +161,7 @@ def gradient_matching(
             lr=surrogate_lr,
             shift=shift if surrogate_augment else 0,
             flip=flip and surrogate_augment,
+            extractor=extractor,
         )
         for _ in range(ensemble)
     ]
@@ -184,6 +193,7 @@ def gradient_matching(
 def gradient_canceling(
     split: Split,
     generator: torch.Generator,
+    extractor: nn.Module | None = None,
     *,
     n: PosInt = 100,
     target_acc: Probability = 0.5,
@@ -213,7 +223,9 @@ def gradient_canceling(
     `labels`: "keep" (clean-label poisons) or "flip" (each poison starts as a label flip to a
     random other class, as model-targeted attacks are often initialised). `eps`: the l-inf bound
     on each poison's change in pixel units of the [0, 1] image; 1.0 leaves the inputs free in the
-    valid range (Lu et al.'s setting).
+    valid range (Lu et al.'s setting). `extractor`: as in `gradient_matching`, the surrogate
+    (and so theta_t) is a linear head on it: the convex setting, where a stationary point of
+    the victim's loss is its optimum.
     """
     if labels not in get_args(GcLabels) or not 0 < eps <= 1:
         raise ValueError(
@@ -234,7 +246,13 @@ def gradient_canceling(
     x_c, y_c = split.x_train[clean], split.y_train[clean]
     check = torch.randperm(len(y_c), generator=generator)[:2048].to(y_c.device)
     model = crafting.surrogate(
-        split, generator, surrogate, width=surrogate_width, epochs=surrogate_epochs, lr=surrogate_lr
+        split,
+        generator,
+        surrogate,
+        width=surrogate_width,
+        epochs=surrogate_epochs,
+        lr=surrogate_lr,
+        extractor=extractor,
     )
     model = crafting.corrupt(
         model,

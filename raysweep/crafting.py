@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data import Split
-from .models import MODELS, seeded
+from .models import MODELS, seeded, trainable
 from .train import augment, train
 
 Grads = tuple[torch.Tensor, ...]
@@ -43,10 +43,16 @@ def surrogate(
     lr: float,
     shift: int = 0,
     flip: bool = False,
+    extractor: nn.Module | None = None,
 ) -> nn.Module:
     """A model of the `MODELS` entry `name`, initialised from `generator` and trained on the clean
     train set (with `train`'s shift/flip augmentation if given): the attacker's stand-in for the
-    victim (same family, its own weights)."""
+    victim (same family, its own weights). Given a frozen `extractor`, the stand-in is a linear
+    head on it instead (`name` and `width` unused): the fine-tuning threat model, where the
+    attacker knows the extractor and only the head is the victim's own."""
+    if extractor is not None:
+        x, y, k = split.x_train, split.y_train, split.num_classes
+        return head_on(extractor, x, y, k, generator, epochs=epochs, lr=lr, shift=shift, flip=flip)
     if name not in MODELS:
         raise ValueError(f"surrogate: unknown model '{name}'; allowed: {', '.join(sorted(MODELS))}")
     build = lambda: MODELS[name](split.input_shape, split.num_classes, width=width)
@@ -55,12 +61,41 @@ def surrogate(
     return train(model, split.x_train, split.y_train, generator, **kw).eval()
 
 
+def head_on(
+    extractor: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    num_classes: int,
+    generator: torch.Generator,
+    *,
+    epochs: int,
+    lr: float,
+    shift: int = 0,
+    flip: bool = False,
+) -> nn.Sequential:
+    """(extractor, a linear head initialised from `generator`), the head trained on (x, y); the
+    extractor is shared, never trained (its parameters need no gradient).
+
+    Without augmentation the extractor is a fixed function of each row, so the head trains on
+    features computed once: the same steps as training through it, a pass per row cheaper.
+    """
+    features = logits_of(extractor, x)
+    head = seeded(lambda: nn.Linear(features.shape[-1], num_classes), generator).to(x.device)
+    kw = {"epochs": epochs, "lr": lr, "shift": shift, "flip": flip}
+    if shift or flip:
+        model = train(nn.Sequential(extractor, head), x, y, generator, **kw)
+    else:
+        model = nn.Sequential(extractor, train(head, features, y, generator, **kw))
+    return model.eval()
+
+
 def param_grads(
     model: nn.Module, x: torch.Tensor, y: torch.Tensor, create_graph: bool = False
 ) -> Grads:
-    """grad_theta of the mean cross-entropy on (x, y); differentiable in x if `create_graph`."""
+    """grad_theta of the mean cross-entropy on (x, y), theta the trainable parameters (a frozen
+    extractor's are constants); differentiable in x if `create_graph`."""
     loss = F.cross_entropy(model(x), y)
-    grads = torch.autograd.grad(loss, list(model.parameters()), create_graph=create_graph)
+    grads = torch.autograd.grad(loss, trainable(model), create_graph=create_graph)
     return grads if create_graph else tuple(g.detach() for g in grads)
 
 
@@ -157,7 +192,7 @@ def corrupt(
     accuracy on (x_check, y_check) is at most `target_acc` (or `max_steps` steps). Plain SGD
     ascent accelerates as the loss grows and overshoots any target accuracy; fixed-length steps
     do not."""
-    params = list(model.parameters())
+    params = trainable(model)
     model.eval()  # batch-norm statistics stay those of the clean model
     for _ in range(max_steps):
         if (logits_of(model, x_check).argmax(1) == y_check).float().mean().item() <= target_acc:
@@ -173,12 +208,13 @@ def corrupt(
 
 @torch.no_grad()
 def logits_of(model: nn.Module, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+    """model(x) in chunks, without gradients (its logits, or a feature extractor's features)."""
     return torch.cat([model(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
 
 
 def summed_grads(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> Grads:
     """grad_theta of the mean cross-entropy over all of (x, y), accumulated chunk by chunk."""
-    total = [torch.zeros_like(p) for p in model.parameters()]
+    total = [torch.zeros_like(p) for p in trainable(model)]
     for i in range(0, len(y), batch_size):
         yb = y[i : i + batch_size]
         g = param_grads(model, x[i : i + batch_size], yb)
