@@ -77,6 +77,13 @@ class Block(nn.Module):
                 p.fill_(1.0 if name.startswith("ln_") and name.endswith(".weight") else 0.0)
 
 
+def last_token(h: torch.Tensor) -> torch.Tensor:
+    """The hidden state of each row's last real token (the mask channel counts them)."""
+    last = (h[..., -1].sum(1).long() - 1).clamp_min(0)
+    index = last[:, None, None].expand(-1, 1, h.shape[-1] - 1)
+    return h[..., :-1].gather(1, index)[:, 0]
+
+
 class Head(nn.Module):
     """Final LayerNorm and a linear classifier on the last real token (as GPT-2 classifiers do)."""
 
@@ -86,9 +93,18 @@ class Head(nn.Module):
         self.score = nn.Linear(width, num_classes)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        last = (h[..., -1].sum(1).long() - 1).clamp_min(0)
-        index = last[:, None, None].expand(-1, 1, h.shape[-1] - 1)
-        return self.score(self.ln_f(h[..., :-1].gather(1, index)[:, 0]))
+        return self.score(self.ln_f(last_token(h)))
+
+
+class Pool(nn.Module):
+    """A `Head` without its classifier: the features it classifies (its `ln_f`, same key)."""
+
+    def __init__(self, head: Head):
+        super().__init__()
+        self.ln_f = head.ln_f
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.ln_f(last_token(h))
 
 
 def gpt2(

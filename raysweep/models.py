@@ -94,11 +94,13 @@ def body_of(model: nn.Sequential) -> tuple[nn.Sequential, int]:
     *rest, head = blocks(model)
     if isinstance(head, nn.Linear):
         return nn.Sequential(*rest, nn.Flatten()), head.in_features
+    if isinstance(head, gpt2.Head):
+        return nn.Sequential(*rest, gpt2.Pool(head)), head.score.in_features
     *pre, last = head  # a head block such as (pool, flatten, linear)
     return nn.Sequential(*rest, nn.Sequential(*pre), nn.Flatten()), last.in_features
 
 
-Extractor = Literal["mlp", "cnn", "resnet18"]
+Extractor = Literal["mlp", "cnn", "resnet18", "gpt2"]
 
 
 def linear(
@@ -108,24 +110,34 @@ def linear(
     extractor: Extractor = "mlp",
     width: PosInt = 512,
     depth: PosInt = 2,
+    heads: PosInt = 2,
     extractor_epochs: PosInt = 20,
     extractor_lr: PosFloat = 0.05,
+    extractor_optimizer: Literal["sgd", "adamw"] = "sgd",
 ) -> nn.Sequential:
     """Logistic regression on the penultimate features of a frozen `extractor`: blocks
     (Frozen extractor, linear head), so only the head trains and K = 1 is the whole of it.
 
-    The extractor (`width`, and `depth` for an MLP) is a checkpoint of its own, trained on the
-    clean train set for `extractor_epochs` at `extractor_lr` (trial.extractor_state); those two
-    are read there, not here. Built here it is freshly initialised: the trial loads its weights.
-    Inputs still pass through it, so every attack remains an attack on inputs.
+    The extractor is `width` wide (an MLP `depth` layers deep; GPT-2: n_embd = width, n_layer =
+    depth, n_head = heads, no dropout), a checkpoint of its own trained on the clean train set
+    by `train` for `extractor_epochs` at `extractor_lr` with `extractor_optimizer`, its other
+    settings train's defaults (trial.extractor_state; those three are read there, not here).
+    Built here it is freshly initialised: the trial loads its weights. Inputs still pass
+    through it, so every attack remains an attack on inputs (text: on token embeddings).
     """
-    body, features = body_of(extractor_model(input_shape, num_classes, extractor, width, depth))
+    arch = extractor_model(input_shape, num_classes, extractor, width, depth, heads)
+    body, features = body_of(arch)
     return nn.Sequential(Frozen(body), nn.Linear(features, num_classes))
 
 
-def extractor_model(input_shape, num_classes, name: str, width: int, depth: int) -> nn.Sequential:
+def extractor_model(
+    input_shape, num_classes, name: str, width: int, depth: int, heads: int
+) -> nn.Sequential:
     """The classifier whose training gives a linear model's extractor (its head is dropped)."""
-    kwargs = {"width": width, "depth": depth} if name == "mlp" else {"width": width}
+    kwargs = {
+        "mlp": {"width": width, "depth": depth},
+        "gpt2": {"n_embd": width, "n_layer": depth, "n_head": heads, "dropout": 0.0},
+    }.get(name, {"width": width})
     return MODELS[name](input_shape, num_classes, **kwargs)
 
 
@@ -155,19 +167,26 @@ def blocks(model: nn.Module) -> list[nn.Module]:
 # Text: the token embeddings, inside the model (gpt2.py), so the model holds the noise too.
 
 
+def _unfrozen(model: nn.Module) -> list[nn.Module]:
+    """The model's blocks with a frozen extractor's own blocks in its place: where the first
+    layer that sees the input is, whether or not it trains."""
+    first, *rest = blocks(model)
+    return [*blocks(first.body), *rest] if isinstance(first, Frozen) else [first, *rest]
+
+
 def noise_space(model: nn.Module) -> tuple[Callable, Callable]:
     """(embed, rest): embed(x) is the clean representation the noise is added to, and
     rest(r, x) the logits from it, so that rest(embed(x), x) == model(x)."""
-    first = blocks(model)[0]
+    first, *rest = _unfrozen(model)
     if isinstance(first, gpt2.TokenEmbedding):
-        after = nn.Sequential(*blocks(model)[1:])
+        after = nn.Sequential(*rest)
         return first.tokens, lambda r, x: after(first.from_tokens(r, x))
     return (lambda x: x), (lambda r, x: model(r))
 
 
 def noise_shape(model: nn.Module, input_shape: tuple[int, ...]) -> tuple[int, ...]:
     """The shape of one row's Gaussian noise for this model."""
-    first = blocks(model)[0]
+    first = _unfrozen(model)[0]
     if isinstance(first, gpt2.TokenEmbedding):
         return tuple(first.noise.shape[1:])
     return tuple(input_shape)
@@ -175,7 +194,7 @@ def noise_shape(model: nn.Module, input_shape: tuple[int, ...]) -> tuple[int, ..
 
 def carry_noise(model: nn.Module, noise: torch.Tensor | None) -> nn.Module:
     """Hand the Gaussian attack's per-row noise to a model that adds it itself (text)."""
-    first = blocks(model)[0]
+    first = _unfrozen(model)[0]
     if noise is not None and isinstance(first, gpt2.TokenEmbedding):
         gpt2.carry_noise(first, noise)
     return model

@@ -97,7 +97,11 @@ def build_model(
     build = lambda: fn(split.input_shape, split.num_classes, **_kwargs(cfg))
     model = seeded(build, init) if init is not None else build()
     if extractor is not None:
+        # The body's keys are the extractor classifier's, minus its final layer: all present.
         body = frozen_extractor(model).body
+        missing = set(body.state_dict()) - set(extractor)
+        if missing:
+            raise ValueError(f"extractor checkpoint lacks {sorted(missing)[:3]}")
         body.load_state_dict({k: v for k, v in extractor.items() if k in body.state_dict()})
     return carry_noise(model, poisoned.noise if poisoned is not None else None)
 
@@ -119,14 +123,17 @@ def extractor_state(spec: Spec, store: Store, split: Split, seed: int) -> dict |
     if cfg["name"] != "linear":
         return None
     arch = {k: cfg.get(k, d) for k, d in EXTRACTOR_DEFAULTS.items()}
+    # Its own training, not the head's: the spec's train section is how the head learns.
+    kw = {"epochs": arch["extractor_epochs"], "lr": arch["extractor_lr"]}
+    kw["optimizer"] = arch["extractor_optimizer"]
     key = {"role": "extractor", "dataset": spec.dataset, "data": split.source, **arch, "seed": seed}
 
     def fit():
+        names = ("extractor", "width", "depth", "heads")
         build = lambda: extractor_model(
-            split.input_shape, split.num_classes, arch["extractor"], arch["width"], arch["depth"]
+            split.input_shape, split.num_classes, *(arch[n] for n in names)
         )
         model = seeded(build, generator(seed, "extractor", "init")).to(device())
-        kw = {"epochs": arch["extractor_epochs"], "lr": arch["extractor_lr"]}
         return train(model, split.x_train, split.y_train, generator(seed, "extractor"), **kw)
 
     return ensure(store, key, fit)
@@ -134,8 +141,9 @@ def extractor_state(spec: Spec, store: Store, split: Split, seed: int) -> dict |
 
 # The linear model's extractor settings and their defaults (models.linear's signature).
 EXTRACTOR_DEFAULTS = {
-    p: inspect.signature(MODELS["linear"]).parameters[p].default
-    for p in ("extractor", "width", "depth", "extractor_epochs", "extractor_lr")
+    p.name: p.default
+    for p in inspect.signature(MODELS["linear"]).parameters.values()
+    if p.kind is inspect.Parameter.KEYWORD_ONLY
 }
 
 

@@ -5,19 +5,22 @@ from __future__ import annotations
 
 import copy
 import json
+from dataclasses import replace
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from raysweep import data
 from raysweep import unlearners as U
+from raysweep.attacks import gaussian
 from raysweep.budget import Meter
 from raysweep.checkpoints import made_count
-from raysweep.models import Frozen, linear, seeded, trainable
+from raysweep.models import Frozen, carry_noise, linear, noise_shape, noise_space, seeded, trainable
 from raysweep.spec import load, validate
 from raysweep.steps import features, last_linear, newton_row_cost
 from raysweep.storage import open_store
-from raysweep.trial import extractor_state, frozen_extractor, prepare, run_trial
+from raysweep.trial import build_model, extractor_state, frozen_extractor, prepare, run_trial
 
 SHAPE = (1, 8, 8)
 
@@ -128,3 +131,30 @@ def test_newton_removes_the_poison_and_gd_does_not(tmp_path):
         assert abs(rows["newton"]["after_gus_z"]) <= 3
         assert rows["newton"]["feasible_test"]
         assert rows["gd"]["residual"] >= 0.8 and rows["gd"]["after_gus_z"] <= -4
+
+
+def test_text_extractor_carries_the_gaussian_noise():
+    """GPT-2 as the frozen extractor: the noise of a poisoned row reaches the head through the
+    frozen token embeddings, and the score's split of the model (embed, rest) is the model."""
+
+    split = data.synthetic_imdb(n_train=120, n_test=40, max_len=16)
+    build = lambda: linear(split.input_shape, 2, extractor="gpt2", width=32, depth=1, heads=2)
+    model = seeded(build, torch.Generator().manual_seed(0)).eval()
+    shape = noise_shape(model, split.input_shape)
+    assert shape == (16, 32)
+    poisoned = gaussian(replace(split, noise_shape=shape), torch.Generator(), n=10, eps=0.5)
+    x = poisoned.x[poisoned.poison_idx]  # token ids with each row's noise slot above them
+    carry_noise(model, poisoned.noise)
+    clean, noisy = model(x & data.IDS).detach(), model(x).detach()
+    assert not torch.allclose(clean, noisy)  # the noise changes what the head sees
+    embed, rest = noise_space(model)
+    assert torch.allclose(rest(embed(x), x), noisy)
+
+
+def test_extractor_checkpoint_must_hold_every_weight(tmp_path):
+    spec = load("search_spaces/quickstart_linear.yaml")
+    split = data.digits(size=8)
+    state = frozen_extractor(build_model(spec, split)).body.state_dict()
+    state.pop(next(iter(state)))
+    with pytest.raises(ValueError, match="extractor checkpoint lacks"):
+        build_model(spec, split, extractor=state)
