@@ -56,7 +56,9 @@ def _objective_grad(model, x, y, weight_decay):
     prefix, head = last_linear(model)
     phi = features(prefix, x).double()
     w, b = (head.weight.double().requires_grad_(), head.bias.double().requires_grad_())
-    loss = F.cross_entropy(phi @ w.T + b, y) + weight_decay / 2 * (w.square().sum() + b.square().sum())
+    loss = F.cross_entropy(phi @ w.T + b, y) + weight_decay / 2 * (
+        w.square().sum() + b.square().sum()
+    )
     return torch.cat([g.flatten() for g in torch.autograd.grad(loss, (w, b))])
 
 
