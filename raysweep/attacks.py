@@ -12,6 +12,7 @@ poisoned.py; the crafting machinery shared by gradient_matching and gradient_can
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Annotated, Literal, get_args
 
 import torch
@@ -120,6 +121,7 @@ def gradient_matching(
     surrogate_lr: PosFloat = 0.05,
     surrogate_augment: bool = False,
     ensemble: PosInt = 1,
+    retrain: NonNegInt = 0,
 ) -> Poisoned:
     """Witches' Brew (Geiping et al. 2021): clean-label poisons whose gradient matches the target's.
 
@@ -143,7 +145,17 @@ def gradient_matching(
     `extractor` (never from the spec: the trial passes a `linear` model's frozen extractor) makes
     each surrogate a linear head on it, trained `surrogate_epochs` at `surrogate_lr` from its own
     initialisation (crafting.head_on); the poisons are still perturbed in input space, through it.
+
+    `retrain` R > 0 (a variant, not Geiping et al.'s recipe): the `steps` are split into R + 1
+    rounds; after each round but the last every surrogate is trained afresh (same recipe, new
+    draws) on the train set holding the current poisons, and the next round goes on from the
+    current perturbation against the new surrogates' target gradients (restarts in the first
+    round only). Matching at the model the poisons produce, not only at the clean one: for a
+    convex head trained to convergence the victim fits the poisons, and their pull at its
+    optimum is what moves the target.
     """
+    if retrain and resolution:
+        raise ValueError("gradient_matching: retrain > 0 needs resolution=0 (a full-size start)")
     lo, hi = crafting.bounds(split, "gradient_matching")
     y_adv = _target_class(split, y_adv, generator, "gradient_matching")
     others = (split.y_test != y_adv).nonzero().flatten()
@@ -151,42 +163,43 @@ def gradient_matching(
     poison_idx = _draw(
         (split.y_train == y_adv).nonzero().flatten(), n, generator, "gradient_matching poisons"
     )
-    models = [
-        crafting.surrogate(
-            split,
-            generator,
-            surrogate,
-            width=surrogate_width,
-            epochs=surrogate_epochs,
-            lr=surrogate_lr,
-            shift=shift if surrogate_augment else 0,
-            flip=flip and surrogate_augment,
-            extractor=extractor,
-        )
-        for _ in range(ensemble)
-    ]
     y_t = torch.full((n_targets,), y_adv, device=split.y_test.device)
-    target_grads = [crafting.param_grads(m, split.x_test[target_idx], y_t) for m in models]
-    x0 = split.x_train[poison_idx]
-    delta = crafting.brew(
-        models,
-        x0,
-        split.y_train[poison_idx],
-        target_grads,
-        generator,
-        lo=lo,
-        hi=hi,
-        eps=eps,
-        restarts=restarts,
-        steps=steps,
-        lr=lr,
-        shift=shift,
-        flip=flip,
-        batch_size=batch_size,
-        resolution=resolution,
-    )
-    x = split.x_train.clone()
-    x[poison_idx] = crafting.clamp(x0 + delta, lo, hi)
+    x0, x, delta = split.x_train[poison_idx], split.x_train.clone(), None
+    for r in range(retrain + 1):
+        models = [
+            crafting.surrogate(
+                dataclasses.replace(split, x_train=x),  # the current poisons in place
+                generator,
+                surrogate,
+                width=surrogate_width,
+                epochs=surrogate_epochs,
+                lr=surrogate_lr,
+                shift=shift if surrogate_augment else 0,
+                flip=flip and surrogate_augment,
+                extractor=extractor,
+            )
+            for _ in range(ensemble)
+        ]
+        target_grads = [crafting.param_grads(m, split.x_test[target_idx], y_t) for m in models]
+        delta = crafting.brew(
+            models,
+            x0,
+            split.y_train[poison_idx],
+            target_grads,
+            generator,
+            lo=lo,
+            hi=hi,
+            eps=eps,
+            restarts=restarts if delta is None else 1,
+            steps=steps * (r + 1) // (retrain + 1) - steps * r // (retrain + 1),
+            lr=lr,
+            shift=shift,
+            flip=flip,
+            batch_size=batch_size,
+            resolution=resolution,
+            start=None if delta is None else delta / (hi - lo),
+        )
+        x[poison_idx] = crafting.clamp(x0 + delta, lo, hi)
     return Poisoned(x, split.y_train.clone(), poison_idx, y_adv=y_adv, target_idx=target_idx)
 
 

@@ -127,6 +127,7 @@ def brew(
     flip: bool,
     batch_size: int,
     resolution: int = 0,
+    start: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The perturbation (standardised units) of the poisons x0 whose gradients, averaged over
     `models`, best match `targets`; each poison stays within eps of x0 and in [lo, hi].
@@ -134,7 +135,8 @@ def brew(
     Optimised in pixel units by signed Adam (Geiping et al.: the sign makes the step size
     independent of the gradient's scale) with the learning rate cut 10x at 3/8, 5/8 and 7/8 of
     the steps. With `resolution` r > 0 the perturbation is an r x r image upsampled bilinearly:
-    a convex combination of values in [-eps, eps], so the bound holds, and smooth.
+    a convex combination of values in [-eps, eps], so the bound holds, and smooth. `start` (pixel
+    units, in the ball): every restart begins there instead of at a uniform draw.
     """
     for model in models:
         model.eval()  # batch-norm statistics fixed: each poison's gradient is its own
@@ -151,8 +153,8 @@ def brew(
     best, best_loss = torch.zeros(shape, device=x0.device), float("inf")
     for _ in range(restarts):
         # Random draws on the CPU generator, then moved: the seed fixes them on any device.
-        start = eps * (2 * torch.rand(shape, generator=generator) - 1)
-        delta = start.to(x0.device).requires_grad_(True)
+        drawn = eps * (2 * torch.rand(shape, generator=generator) - 1)
+        delta = (drawn if start is None else start).to(x0.device).clone().requires_grad_(True)
         opt = torch.optim.Adam([delta], lr=lr * eps)
         sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones, gamma=0.1)
         for _ in range(steps):

@@ -127,3 +127,18 @@ def test_gradient_matching_moves_the_target_on_several_seeds():
     log p(y_adv | target) by nats over a head trained on the unperturbed rows, on every seed."""
     gains = [_gain(seed) for seed in range(3)]
     assert min(gains) > 2.0, gains
+
+
+def test_retrain_brews_in_rounds_within_the_ball_and_is_seeded():
+    """`retrain`: the surrogate head is retrained on the current poisons between rounds; the
+    poisons stay clean-label and in the ball, differ from one round's, and a seed fixes them."""
+    ext, s = extractor(), split()
+    one = craft("gradient_matching", through=ext)
+    rounds = [craft("gradient_matching", through=ext, retrain=1) for _ in range(2)]
+    assert torch.equal(rounds[0].x, rounds[1].x)
+    assert torch.equal(rounds[0].poison_idx, one.poison_idx) and torch.equal(rounds[0].y, s.y_train)
+    assert not torch.equal(rounds[0].x, one.x)
+    pixels = (rounds[0].x - s.x_train) / (s.x_max - s.x_min)
+    assert pixels.abs().max() <= FAST["gradient_matching"]["eps"] + 1e-5
+    with pytest.raises(ValueError, match="resolution"):
+        craft("gradient_matching", through=ext, retrain=1, resolution=4)
