@@ -46,7 +46,7 @@ from raysweep import crafting
 from raysweep.attacks import ATTACKS
 from raysweep.data import cifar10, digits
 from raysweep.metrics import accuracy, logits
-from raysweep.models import MODELS, Frozen, body_of, extractor_model, seeded
+from raysweep.models import MODELS, Frozen, split_head, extractor_model, seeded
 from raysweep.train import train
 from raysweep.trial import moved
 
@@ -67,10 +67,10 @@ def victim(
 def frozen_extractor(split, seed: int, width: int) -> Frozen:
     """An MLP (width, depth 2) trained 20 epochs on the clean train set, minus its head, frozen."""
     gen = torch.Generator().manual_seed(30_000 + seed)
-    build = lambda: extractor_model(split.input_shape, split.num_classes, "mlp", width, 2)
+    build = lambda: extractor_model(split.input_shape, split.num_classes, "mlp", width, 2, 1)
     x, y = split.x_train, split.y_train
     model = train(seeded(build, gen).to(x.device), x, y, gen, epochs=20, lr=0.05)
-    return Frozen(body_of(model)[0]).to(split.x_train.device)
+    return Frozen(split_head(model)[0]).to(split.x_train.device)
 
 
 def same_size_noise(split, p, seed: int) -> torch.Tensor:

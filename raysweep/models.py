@@ -88,16 +88,21 @@ class Frozen(nn.Module):
         return self.body(x)
 
 
-def body_of(model: nn.Sequential) -> tuple[nn.Sequential, int]:
-    """(the model without its final linear layer, the width of what that layer read): a trained
-    classifier's penultimate features. State-dict keys of the body are the model's own."""
+def split_head(model: nn.Module) -> tuple[nn.Sequential, nn.Linear]:
+    """(the model without its final linear layer, that layer): a trained classifier's
+    penultimate features and its classifier. The body's state-dict keys are the model's own."""
     *rest, head = blocks(model)
     if isinstance(head, nn.Linear):
-        return nn.Sequential(*rest, nn.Flatten()), head.in_features
+        return nn.Sequential(*rest, nn.Flatten()), head
     if isinstance(head, gpt2.Head):
-        return nn.Sequential(*rest, gpt2.Pool(head)), head.score.in_features
-    *pre, last = head  # a head block such as (pool, flatten, linear)
-    return nn.Sequential(*rest, nn.Sequential(*pre), nn.Flatten()), last.in_features
+        return nn.Sequential(*rest, gpt2.Pool(head)), head.score
+    if isinstance(head, nn.Sequential) and len(head) and isinstance(head[-1], nn.Linear):
+        *pre, last = head  # a head block such as (pool, flatten, linear)
+        return nn.Sequential(*rest, nn.Sequential(*pre), nn.Flatten()), last
+    raise ValueError(
+        f"the model's last block is a {type(head).__name__}; allowed: a head that ends in a "
+        "linear layer"
+    )
 
 
 Extractor = Literal["mlp", "cnn", "resnet18", "gpt2"]
@@ -126,8 +131,8 @@ def linear(
     through it, so every attack remains an attack on inputs (text: on token embeddings).
     """
     arch = extractor_model(input_shape, num_classes, extractor, width, depth, heads)
-    body, features = body_of(arch)
-    return nn.Sequential(Frozen(body), nn.Linear(features, num_classes))
+    body, classifier = split_head(arch)
+    return nn.Sequential(Frozen(body), nn.Linear(classifier.in_features, num_classes))
 
 
 def extractor_model(

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .budget import FORWARD_ONLY, Meter, flops, metered
-from .models import Frozen, blocks, seeded, trainable
+from .models import Frozen, blocks, seeded, split_head, trainable
 
 Pair = tuple[torch.Tensor, torch.Tensor]
 
@@ -205,20 +205,6 @@ def train_last(prefix, suffix, retain: Pair, meter: Meter, generator, lr, bs, mo
 # --- a Newton step on the last linear layer (newton) -----------------------------------------------
 
 
-def last_linear(model: nn.Module) -> tuple[nn.Sequential, nn.Linear]:
-    """(everything before the final linear layer, that layer), also where the last block is a
-    head such as (pool, flatten, linear)."""
-    *rest, head = blocks(model)
-    if isinstance(head, nn.Sequential) and len(head) and isinstance(head[-1], nn.Linear):
-        rest, head = [*rest, *head[:-1]], head[-1]
-    if not isinstance(head, nn.Linear):
-        raise ValueError(
-            f"newton: the model's last block is a {type(head).__name__}; allowed: a model whose "
-            "last block is a linear layer (models.linear)"
-        )
-    return nn.Sequential(*rest), head
-
-
 def newton_row_cost(model: nn.Module, x1: torch.Tensor, passes: int) -> float:
     """Units one retain row costs `newton`: the prefix's forward once, then `passes` pairs of
     products with the layer's weights (a gradient is a forward and a backward product, each
@@ -228,7 +214,7 @@ def newton_row_cost(model: nn.Module, x1: torch.Tensor, passes: int) -> float:
     x = torch.empty_like(x1[:1], device="meta")
     y = torch.zeros(1, dtype=torch.long, device="meta")
     unit = flops(lambda: F.cross_entropy(meta(x), y).backward())
-    prefix, head = last_linear(meta)
+    prefix, head = split_head(meta)
     product = 2 * head.out_features * (head.in_features + 1)
     return (flops(lambda: prefix(x)) + 2 * passes * product) / unit
 

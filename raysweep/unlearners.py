@@ -25,7 +25,7 @@ from torch import nn
 
 from .budget import FORWARD_ONLY, Meter, metered
 from .domains import Fraction, Momentum, NonNegFloat, NonNegInt, PosFloat, PosInt, Probability
-from .models import trainable
+from .models import split_head, trainable
 from .steps import (
     Pair,
     conjugate_gradient,
@@ -34,7 +34,6 @@ from .steps import (
     fisher,
     frozen,
     kl,
-    last_linear,
     newton_row_cost,
     one_epoch,
     reinit,
@@ -395,7 +394,7 @@ def newton(
     one row's forward+backward through the model), for all of cg_steps even if CG stops early;
     S_r is subsampled at random to what the budget affords.
     """
-    prefix, head = last_linear(model)
+    prefix, head = split_head(model)
     cost = newton_row_cost(model, retain[0], steps * (1 + cg_steps))
     x, y = subset(meter, *retain, generator, cost, math.floor(meter.left / cost))
     if len(y) == 0:

@@ -16,9 +16,18 @@ from raysweep import unlearners as U
 from raysweep.attacks import gaussian
 from raysweep.budget import Meter
 from raysweep.checkpoints import made_count
-from raysweep.models import Frozen, carry_noise, linear, noise_shape, noise_space, seeded, trainable
+from raysweep.models import (
+    Frozen,
+    carry_noise,
+    linear,
+    noise_shape,
+    noise_space,
+    seeded,
+    split_head,
+    trainable,
+)
 from raysweep.spec import load, validate
-from raysweep.steps import features, last_linear, newton_row_cost
+from raysweep.steps import features, newton_row_cost
 from raysweep.storage import open_store
 from raysweep.trial import build_model, extractor_state, frozen_extractor, prepare, run_trial
 
@@ -56,7 +65,7 @@ def test_no_unlearner_moves_the_extractor(method):
 
 def _objective_grad(model, x, y, weight_decay):
     """Gradient of mean CE + wd/2 ||theta||^2 over the head, in float64."""
-    prefix, head = last_linear(model)
+    prefix, head = split_head(model)
     phi = features(prefix, x).double()
     w, b = (head.weight.double().requires_grad_(), head.bias.double().requires_grad_())
     loss = F.cross_entropy(phi @ w.T + b, y) + weight_decay / 2 * (

@@ -12,7 +12,7 @@ from raysweep import crafting
 from raysweep.attacks import ATTACKS
 from raysweep.data import digits
 from raysweep.metrics import logits
-from raysweep.models import Frozen, body_of, mlp, seeded
+from raysweep.models import Frozen, split_head, mlp, seeded
 from raysweep.spec import validate
 from raysweep.storage import open_store
 from raysweep.train import train
@@ -35,7 +35,7 @@ def extractor(seed: int = 0, width: int = 32) -> Frozen:
     gen = torch.Generator().manual_seed(seed)
     s = split()
     model = seeded(lambda: mlp(s.input_shape, s.num_classes, width=width), gen)
-    return Frozen(body_of(train(model, s.x_train, s.y_train, gen, epochs=5))[0])
+    return Frozen(split_head(train(model, s.x_train, s.y_train, gen, epochs=5))[0])
 
 
 def craft(attack: str, seed: int = 0, through: Frozen | None = None, **kw):
