@@ -46,7 +46,7 @@ from raysweep import crafting
 from raysweep.attacks import ATTACKS
 from raysweep.data import cifar10, digits
 from raysweep.metrics import accuracy, logits
-from raysweep.models import MODELS, Frozen, split_head, extractor_model, seeded
+from raysweep.models import MODELS, Frozen, extractor_model, seeded, split_head
 from raysweep.train import train
 from raysweep.trial import moved
 

@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from . import trial
+from . import extractor, trial
 from .spec import Spec, SpecError
 from .storage import Store, open_store
 from .train import train
@@ -62,8 +62,8 @@ def _features(spec: Spec, store: Store, seed: int) -> tuple[torch.Tensor, trial.
     """(S_corr's features through the frozen extractor plus a bias column, float64; the setup)."""
     setup = trial.prepare(json.dumps(spec.raw, sort_keys=True), store.uri, seed)
     state = trial.extractor_state(spec, store, setup.split, seed)
-    model = trial.build_model(spec, setup.split, extractor=state)
-    body = trial.frozen_extractor(model).double().cpu()
+    model = trial.build_model(spec, setup.split, weights=state)
+    body = extractor.frozen(model).double().cpu()
     with torch.no_grad():  # the poisoned inputs pass through the extractor, as in training
         phi = torch.cat([body(x.double().cpu()) for x in setup.poisoned.x.split(1024)])
     return torch.cat([phi, torch.ones(len(phi), 1, dtype=phi.dtype)], 1), setup

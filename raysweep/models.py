@@ -126,7 +126,7 @@ def linear(
     The extractor is `width` wide (an MLP `depth` layers deep; GPT-2: n_embd = width, n_layer =
     depth, n_head = heads, no dropout), a checkpoint of its own trained on the clean train set
     by `train` for `extractor_epochs` at `extractor_lr` with `extractor_optimizer`, its other
-    settings train's defaults (trial.extractor_state; those three are read there, not here).
+    settings train's defaults (raysweep/extractor.py; those three are read there, not here).
     Built here it is freshly initialised: the trial loads its weights. Inputs still pass
     through it, so every attack remains an attack on inputs (text: on token embeddings).
     """

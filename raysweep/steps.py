@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .budget import FORWARD_ONLY, Meter, flops, metered
-from .models import Frozen, blocks, seeded, split_head, trainable
+from .budget import FORWARD_ONLY, Meter, metered
+from .models import Frozen, blocks, seeded, trainable
 
 Pair = tuple[torch.Tensor, torch.Tensor]
 
@@ -200,36 +200,3 @@ def train_last(prefix, suffix, retain: Pair, meter: Meter, generator, lr, bs, mo
     feats = features(prefix, x)
     opt = sgd(suffix.parameters(), lr, momentum, wd)
     descend(suffix, opt, metered(meter, feats, y, bs, generator))
-
-
-# --- a Newton step on the last linear layer (newton) -----------------------------------------------
-
-
-def newton_row_cost(model: nn.Module, x1: torch.Tensor, passes: int) -> float:
-    """Units one retain row costs `newton`: the prefix's forward once, then `passes` pairs of
-    products with the layer's weights (a gradient is a forward and a backward product, each
-    Hessian-vector product one more pair), over one row's forward+backward through the model.
-    FLOPs as torch counts them, on meta copies of the model and the row (nothing computes)."""
-    meta = copy.deepcopy(model).to("meta").train()
-    x = torch.empty_like(x1[:1], device="meta")
-    y = torch.zeros(1, dtype=torch.long, device="meta")
-    unit = flops(lambda: F.cross_entropy(meta(x), y).backward())
-    prefix, head = split_head(meta)
-    product = 2 * head.out_features * (head.in_features + 1)
-    return (flops(lambda: prefix(x)) + 2 * passes * product) / unit
-
-
-def conjugate_gradient(hvp: Callable, b: torch.Tensor, steps: int, tol: float = 1e-10):
-    """x with hvp(x) = b for a symmetric positive definite hvp, from x = 0 in at most `steps`
-    iterations (stops once the residual is below `tol` relative to b)."""
-    x, r = torch.zeros_like(b), b.clone()
-    d, rr = r.clone(), (r * r).sum()
-    for _ in range(steps):
-        if rr.sqrt() <= tol * b.norm():
-            break
-        hd = hvp(d)
-        alpha = rr / (d * hd).sum()
-        x, r = x + alpha * d, r - alpha * hd
-        rr, rr_old = (r * r).sum(), rr
-        d = r + (rr / rr_old) * d
-    return x

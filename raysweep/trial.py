@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import extractor
 from .attacks import ATTACKS
 from .budget import Meter, train_cost
 from .checkpoints import ensure, ensure_artifact, key_of
@@ -32,7 +33,7 @@ from .metrics import (
     residual_interval,
     resolution,
 )
-from .models import MODELS, Frozen, blocks, carry_noise, extractor_model, noise_shape, seeded
+from .models import MODELS, carry_noise, noise_shape, seeded
 from .poisoned import Poisoned, from_tensors, to_tensors
 from .spec import Spec, validate
 from .storage import Store, open_store
@@ -84,67 +85,31 @@ def build_model(
     split: Split,
     init: torch.Generator | None = None,
     poisoned: Poisoned | None = None,
-    extractor: dict | None = None,
+    weights: dict | None = None,
 ) -> torch.nn.Module:
     """The spec's model; freshly initialised from `init` (or left to be loaded from a state dict).
 
     With `poisoned`, a model that adds the Gaussian noise itself (text) gets it, so the poisoned
-    rows of S_corr reach it as they were trained on. With `extractor` (a state dict from
-    `extractor_state`), a linear model's frozen extractor gets its trained weights.
+    rows of S_corr reach it as they were trained on. A linear model's frozen extractor gets
+    `weights` (from `extractor_state`).
     """
     cfg = spec.model
     fn = MODELS[cfg["name"]]
     build = lambda: fn(split.input_shape, split.num_classes, **_kwargs(cfg))
     model = seeded(build, init) if init is not None else build()
-    if extractor is not None:
-        # The body's keys are the extractor classifier's, minus its final layer: all present.
-        body = frozen_extractor(model).body
-        missing = set(body.state_dict()) - set(extractor)
-        if missing:
-            raise ValueError(f"extractor checkpoint lacks {sorted(missing)[:3]}")
-        body.load_state_dict({k: v for k, v in extractor.items() if k in body.state_dict()})
+    if weights is not None:
+        extractor.load(model, weights)
     return carry_noise(model, poisoned.noise if poisoned is not None else None)
 
 
-def frozen_extractor(model: torch.nn.Module) -> Frozen | None:
-    """A linear model's frozen extractor (its first block); None for every other model."""
-    first = blocks(model)[0]
-    return first if isinstance(first, Frozen) else None
-
-
 def extractor_state(spec: Spec, store: Store, split: Split, seed: int) -> dict | None:
-    """A linear model's extractor, trained on the clean train set once per key (None otherwise).
-
-    Its own checkpoint, keyed by the data, the extractor's settings and the seed, not by the
-    attack or the head's training: every spec that shares them shares one extractor, and the
-    attacker who knows it (the fine-tuning threat model) sees the same weights as the victim.
-    """
-    cfg = spec.model
-    if cfg["name"] != "linear":
+    """A linear model's extractor (raysweep/extractor.py), trained on the clean train set once
+    per key; None for every other model."""
+    cfg = extractor.config(spec, split, seed)
+    if cfg is None:
         return None
-    arch = {k: cfg.get(k, d) for k, d in EXTRACTOR_DEFAULTS.items()}
-    # Its own training, not the head's: the spec's train section is how the head learns.
-    kw = {"epochs": arch["extractor_epochs"], "lr": arch["extractor_lr"]}
-    kw["optimizer"] = arch["extractor_optimizer"]
-    key = {"role": "extractor", "dataset": spec.dataset, "data": split.source, **arch, "seed": seed}
-
-    def fit():
-        names = ("extractor", "width", "depth", "heads")
-        build = lambda: extractor_model(
-            split.input_shape, split.num_classes, *(arch[n] for n in names)
-        )
-        model = seeded(build, generator(seed, "extractor", "init")).to(device())
-        return train(model, split.x_train, split.y_train, generator(seed, "extractor"), **kw)
-
-    return ensure(store, key, fit)
-
-
-# The linear model's extractor settings and their defaults (models.linear's signature).
-EXTRACTOR_DEFAULTS = {
-    p.name: p.default
-    for p in inspect.signature(MODELS["linear"]).parameters.values()
-    if p.kind is inspect.Parameter.KEYWORD_ONLY
-}
+    init, stream = generator(seed, "extractor", "init"), generator(seed, "extractor")
+    return ensure(store, cfg, lambda: extractor.fit(spec, split, init, stream, device()))
 
 
 def _forget_retain(poisoned: Poisoned, known_fraction: float, seed: int):
@@ -172,7 +137,7 @@ def checkpoint_config(spec: Spec, split: Split, seed: int, role: str) -> dict:
 
 
 def poison(
-    spec: Spec, store: Store, split: Split, seed: int, extractor: dict | None = None
+    spec: Spec, store: Store, split: Split, seed: int, weights: dict | None = None
 ) -> Poisoned:
     """The spec's poisons for `seed`: crafted once per store, then loaded by every process.
 
@@ -180,21 +145,15 @@ def poison(
     and GPU kernels are not bit-reproducible, so two workers crafting independently could hold
     different poisons while sharing one checkpoint. Stored as poisons/<key>/ (checkpoints.py).
     """
+    cfg = {"role": "poisons", "dataset": spec.dataset, "data": split.source, "attack": spec.attack}
     # noise_shape: text models decide where the Gaussian noise lives (their embedding width).
-    cfg = {
-        "role": "poisons",
-        "dataset": spec.dataset,
-        "data": split.source,
-        "attack": spec.attack,
-        "seed": seed,
-    }
-    cfg["noise_shape"] = list(split.noise_shape) if split.noise_shape else None
+    cfg |= {"seed": seed, "noise_shape": list(split.noise_shape) if split.noise_shape else None}
     fn = ATTACKS[spec.attack["name"]]
     # An optimised attack on a linear model crafts against its frozen extractor (which the
     # attacker knows: the fine-tuning threat model); its poisons then depend on that extractor.
-    through = extractor is not None and "extractor" in inspect.signature(fn).parameters
+    through = weights is not None and "extractor" in inspect.signature(fn).parameters
     if through:
-        cfg["extractor"] = {k: spec.model.get(k, d) for k, d in EXTRACTOR_DEFAULTS.items()}
+        cfg["extractor"] = extractor.settings(spec)
 
     def craft():
         # On the trial's device: a CIFAR-10 ResNet-18 surrogate alone would take hours on a CPU.
@@ -202,8 +161,8 @@ def poison(
         # device, and the store keeps the one copy everyone uses.
         extra = {}
         if through:
-            model = build_model(spec, split, extractor=extractor)
-            extra["extractor"] = frozen_extractor(model.to(device()))
+            model = build_model(spec, split, weights=weights)
+            extra["extractor"] = extractor.frozen(model.to(device()))
         crafted = fn(
             moved(split, device()), generator(seed, "attack"), **extra, **_kwargs(spec.attack)
         )
@@ -222,8 +181,8 @@ def prepare(spec_json: str, store_uri: str, seed: int) -> Setup:
     with torch.device("meta"):  # only shapes: where the model wants the Gaussian noise
         shape = noise_shape(build_model(spec, split), split.input_shape)
     split = dataclasses.replace(split, noise_shape=shape)
-    extractor = extractor_state(spec, store, split, seed)
-    poisoned = poison(spec, store, split, seed, extractor)
+    weights = extractor_state(spec, store, split, seed)  # a linear model's extractor, or None
+    poisoned = poison(spec, store, split, seed, weights)
     # Splitting runs on the CPU (crafting on the device, inside `poison`); everything after
     # runs where the trial was placed.
     poisoned = moved(poisoned, device())
@@ -232,7 +191,7 @@ def prepare(spec_json: str, store_uri: str, seed: int) -> Setup:
     epochs = spec.train.get("epochs", 30)
 
     def fit(x, y, role):
-        model = lambda: build_model(spec, split, generator(seed, role, "init"), poisoned, extractor)
+        model = lambda: build_model(spec, split, generator(seed, role, "init"), poisoned, weights)
         return lambda: train(model().to(device()), x, y, generator(seed, role), **spec.train)
 
     cfg_p, cfg_r = (

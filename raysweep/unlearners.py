@@ -23,18 +23,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import newton
 from .budget import FORWARD_ONLY, Meter, metered
 from .domains import Fraction, Momentum, NonNegFloat, NonNegInt, PosFloat, PosInt, Probability
-from .models import split_head, trainable
+from .models import trainable
 from .steps import (
     Pair,
-    conjugate_gradient,
     descend,
-    features,
     fisher,
     frozen,
     kl,
-    newton_row_cost,
     one_epoch,
     reinit,
     relabel,
@@ -365,60 +363,6 @@ def ssd(
             p[dampen] *= (lam * i_d[dampen] / i_f[dampen]).clamp(max=1.0)
 
 
-# --- a Newton step (Guo et al. 2020): the positive control of the convex regime ------------------
-
-
-def newton(
-    model: nn.Module,
-    forget: Pair,
-    retain: Pair,
-    meter: Meter,
-    generator: torch.Generator,
-    *,
-    weight_decay: NonNegFloat = 5e-4,
-    damping: NonNegFloat = 0.0,
-    steps: PosInt = 1,
-    cg_steps: PosInt = 100,
-) -> None:
-    """Damped Newton steps on the retain objective for the final linear layer (one by default):
-    theta <- theta - (H + (lambda + damping) I)^-1 (grad L_r(theta) + lambda theta), where L_r
-    is the mean cross-entropy on S_r and lambda the training weight decay (set it to the spec's
-    train.weight_decay: the steps then head for the retrain optimum of a convex model). What
-    comes before the layer stays fixed; on a linear model (frozen extractor, logistic head) that
-    is the whole model, and one step is certified removal's update (Guo et al. 2020). Far from
-    the optimum the logistic loss is not quadratic, so `steps` > 1 iterates.
-
-    Solved in float64 by conjugate gradient with Hessian-vector products on the rows' cached
-    features, never forming H. Cost: each row is charged `steps.newton_row_cost` units (its
-    featurisation once, then per step 2 + 2 * cg_steps products with the layer, in FLOPs against
-    one row's forward+backward through the model), for all of cg_steps even if CG stops early;
-    S_r is subsampled at random to what the budget affords.
-    """
-    prefix, head = split_head(model)
-    cost = newton_row_cost(model, retain[0], steps * (1 + cg_steps))
-    x, y = subset(meter, *retain, generator, cost, math.floor(meter.left / cost))
-    if len(y) == 0:
-        return
-    with torch.no_grad():
-        phi = features(prefix, x).flatten(1).double()
-        phi = torch.cat([phi, torch.ones_like(phi[:, :1])], 1)  # the bias is a weight on 1
-        onehot = F.one_hot(y, head.out_features).double()
-        theta = torch.cat([head.weight, head.bias[:, None]], 1).double()
-        for _ in range(steps):
-            p = torch.softmax(phi @ theta.T, 1)
-            grad = (p - onehot).T @ phi / len(y) + weight_decay * theta
-
-            def hvp(v: torch.Tensor, p=p) -> torch.Tensor:
-                # H v for softmax regression: per row (diag(p) - p p^T) (phi v), back through phi.
-                u = phi @ v.T
-                s = p * u - p * (p * u).sum(1, keepdim=True)
-                return s.T @ phi / len(y) + (weight_decay + damping) * v
-
-            theta -= conjugate_gradient(hvp, grad, cg_steps)
-        head.weight.copy_(theta[:, :-1])
-        head.bias.copy_(theta[:, -1])
-
-
 # Methods whose run at a smaller budget is not the prefix of their run at a larger one: one-off
 # passes sized to the budget (euk/cfk featurise, ssd/salun score a subsample of what it affords)
 # or a schedule over the total (l1_sparse). Each budget is a run of its own; every other method
@@ -438,5 +382,5 @@ UNLEARNERS = {
     "l1_sparse": l1_sparse,
     "bad_teacher": bad_teacher,
     "random_label": random_label,
-    "newton": newton,
+    "newton": newton.newton,
 }

@@ -16,6 +16,7 @@ from raysweep import unlearners as U
 from raysweep.attacks import gaussian
 from raysweep.budget import Meter
 from raysweep.checkpoints import made_count
+from raysweep.extractor import frozen as frozen_extractor
 from raysweep.models import (
     Frozen,
     carry_noise,
@@ -27,9 +28,10 @@ from raysweep.models import (
     trainable,
 )
 from raysweep.spec import load, validate
-from raysweep.steps import features, newton_row_cost
+from raysweep.newton import newton, newton_row_cost
+from raysweep.steps import features
 from raysweep.storage import open_store
-from raysweep.trial import build_model, extractor_state, frozen_extractor, prepare, run_trial
+from raysweep.trial import build_model, extractor_state, prepare, run_trial
 
 SHAPE = (1, 8, 8)
 
@@ -79,7 +81,7 @@ def test_newton_lands_on_the_retain_optimum():
     model, (x, y) = _model(), _data(300)
     retain = (x[50:], y[50:])
     grad_before = _objective_grad(model, *retain, 5e-4).norm()
-    U.newton(model, (x[:50], y[:50]), retain, Meter(1e12), torch.Generator(), steps=12)
+    newton(model, (x[:50], y[:50]), retain, Meter(1e12), torch.Generator(), steps=12)
     # float32 weights hold the float64 solution to about 1e-7 relative
     assert _objective_grad(model, *retain, 5e-4).norm() < 1e-4 * grad_before
 
@@ -96,7 +98,7 @@ def test_newton_pays_counted_flops_and_subsamples_to_the_budget():
     retain = (x[20:], y[20:])
     per_row = newton_row_cost(model, x, passes=1 * (1 + 100))
     meter = Meter(10.5 * per_row)
-    U.newton(model, (x[:20], y[:20]), retain, meter, torch.Generator())
+    newton(model, (x[:20], y[:20]), retain, meter, torch.Generator())
     assert meter.used == pytest.approx(10 * per_row)  # 10 rows fit, not 11
 
 
@@ -130,10 +132,10 @@ def test_newton_removes_the_poison_and_gd_does_not(tmp_path):
     paper's learning rate and the same budget leaves the poison in place."""
     spec = load("search_spaces/quickstart_linear.yaml")
     store = open_store(str(tmp_path))
-    newton = {"weight_decay": 5e-4, "damping": 1e-6, "steps": 5, "cg_steps": 100}
+    steps = {"weight_decay": 5e-4, "damping": 1e-6, "steps": 5, "cg_steps": 100}
     for seed in (0, 3, 4):
         rows = {}
-        for method, params in (("newton", newton), ("gd", {"lr": 1e-3})):
+        for method, params in (("newton", steps), ("gd", {"lr": 1e-3})):
             rows[method] = run_trial(spec, store, method, 0.1, params, 0, lambda r: None, seed)
         assert rows["newton"]["attack_ok"]
         assert abs(rows["newton"]["residual"]) <= 0.2, (seed, rows["newton"]["residual"])
@@ -166,4 +168,4 @@ def test_extractor_checkpoint_must_hold_every_weight(tmp_path):
     state = frozen_extractor(build_model(spec, split)).body.state_dict()
     state.pop(next(iter(state)))
     with pytest.raises(ValueError, match="extractor checkpoint lacks"):
-        build_model(spec, split, extractor=state)
+        build_model(spec, split, weights=state)

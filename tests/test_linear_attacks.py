@@ -12,7 +12,7 @@ from raysweep import crafting
 from raysweep.attacks import ATTACKS
 from raysweep.data import digits
 from raysweep.metrics import logits
-from raysweep.models import Frozen, split_head, mlp, seeded
+from raysweep.models import Frozen, mlp, seeded, split_head
 from raysweep.spec import validate
 from raysweep.storage import open_store
 from raysweep.train import train
@@ -95,7 +95,7 @@ def test_trial_hands_a_linear_models_extractor_to_the_attack(tiny_spec_dict, tmp
     spec = validate({**tiny_spec_dict, "model": model, "attack": attack}, "<test>")
     store, s = open_store(str(tmp_path)), digits(size=16)
     state = trial.extractor_state(spec, store, s, seed=0)
-    p = trial.poison(spec, store, s, seed=0, extractor=state)
+    p = trial.poison(spec, store, s, seed=0, weights=state)
     (ext,) = seen
     assert isinstance(ext, Frozen)
     body = {k: v for k, v in state.items() if k in ext.body.state_dict()}
