@@ -61,7 +61,7 @@ def newton_row_cost(model: nn.Module, x1: torch.Tensor, passes: int) -> float:
     products with the layer's weights (a gradient is a forward and a backward product, each
     Hessian-vector product one more pair), over one row's forward+backward through the model.
     FLOPs as torch counts them, on meta copies of the model and the row (nothing computes)."""
-    meta = copy.deepcopy(model).to("meta").train()
+    meta = _meta_copy(model).train()
     x = torch.empty_like(x1[:1], device="meta")
     y = torch.zeros(1, dtype=torch.long, device="meta")
     unit = flops(lambda: F.cross_entropy(meta(x), y).backward())
@@ -98,6 +98,17 @@ def newton_steps(
 
         theta = theta - conjugate_gradient(hvp, grad, cg_steps)
     return theta
+
+
+def _meta_copy(model: nn.Module) -> nn.Module:
+    """`model` on the meta device, copied without copying its weights (GPT-2 medium's would
+    take 1.4 GB just to be thrown away)."""
+    memo = {
+        id(p): nn.Parameter(torch.empty_like(p, device="meta"), p.requires_grad)
+        for p in model.parameters()
+    }
+    memo |= {id(b): torch.empty_like(b, device="meta") for b in model.buffers()}
+    return copy.deepcopy(model, memo)
 
 
 def conjugate_gradient(hvp: Callable, b: torch.Tensor, steps: int, tol: float = 1e-10):
