@@ -12,8 +12,12 @@ import inspect
 import json
 from pathlib import Path
 
+import torch
+
 from . import checkpoints, results
+from .attacks import ATTACKS
 from .data import DATASETS
+from .models import MODELS
 from .spec import Spec, SpecError
 from .storage import CorruptStorage, Store
 
@@ -68,6 +72,48 @@ def check_data(spec: Spec) -> None:
     )
     bound.apply_defaults()
     DATA_CHECKS[name](spec.source, **bound.arguments)
+
+
+def _bound(fn, section: dict) -> dict:
+    """A spec section's values with the function's defaults filled in."""
+    bound = inspect.signature(fn).bind_partial(**{k: v for k, v in section.items() if k != "name"})
+    bound.apply_defaults()
+    return bound.arguments
+
+
+# Opened in the driver to check the limits that depend on the data: the built-in datasets and
+# CIFAR-10 (its files checked first). A local IMDb copy would be tokenised here and again in
+# every trial, so its limits are left to the trials.
+OPENED = {"digits", "synthetic_imdb", "cifar10"}
+
+
+def check_fits(spec: Spec) -> None:
+    """SpecError (one line: file, key, value, what this data allows) for a value inside its
+    domain but not inside this data: more poisons than train rows, a class the data does not
+    have, a backdoor patch larger than the image, a model that cannot be built for its inputs."""
+    name, src = spec.dataset["name"], spec.source
+    if name not in OPENED:
+        return
+    split = DATASETS[name](**_bound(DATASETS[name], spec.dataset))
+    attack = _bound(ATTACKS[spec.attack["name"]], spec.attack)
+    rows, classes = len(split.y_train), split.num_classes
+    if attack.get("n", 0) > rows:
+        raise SpecError(f"{src}: attack.n: {attack['n']}; allowed: 1..{rows} (the train rows)")
+    if attack.get("y_adv", -1) >= classes:
+        raise SpecError(
+            f"{src}: attack.y_adv: {attack['y_adv']}; allowed: -1 (random) or 0..{classes - 1}"
+        )
+    if "patch" in attack and split.x_train.dim() == 4:
+        side = min(split.input_shape[1:])
+        if attack["patch"] > side:
+            raise SpecError(f"{src}: attack.patch: {attack['patch']}; allowed: 1..{side}")
+    model = MODELS[spec.model["name"]]
+    try:
+        with torch.device("meta"):  # shapes only: nothing is allocated
+            model(split.input_shape, classes, **_bound(model, spec.model))
+    except (ValueError, AssertionError, RuntimeError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise SpecError(f"{src}: model: cannot be built for {name}'s inputs: {reason}") from None
 
 
 # ---------------------------------------------------------------- storage

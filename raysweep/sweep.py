@@ -30,7 +30,7 @@ from .cluster import (
     slots,
     start_ray,
 )
-from .preflight import check_data, check_storage
+from .preflight import check_data, check_fits, check_storage
 from .progress import Progress, cell_key
 from .searcher import CellSearcher, ListSearcher, open_studies, reconcile
 from .spec import Spec
@@ -209,11 +209,12 @@ def run(
 
     `resume`: None starts or continues; False refuses an existing experiment; True needs one
     (`cluster.check_resume`). `max_concurrent` caps parallel trials (`cluster.slots`).
-    Before anything is written or Ray starts: the dataset's files are checked, the experiment's
-    driver lease is taken (a second driver is refused) and its storage is checked to read back
-    whole (`preflight`).
+    Before anything is written or Ray starts: the dataset's files and the limits that depend on
+    its contents are checked, the experiment's driver lease is taken (a second driver is
+    refused) and its storage is checked to read back whole (`preflight`).
     """
     check_data(spec)
+    check_fits(spec)
     store = open_store(storage)
     with driver_lease(store, spec.name):
         check_storage(spec, store)

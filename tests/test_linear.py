@@ -27,8 +27,8 @@ from raysweep.models import (
     split_head,
     trainable,
 )
-from raysweep.spec import load, validate
 from raysweep.newton import newton, newton_row_cost
+from raysweep.spec import load, validate
 from raysweep.steps import features
 from raysweep.storage import open_store
 from raysweep.trial import build_model, extractor_state, prepare, run_trial

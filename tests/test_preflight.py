@@ -214,3 +214,35 @@ def test_cifar10_root_checked_before_anything_starts(tmp_path, capsys, junk):
     assert ("not CIFAR-10's (md5)" if junk == "wrong-bytes" else "missing") in err
     assert "cifar-10-batches-py/{data_batch_1..5, test_batch, batches.meta}" in err
     assert not storage.exists()  # refused before the storage (or Ray) was touched
+
+
+# Values inside their domains that this data cannot hold: refused by `run` in one line, before
+# the storage or Ray is touched (they used to fail inside every trial).
+FITS = [
+    (
+        {"attack": {"name": "gaussian", "n": 5000, "eps": 2.0}},
+        "attack.n: 5000; allowed: 1..1079 (the train rows)",
+    ),
+    ({"attack": {"name": "backdoor", "n": 30, "y_adv": 12}}, "attack.y_adv: 12; allowed: -1"),
+    ({"attack": {"name": "backdoor", "n": 30, "patch": 40}}, "attack.patch: 40; allowed: 1..16"),
+    (
+        {
+            "dataset": {"name": "synthetic_imdb", "n_train": 200, "n_test": 50, "max_len": 16},
+            "model": {"name": "gpt2", "n_layer": 1, "n_embd": 30, "n_head": 4},
+            "attack": {"name": "gaussian", "n": 10, "eps": 0.03},
+        },
+        "model: cannot be built for synthetic_imdb's inputs",
+    ),
+]
+
+
+@pytest.mark.parametrize("change,expected", FITS, ids=["n", "y_adv", "patch", "n_head"])
+def test_values_the_data_cannot_hold_are_refused_before_anything_starts(
+    tmp_path, capsys, change, expected
+):
+    spec = _spec_file(tmp_path, **change)
+    storage = tmp_path / "store"
+    assert main(["run", str(spec), "--storage", str(storage)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and f"{spec}: " in err and expected in err, err
+    assert not storage.exists()
