@@ -66,16 +66,12 @@ def check_data(spec: Spec) -> None:
     name = spec.dataset["name"]
     if name not in DATA_CHECKS:
         return
-    # The defaults live in the dataset function's signature; bind the spec's section to it.
-    bound = inspect.signature(DATASETS[name]).bind(
-        **{k: v for k, v in spec.dataset.items() if k != "name"}
-    )
-    bound.apply_defaults()
-    DATA_CHECKS[name](spec.source, **bound.arguments)
+    # The defaults live in the dataset function's signature.
+    DATA_CHECKS[name](spec.source, **_bound(DATASETS[name], spec.dataset))
 
 
 def _bound(fn, section: dict) -> dict:
-    """A spec section's values with the function's defaults filled in."""
+    """A spec section's values, bound to the function it names, its defaults filled in."""
     bound = inspect.signature(fn).bind_partial(**{k: v for k, v in section.items() if k != "name"})
     bound.apply_defaults()
     return bound.arguments
