@@ -87,6 +87,16 @@ def enqueue_first(spec: Spec, method: str, study: optuna.Study) -> None:
         study.enqueue_trial(params)
 
 
+def observe(study: optuna.Study, trial: optuna.Trial) -> int:
+    """Add `trial`'s setting to `study` as a running trial; return its number there."""
+    study.add_trial(
+        create_trial(
+            state=TrialState.RUNNING, params=trial.params, distributions=trial.distributions
+        )
+    )
+    return study.get_trials(deepcopy=False)[-1].number  # the driver is the only writer
+
+
 def objective_key(cell: str) -> str:
     """The key under which a trial reports the objective of its row for `cell`."""
     return f"objective@{cell}"
@@ -126,7 +136,8 @@ class CellSearcher(Searcher):
         dists, fixed = self.spaces[method]
         trial = self.studies[lead].ask(dists)
         # The smaller cells observe the same setting: a running trial in each one's study.
-        checkpoints = [[name, b, self._observe(name, trial)] for name, b in self.runs[lead][:-1]]
+        smaller = self.runs[lead][:-1]
+        checkpoints = [[name, b, observe(self.studies[name], trial)] for name, b in smaller]
         self.sync()  # before the trial can start, so a resumed driver knows it was asked
         self.started[lead] += 1
         self.live[trial_id] = [(c, n) for c, _, n in checkpoints] + [(lead, trial.number)]
@@ -141,16 +152,6 @@ class CellSearcher(Searcher):
             "params": {**fixed, **trial.params},
             "checkpoints": checkpoints,  # [cell, budget, trial number in its study]
         }
-
-    def _observe(self, name: str, trial: optuna.Trial) -> int:
-        """Add `trial`'s setting to study `name` as a running trial; return its number there."""
-        study = self.studies[name]
-        study.add_trial(
-            create_trial(
-                state=TrialState.RUNNING, params=trial.params, distributions=trial.distributions
-            )
-        )
-        return study.get_trials(deepcopy=False)[-1].number  # the driver is the only writer
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
         for name, number in self.live.pop(trial_id):

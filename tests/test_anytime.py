@@ -4,6 +4,8 @@ the sweep turns it into a trial of every cell, and a cell's best may come from a
 from __future__ import annotations
 
 import functools
+import importlib.util
+from pathlib import Path
 
 import optuna
 import pandas as pd
@@ -234,3 +236,18 @@ def test_a_cell_may_choose_a_smaller_budgets_row_and_confirms_it_there(tiny_spec
         ("gd-b0.05", 0.05, 2, 0),
     ]
     assert "checkpoints" not in plan[0] and plan[0]["params"] == {"lr": 0.02}
+
+
+def test_the_anytime_bench_compares_both_designs_on_the_same_cells(capsys):
+    path = Path(__file__).parents[1] / "bench" / "anytime.py"
+    loader = importlib.util.spec_from_file_location("anytime_bench", path)
+    bench = importlib.util.module_from_spec(loader)
+    loader.loader.exec_module(bench)
+    out = bench.main(["--trials", "2", "--repeats", "2", "--methods", "gd"])
+    assert out["cells"] == 2 * len(bench.BUDGETS)
+    # Equal settings: per cell pays every budget of the grid, anytime only the largest.
+    assert out["units_ratio"] == pytest.approx(sum(bench.BUDGETS) / max(bench.BUDGETS), rel=0.02)
+    for key in ("cells_no_worse", "cells_no_worse_at_target", "cells_no_worse_noise_floor"):
+        assert 0 <= out[key] <= out["cells"]
+    assert out["worse_mean"] <= out["worse_hi"]
+    assert "noise floor" in capsys.readouterr().out
