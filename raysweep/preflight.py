@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from . import checkpoints, results
-from .attacks import ATTACKS
+from .attacks import ATTACKS, draw_limits
 from .data import DATASETS
 from .models import MODELS
 from .spec import Spec, SpecError
@@ -85,20 +85,23 @@ OPENED = {"digits", "synthetic_imdb", "cifar10"}
 
 def check_fits(spec: Spec) -> None:
     """SpecError (one line: file, key, value, what this data allows) for a value inside its
-    domain but not inside this data: more poisons than train rows, a class the data does not
-    have, a backdoor patch larger than the image, a model that cannot be built for its inputs."""
+    domain but not inside this data: more poisons (or targets) than the rows the attack draws
+    them from (`attacks.draw_limits`), a class the data does not have, a backdoor patch larger
+    than the image, a model that cannot be built for its inputs."""
     name, src = spec.dataset["name"], spec.source
     if name not in OPENED:
         return
     split = DATASETS[name](**_bound(DATASETS[name], spec.dataset))
     attack = _bound(ATTACKS[spec.attack["name"]], spec.attack)
-    rows, classes = len(split.y_train), split.num_classes
-    if attack.get("n", 0) > rows:
-        raise SpecError(f"{src}: attack.n: {attack['n']}; allowed: 1..{rows} (the train rows)")
+    classes = split.num_classes
     if attack.get("y_adv", -1) >= classes:
         raise SpecError(
             f"{src}: attack.y_adv: {attack['y_adv']}; allowed: -1 (random) or 0..{classes - 1}"
         )
+    limits = draw_limits(split, spec.attack["name"], attack.get("y_adv", -1))
+    for key, (most, rows) in limits.items():
+        if attack.get(key, 0) > most:
+            raise SpecError(f"{src}: attack.{key}: {attack[key]}; allowed: 1..{most} ({rows})")
     if "patch" in attack and split.x_train.dim() == 4:
         side = min(split.input_shape[1:])
         if attack["patch"] > side:

@@ -4,8 +4,11 @@ Anytime budgets: a method whose shorter runs are prefixes of longer ones (every 
 `unlearners.PER_BUDGET`) runs once, at its largest budget, and is measured at each smaller budget
 on the way (`trial.run_trial(checkpoints=...)`). Only the largest cell's study samples (the run's
 *lead*); each smaller cell's study receives the same setting as a trial of its own, so every
-study holds one row per setting it observed and is told that row's value. A PER_BUDGET method's
-cells each lead their own runs. Every cell thus observes exactly `trials_per_cell` settings; a
+study holds one row per setting it observed and is told that row's value. (Letting the cells take
+turns at sampling, each study steering towards its own budget's optimum, was measured in
+bench/anytime.py's setting: no better, 58 vs 56 of 75 cells no worse than one run per cell, mean
+difference -0.043 vs -0.044; so the largest cell alone samples.) A PER_BUDGET method's cells
+each lead their own runs. Every cell thus observes exactly `trials_per_cell` settings; a
 prefix method spends `trials_per_cell` runs at its largest budget, a PER_BUDGET method
 `trials_per_cell` runs at each budget.
 """

@@ -223,6 +223,10 @@ FITS = [
         {"attack": {"name": "gaussian", "n": 5000, "eps": 2.0}},
         "attack.n: 5000; allowed: 1..1079 (the train rows)",
     ),
+    (
+        {"attack": {"name": "gradient_matching", "n": 200, "y_adv": -1}},
+        "(the train rows of class y_adv, whichever class y_adv=-1 draws)",
+    ),
     ({"attack": {"name": "backdoor", "n": 30, "y_adv": 12}}, "attack.y_adv: 12; allowed: -1"),
     ({"attack": {"name": "backdoor", "n": 30, "patch": 40}}, "attack.patch: 40; allowed: 1..16"),
     (
@@ -236,7 +240,9 @@ FITS = [
 ]
 
 
-@pytest.mark.parametrize("change,expected", FITS, ids=["n", "y_adv", "patch", "n_head"])
+@pytest.mark.parametrize(
+    "change,expected", FITS, ids=["n", "n_of_one_class", "y_adv", "patch", "n_head"]
+)
 def test_values_the_data_cannot_hold_are_refused_before_anything_starts(
     tmp_path, capsys, change, expected
 ):
