@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data import Split
-from .models import MODELS, seeded, trainable
+from .models import MODELS, chunked, seeded, trainable
 from .train import augment, train
 
 Grads = tuple[torch.Tensor, ...]
@@ -79,7 +79,7 @@ def head_on(
     Without augmentation the extractor is a fixed function of each row, so the head trains on
     features computed once: the same steps as training through it, a pass per row cheaper.
     """
-    features = logits_of(extractor, x)
+    features = chunked(extractor, x)
     head = seeded(lambda: nn.Linear(features.shape[-1], num_classes), generator).to(x.device)
     kw = {"epochs": epochs, "lr": lr, "shift": shift, "flip": flip}
     if shift or flip:
@@ -197,7 +197,7 @@ def corrupt(
     params = trainable(model)
     model.eval()  # batch-norm statistics stay those of the clean model
     for _ in range(max_steps):
-        if (logits_of(model, x_check).argmax(1) == y_check).float().mean().item() <= target_acc:
+        if (chunked(model, x_check).argmax(1) == y_check).float().mean().item() <= target_acc:
             break
         j = torch.randint(len(y), (batch_size,), generator=generator).to(y.device)
         grads = param_grads(model, x[j], y[j])
@@ -206,12 +206,6 @@ def corrupt(
             for p, g in zip(params, grads):
                 p.add_(g, alpha=float(size))
     return model
-
-
-@torch.no_grad()
-def logits_of(model: nn.Module, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
-    """model(x) in chunks, without gradients (its logits, or a feature extractor's features)."""
-    return torch.cat([model(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
 
 
 def summed_grads(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> Grads:

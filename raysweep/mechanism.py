@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 import torch
 
 from . import extractor, trial
+from .models import chunked
 from .spec import Spec, SpecError
 from .storage import Store, open_store
 from .train import train
@@ -64,8 +65,8 @@ def _features(spec: Spec, store: Store, seed: int) -> tuple[torch.Tensor, trial.
     state = trial.extractor_state(spec, store, setup.split, seed)
     model = trial.build_model(spec, setup.split, weights=state)
     body = extractor.frozen(model).double().cpu()
-    with torch.no_grad():  # the poisoned inputs pass through the extractor, as in training
-        phi = torch.cat([body(x.double().cpu()) for x in setup.poisoned.x.split(1024)])
+    # The poisoned inputs pass through the extractor, as in training; float64 a chunk at a time.
+    phi = chunked(lambda x: body(x.double()), setup.poisoned.x.cpu(), 1024)
     return torch.cat([phi, torch.ones(len(phi), 1, dtype=phi.dtype)], 1), setup
 
 

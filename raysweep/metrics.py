@@ -22,7 +22,7 @@ from scipy.stats import norm
 from torch import nn
 
 from .attacks import insert_trigger
-from .models import noise_space
+from .models import chunked, noise_space
 from .poisoned import Poisoned
 
 FPR = 0.01
@@ -44,10 +44,9 @@ class Probe:
     control_noise: torch.Tensor | None  # fresh noise never used in training (the null control)
 
 
-@torch.no_grad()
-def logits(model: nn.Module, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+def logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     model.eval()
-    return torch.cat([model(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
+    return chunked(model, x)
 
 
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:

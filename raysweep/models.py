@@ -151,6 +151,15 @@ def trainable(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
+@torch.no_grad()
+def chunked(
+    forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, chunk: int = 512
+) -> torch.Tensor:
+    """forward(x) chunk by chunk, without gradients: a whole set's logits or features without
+    holding every row's activations at once. The caller sets the module's mode."""
+    return torch.cat([forward(x[i : i + chunk]) for i in range(0, len(x), chunk)])
+
+
 def seeded(build, generator: torch.Generator):
     """Call `build()` with torch's default RNG seeded from `generator`, then restore the RNG.
 

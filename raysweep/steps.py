@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .budget import FORWARD_ONLY, Meter, metered
-from .models import Frozen, blocks, seeded, trainable
+from .models import Frozen, blocks, chunked, seeded, trainable
 
 Pair = tuple[torch.Tensor, torch.Tensor]
 
@@ -116,12 +116,11 @@ def relabel(forget: Pair, retain: Pair, generator: torch.Generator) -> Pair:
     return torch.cat([xf, xr]), torch.cat([(yf + shift) % classes, yr])
 
 
-@torch.no_grad()
-def features(prefix: nn.Sequential, x: torch.Tensor, chunk: int = 256) -> torch.Tensor:
+def features(prefix: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
     prefix.eval()  # eval: the frozen blocks' BatchNorm statistics must not move either
     if len(x) == 0:  # the budget could not pay for a single row: nothing will train
         return x
-    return torch.cat([prefix(x[i : i + chunk]) for i in range(0, len(x), chunk)])
+    return chunked(prefix, x, 256)
 
 
 def saliency_masks(model, forget: Pair, meter: Meter, generator, saliency: float):
