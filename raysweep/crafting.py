@@ -74,19 +74,12 @@ def head_on(
     flip: bool = False,
 ) -> nn.Sequential:
     """(extractor, a linear head initialised from `generator`), the head trained on (x, y); the
-    extractor is shared, never trained (its parameters need no gradient).
-
-    Without augmentation the extractor is a fixed function of each row, so the head trains on
-    features computed once: the same steps as training through it, a pass per row cheaper.
-    """
-    features = chunked(extractor, x)
-    head = seeded(lambda: nn.Linear(features.shape[-1], num_classes), generator).to(x.device)
+    extractor (a `Frozen`) is shared, never trained, and `train` passes each row through it once
+    when the rows are not augmented."""
+    width = chunked(extractor, x[:1]).shape[-1]
+    head = seeded(lambda: nn.Linear(width, num_classes), generator).to(x.device)
     kw = {"epochs": epochs, "lr": lr, "shift": shift, "flip": flip}
-    if shift or flip:
-        model = train(nn.Sequential(extractor, head), x, y, generator, **kw)
-    else:
-        model = nn.Sequential(extractor, train(head, features, y, generator, **kw))
-    return model.eval()
+    return train(nn.Sequential(extractor, head), x, y, generator, **kw).eval()
 
 
 def param_grads(

@@ -11,6 +11,7 @@ from torch import nn
 
 from .budget import batches
 from .domains import NonNegFloat, NonNegInt, OpenFraction, PosFloat, PosInt
+from .models import Frozen, chunked
 
 Optimizer = Literal["sgd", "adamw"]
 Precision = Literal["fp32", "bf16"]
@@ -70,6 +71,10 @@ def train(
     `shift` > 0 translates each image by up to that many pixels and `flip` mirrors half of them
     (`augment`), as CIFAR-10 training usually does. Off by default: the Gaussian poison is a
     fixed per-row noise, and augmenting would move it away from what the score measures against.
+
+    A model that starts with a `Frozen` extractor (the `linear` family) trains on the extractor's
+    features, computed once when the rows are not augmented: the same steps as passing every
+    batch through it (it is a fixed function of each row), at the head's cost per epoch.
     """
     if optimizer not in OPTIMIZERS or precision not in PRECISIONS or accumulate < 1 or shift < 0:
         raise ValueError(
@@ -93,6 +98,11 @@ def train(
     )
     device = next(model.parameters()).device
     model.train()
+    net = model
+    if isinstance(model, nn.Sequential) and isinstance(model[0], Frozen) and not (shift or flip):
+        with autocast(precision, model):  # as each batch would have passed through it
+            x = chunked(lambda xc: model[0](xc.to(device)), x)
+        net = model[1:]  # shares the head's parameters with `model`
     for _, (xb, yb) in zip(range(total), batches(x, y, batch_size, generator)):
         opt.zero_grad(set_to_none=True)
         if shift or flip:
@@ -101,7 +111,7 @@ def train(
             if len(ym) == 0:
                 continue
             with autocast(precision, model):
-                logits = model(xm.to(device))
+                logits = net(xm.to(device))
             # sum / batch size: the micro-batch gradients add up to the mean-loss gradient
             loss = F.cross_entropy(logits.float(), ym.to(device), reduction="sum") / len(yb)
             loss.backward()

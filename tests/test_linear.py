@@ -31,6 +31,7 @@ from raysweep.newton import newton, newton_row_cost
 from raysweep.spec import load, validate
 from raysweep.steps import features
 from raysweep.storage import open_store
+from raysweep.train import train
 from raysweep.trial import build_model, extractor_state, prepare, run_trial
 
 SHAPE = (1, 8, 8)
@@ -52,6 +53,24 @@ def test_extractor_is_frozen_and_stays_in_eval_mode():
     assert isinstance(extractor, Frozen) and not extractor.training
     assert not any(m.training for m in extractor.modules())
     assert trainable(model) == list(model[-1].parameters())
+
+
+def test_a_linear_model_trains_on_features_computed_once():
+    """Not augmented, the frozen extractor sees each row once (not once per epoch), and the head
+    takes the same steps as when every batch passes through the extractor."""
+    x, y = _data(700)
+    cached, through = _model(), _model()
+    before = copy.deepcopy(cached[0].state_dict())
+    calls = []
+    cached[0].register_forward_hook(lambda m, i, o: calls.append(len(o)))
+    # Wrapped in a Sequential the extractor is not recognised: every batch passes through it.
+    through = torch.nn.Sequential(torch.nn.Sequential(through[0]), through[1])
+    kw = {"epochs": 3, "lr": 0.05, "batch_size": 64}
+    train(cached, x, y, torch.Generator().manual_seed(1), **kw)
+    train(through, x, y, torch.Generator().manual_seed(1), **kw)
+    assert calls == [512, 188]  # one pass, chunk by chunk, instead of 3 epochs x 11 batches
+    torch.testing.assert_close(cached[1].weight, through[1].weight, rtol=1e-5, atol=1e-6)
+    assert all(torch.equal(v, cached[0].state_dict()[k]) for k, v in before.items())
 
 
 @pytest.mark.parametrize("method", sorted(U.UNLEARNERS))
