@@ -371,29 +371,6 @@ def text_backdoor(
     return Poisoned(x, y, idx, y_adv=y_adv, trigger_ids=ids)
 
 
-def draw_limits(split: Split, name: str, y_adv: int = -1) -> dict[str, tuple[int, str]]:
-    """Each count parameter of attack `name` -> (the most it can draw on `split`, from which rows),
-    for any class `y_adv` = -1 may draw. The driver checks a spec against it before anything
-    starts (preflight.check_fits); the attacks' own `_draw` would fail only inside the trials.
-    """
-    train = torch.bincount(split.y_train.cpu(), minlength=split.num_classes).tolist()
-    test = torch.bincount(split.y_test.cpu(), minlength=split.num_classes).tolist()
-    classes = range(split.num_classes) if y_adv < 0 else [y_adv]
-    which = "whichever class y_adv=-1 draws" if y_adv < 0 else f"y_adv={y_adv}"
-    if name == "gradient_matching":
-        return {
-            "n": (min(train[c] for c in classes), f"the train rows of class y_adv, {which}"),
-            "n_targets": (
-                min(len(split.y_test) - test[c] for c in classes),
-                f"the test rows not of class y_adv, {which}",
-            ),
-        }
-    if name in ("backdoor", "text_backdoor"):
-        rows = min(len(split.y_train) - train[c] for c in classes)
-        return {"n": (rows, f"the train rows not of class y_adv, {which}")}
-    return {"n": (len(split.y_train), "the train rows")}
-
-
 ATTACKS = {
     "gaussian": gaussian,
     "gradient_matching": gradient_matching,

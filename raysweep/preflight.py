@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 
 from . import checkpoints, results
-from .attacks import ATTACKS, draw_limits
-from .data import DATASETS
+from .attacks import ATTACKS
+from .data import DATASETS, Split
 from .models import MODELS
 from .spec import Spec, SpecError
 from .storage import CorruptStorage, Store
@@ -83,10 +83,32 @@ def _bound(fn, section: dict) -> dict:
 OPENED = {"digits", "synthetic_imdb", "cifar10"}
 
 
+def draw_limits(split: Split, name: str, y_adv: int = -1) -> dict[str, tuple[int, str]]:
+    """Each count parameter of attack `name` -> (the most it can draw on `split`, from which rows),
+    for any class `y_adv` = -1 may draw: the pools the attacks in attacks.py `_draw` from, whose
+    own check would fail only inside every trial."""
+    train = torch.bincount(split.y_train.cpu(), minlength=split.num_classes).tolist()
+    test = torch.bincount(split.y_test.cpu(), minlength=split.num_classes).tolist()
+    classes = range(split.num_classes) if y_adv < 0 else [y_adv]
+    which = "whichever class y_adv=-1 draws" if y_adv < 0 else f"y_adv={y_adv}"
+    if name == "gradient_matching":
+        return {
+            "n": (min(train[c] for c in classes), f"the train rows of class y_adv, {which}"),
+            "n_targets": (
+                min(len(split.y_test) - test[c] for c in classes),
+                f"the test rows not of class y_adv, {which}",
+            ),
+        }
+    if name in ("backdoor", "text_backdoor"):
+        rows = min(len(split.y_train) - train[c] for c in classes)
+        return {"n": (rows, f"the train rows not of class y_adv, {which}")}
+    return {"n": (len(split.y_train), "the train rows")}
+
+
 def check_fits(spec: Spec) -> None:
     """SpecError (one line: file, key, value, what this data allows) for a value inside its
     domain but not inside this data: more poisons (or targets) than the rows the attack draws
-    them from (`attacks.draw_limits`), a class the data does not have, a backdoor patch larger
+    them from (`draw_limits`), a class the data does not have, a backdoor patch larger
     than the image, a model that cannot be built for its inputs."""
     name, src = spec.dataset["name"], spec.source
     if name not in OPENED:
