@@ -5,9 +5,9 @@ Anytime budgets: a method whose shorter runs are prefixes of longer ones (every 
 on the way (`trial.run_trial(checkpoints=...)`). Only the largest cell's study samples (the run's
 *lead*); each smaller cell's study receives the same setting as a trial of its own, so every
 study holds one row per setting it observed and is told that row's value. (Letting the cells take
-turns at sampling, each study steering towards its own budget's optimum, was measured in
-bench/anytime.py's setting: no better, 58 vs 56 of 75 cells no worse than one run per cell, mean
-difference -0.043 vs -0.044; so the largest cell alone samples.) A PER_BUDGET method's cells
+turns at sampling, each study steering towards its own budget's optimum, was measured with a
+variant of bench/anytime.py on 2026-12-03, not kept: no better, 58 vs 56 of 75 cells no worse than
+one run per cell, mean difference -0.043 vs -0.044; so the largest cell alone samples.) A PER_BUDGET method's cells
 each lead their own runs. Every cell thus observes exactly `trials_per_cell` settings; a
 prefix method spends `trials_per_cell` runs at its largest budget, a PER_BUDGET method
 `trials_per_cell` runs at each budget.
