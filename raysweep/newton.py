@@ -39,7 +39,7 @@ def newton(
     the optimum the logistic loss is not quadratic, so `steps` > 1 iterates.
 
     Solved in float64 by conjugate gradient with Hessian-vector products on the rows' cached
-    features, never forming H. Cost: each row is charged `steps.newton_row_cost` units (its
+    features, never forming H. Cost: each row is charged `newton_row_cost` units (its
     featurisation once, then per step 2 + 2 * cg_steps products with the layer, in FLOPs against
     one row's forward+backward through the model), for all of cg_steps even if CG stops early;
     S_r is subsampled at random to what the budget affords.
