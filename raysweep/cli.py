@@ -1,4 +1,5 @@
-"""Command line: `raysweep validate SPEC`, `raysweep run SPEC [--storage URI] [--address ADDR]
+"""Command line: `raysweep validate SPEC`, `raysweep plan SPEC [--workers N] [--throughput X |
+--calibrate] [--price USD]`, `raysweep run SPEC [--storage URI] [--address ADDR]
 [--resume] [--mlflow URI]`, `raysweep report RUN_DIR [--out DIR]`, `raysweep doctor [--address ADDR]
 [--storage URI]`, `raysweep mechanism SPEC [--seeds N ...] [--storage URI] [--out DIR]`."""
 
@@ -52,6 +53,25 @@ def _run(args) -> int:
             "trials_per_cell continues them."
         )
         print(f"\nTables and figures: raysweep report {args.storage}/{spec.name}")
+    return 0
+
+
+def _plan(args) -> int:
+    spec = load(args.spec)
+    from . import plan
+
+    p = plan.make(spec, args.storage)
+    rate = plan.measured(p)
+    if args.throughput:
+        rate = plan.given(p, args.throughput, args.fp64, "given with --throughput")
+    if args.calibrate:
+        rate = plan.calibrate(p)
+    sched = None
+    if rate is not None:
+        slots = plan.slots(spec, args.workers, args.worker_cpus, args.worker_gpus)
+        gpus = args.worker_gpus if args.workers else 0
+        sched = plan.schedule(p, rate, slots, args.workers or 1, gpus)
+    print(plan.render(p, rate, sched, args.price))
     return 0
 
 
@@ -122,6 +142,36 @@ def main(argv: list[str] | None = None) -> int:
         "'raysweep[mlflow]')",
     )
     p.set_defaults(fn=_run)
+    p = sub.add_parser("plan", help="what a sweep will run and cost: runs, FLOPs, memory, hours")
+    p.add_argument("spec")
+    p.add_argument(
+        "--storage", default=None, help="continue the plan of the experiment already there"
+    )
+    p.add_argument(
+        "--workers", type=int, default=None, help="worker nodes (default: this machine alone)"
+    )
+    p.add_argument("--worker-cpus", type=float, default=4, help="CPUs per worker (cluster.yaml: 4)")
+    p.add_argument("--worker-gpus", type=float, default=1, help="GPUs per worker (cluster.yaml: 1)")
+    p.add_argument(
+        "--throughput",
+        type=float,
+        default=None,
+        metavar="EXAMPLES_PER_S",
+        help="one trial's training examples/s at the spec's resources (forward passes at the "
+        "FLOP ratio); default: bench/gpu.py's measurement of this model, if any",
+    )
+    p.add_argument(
+        "--fp64",
+        type=float,
+        default=0.5,
+        help="float64 speed as a fraction of float32 with --throughput (the Gaussian score; "
+        "0.5 on CPUs and H100s, 1/32 on A10G and consumer GPUs)",
+    )
+    p.add_argument(
+        "--calibrate", action="store_true", help="measure the throughput here on the spec's model"
+    )
+    p.add_argument("--price", type=float, default=None, metavar="USD_PER_GPU_HOUR")
+    p.set_defaults(fn=_plan)
     p = sub.add_parser("report", help="tables (Markdown, CSV) and figures of a finished run")
     p.add_argument("run_dir", help="<storage>/<experiment>, e.g. runs/quickstart")
     p.add_argument("--out", default=None, help="where to write (default: RUN_DIR/report)")
