@@ -35,6 +35,7 @@ from .spec import Spec
 from .storage import RunStateError, open_store
 from .sweep import confirm_plan
 from .train import train
+from .trial import device as trial_device
 
 # Tune's own cost per trial with reuse_actors=True (DESIGN section 8: about 0.85 s measured on
 # this kind of machine), and Ray's start-up on the driver: both outside any trial's work.
@@ -308,37 +309,45 @@ def schedule(
     )
 
 
-def calibrate(plan: Plan, examples: int = 256) -> Throughput:
-    """Measure one trial's throughput here: `examples` rows of the spec's model through a
-    training step, an eval forward and a float64 input gradient, on random inputs of its
-    shape, with as many threads as the spec gives a trial."""
+def calibrate(plan: Plan, examples: int = 256, device: torch.device | None = None) -> Throughput:
+    """Measure one trial's throughput here: `examples` rows of the spec's model through train's
+    steps (its batch size, optimizer and precision), an eval forward and a float64 input
+    gradient, on random inputs of its shape, with as many threads as the spec gives a trial."""
     spec, sz = plan.spec, plan.shape
+    device = device or trial_device()
     torch.set_num_threads(max(1, int(spec.resources.get("cpu", 1))))
     fn = MODELS[spec.model["name"]]
     gen = torch.Generator().manual_seed(0)
-    model = seeded(lambda: fn(sz.input_shape, sz.num_classes, **bound(fn, spec.model)), gen)
-    x = random_inputs(sz, examples, gen)
-    y = torch.randint(0, sz.num_classes, (examples,), generator=gen)
-    kw = bound(train, spec.train)
-    step = lambda n: train(
-        model, x[:n], y[:n], gen, epochs=1, lr=kw["lr"], batch_size=kw["batch_size"]
-    )
+    build = lambda: fn(sz.input_shape, sz.num_classes, **bound(fn, spec.model))
+    model = seeded(build, gen).to(device)
+    x = random_inputs(sz, examples, gen).to(device)
+    y = torch.randint(0, sz.num_classes, (examples,), generator=gen).to(device)
+    kw = bound(train, spec.train) | {"epochs": 1}
     rates = {
-        "train": lambda n: step(n),
+        "train": lambda n: train(model, x[:n], y[:n], gen, **kw),
         "forward": lambda n: chunked(model.eval(), x[:n]),
         "grad64": lambda n: input_gradients(model, x[:n], y[:n]),
     }
     per_s = {}
     for name, run in rates.items():
         run(min(examples, kw["batch_size"]))  # warm-up: allocations, kernels chosen
+        _sync(device)
         t = time.perf_counter()
         run(examples)
+        _sync(device)
         per_s[name] = examples / (time.perf_counter() - t)
+    where = (
+        torch.cuda.get_device_name(device) if device.type == "cuda" else f"{os.cpu_count()} CPUs"
+    )
     threads = torch.get_num_threads()
     return Throughput(
-        **per_s,
-        source=f"calibrated here ({examples} examples, {threads} thread(s), {os.cpu_count()} CPUs)",
+        **per_s, source=f"calibrated on {where} ({examples} examples, {threads} thread(s))"
     )
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def random_inputs(sz: Shape, n: int, gen: torch.Generator) -> torch.Tensor:
