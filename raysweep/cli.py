@@ -45,6 +45,15 @@ def _run(args) -> int:
     failed = int((df["status"] != "ok").sum()) if len(df) else 0
     where = f"{args.storage}/{spec.name}/results"
     print(f"\n{spec.name}: {len(df)} trials ({failed} failed); Parquet rows in {where}\n")
+    if len(df) and failed == len(df):  # nothing to tabulate: say why, and fail the command
+        errors = df["error"].fillna("no error recorded").map(lambda e: e.splitlines()[0][:300])
+        counts = errors.value_counts()
+        print(
+            f"error: all {failed} trials failed; the most common error ended {counts.iloc[0]} "
+            f"of them: {counts.index[0]}",
+            file=sys.stderr,
+        )
+        return 1
     if len(df):
         table = results.table(df)
         print(report.markdown_table(table))
@@ -64,11 +73,21 @@ def _plan(args) -> int:
     rate = plan.measured(p)
     if args.throughput:
         rate = plan.given(p, args.throughput, args.fp64, "given with --throughput")
+    if args.tflops:
+        rate = plan.from_tflops(p, args.tflops, args.fp64, f"{args.tflops:g} TFLOP/s per GPU")
     if args.calibrate:
         rate = plan.calibrate(p)
     sched = None
     if rate is not None:
         slots = plan.slots(spec, args.workers, args.worker_cpus, args.worker_gpus)
+        if slots == 0:
+            print(plan.render(p))
+            print(
+                f"error: {args.spec}: resources: {spec.resources} does not fit a worker of "
+                f"{args.worker_cpus:g} CPUs and {args.worker_gpus:g} GPUs",
+                file=sys.stderr,
+            )
+            return 2
         gpus = args.worker_gpus if args.workers else 0
         sched = plan.schedule(p, rate, slots, args.workers or 1, gpus)
     print(plan.render(p, rate, sched, args.price))
@@ -159,6 +178,13 @@ def main(argv: list[str] | None = None) -> int:
         metavar="EXAMPLES_PER_S",
         help="one trial's training examples/s at the spec's resources (forward passes at the "
         "FLOP ratio); default: bench/gpu.py's measurement of this model, if any",
+    )
+    p.add_argument(
+        "--tflops",
+        type=float,
+        default=None,
+        help="instead of --throughput: the sustained TFLOP/s of one GPU (a trial gets its "
+        "resources.gpu share), turned into examples/s by the model's counted FLOPs",
     )
     p.add_argument(
         "--fp64",

@@ -88,6 +88,11 @@ class Sections(Protocol):
     model: Mapping
     attack: Mapping
     train: Mapping
+    resources: Mapping
+
+
+class Uncountable(ValueError):
+    """A model with more modules than can be counted in seconds (`MAX_MODULES`)."""
 
 
 def bound(fn: Callable, section: Mapping) -> dict:
@@ -107,8 +112,9 @@ def shape(spec: Sections) -> Shape:
 # ---------------------------------------------------------------- the model
 
 # Submodules a model may have for its size to be counted: building one on the meta device costs
-# about 20 us per module, so this is 2 s. The largest model here, gpt2-medium, has about 300.
-MAX_MODULES = 100_000
+# about 100 us per module on a busy 2-core machine, so this is about 2 s. The largest model
+# here, gpt2-medium, has about 300.
+MAX_MODULES = 20_000
 
 
 @contextlib.contextmanager
@@ -121,7 +127,7 @@ def _at_most(n: int):
         nonlocal count
         count += 1
         if count > n:
-            raise ValueError(f"more than {n} modules")
+            raise Uncountable(f"more than {n} modules")
 
     handle = nn.modules.module.register_module_module_registration_hook(hook)
     try:
@@ -169,8 +175,9 @@ def saved_for_backward(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:
 class Footprint:
     """Bytes one trial holds, by part; `peak` is all of them at once, the weights `COPIES` times.
 
-    Activations are counted in fp32 at train's micro-batch (batch_size / accumulate); bf16
-    autocast on a GPU halves most of them, so `peak` is an upper bound there.
+    Activations are counted at train's micro-batch (batch_size / accumulate), as a CPU runs it:
+    fp32, attention as a matrix. A GPU trial with precision bf16 counts them at half; its fused
+    attention keeps no (T, T) matrix, so for GPT-2 on a GPU `peak` is an upper bound.
     """
 
     data: int  # clean train/val/test inputs and labels
@@ -205,6 +212,8 @@ def trial(spec: Sections) -> Footprint:
     # S_corr is a copy of the train rows, and the forget/retain split another one.
     poisoned = 2 * rows.n_train * (row + label) + _noise(spec, net, rows)
     activations = _activations(net, rows, settings)
+    if settings["precision"] == "bf16" and spec.resources.get("gpu", 0) > 0:
+        activations //= 2  # train.autocast: bf16 on CUDA only
     parts = (data, poisoned, params, grads, moments * grads, activations)
     peak = sum(parts) + (COPIES - 1) * params
     return Footprint(*parts, peak=peak)
@@ -235,3 +244,41 @@ def _activations(net: nn.Module, rows: Shape, settings: dict) -> int:
             whole = rows.n_train * math.prod(features.shape[1:]) * features.element_size()
             return whole + saved_for_backward(head, features, y)
         return saved_for_backward(net, x, y)
+
+
+# ---------------------------------------------------------------- reading it
+
+
+def show(n: float) -> str:
+    """Bytes in decimal units, as allocation errors print them: '409.6 GB'."""
+    for unit in ("B", "kB", "MB", "GB", "TB", "PB"):
+        if abs(n) < 1000 or unit == "PB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    raise AssertionError("unreachable")
+
+
+# Which spec key sets each part: where a user shrinks a trial that is too large.
+KEYS = {
+    "data": "dataset",
+    "poisoned": "dataset",
+    "params": "model",
+    "grads": "model",
+    "optimizer": "model",
+    "activations": "train.batch_size",
+}
+
+
+def culprit(spec: Sections, fp: Footprint) -> tuple[str, object, str]:
+    """(the spec key whose parts weigh most, its value, the peak and its two largest parts in
+    words): what a refusal names."""
+    weights = fp.parts() | {"params": COPIES * fp.params}
+    by_key: dict[str, int] = {}
+    for part, n in weights.items():
+        by_key[KEYS[part]] = by_key.get(KEYS[part], 0) + n
+    key = max(by_key, key=by_key.get)
+    value = bound(train, spec.train)["batch_size"] if "." in key else dict(getattr(spec, key))
+    top = sorted(weights, key=weights.get, reverse=True)[:2]
+    named = {"params": f"parameters x{COPIES} copies", "data": "dataset tensors"}
+    largest = ", ".join(f"{named.get(p, p)} {show(weights[p])}" for p in top)
+    return key, value, f"one trial needs {show(fp.peak)} ({largest})"

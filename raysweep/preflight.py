@@ -1,5 +1,6 @@
-"""What the driver checks before it writes anything or starts Ray: the dataset's files, and that
-the experiment's storage reads back whole (rows, Optuna journal, checkpoints).
+"""What the driver checks before it writes anything or starts Ray: the dataset's files, that one
+trial fits this machine or a node of the cluster (CPUs, GPUs, memory), and that the
+experiment's storage reads back whole (rows, Optuna journal, checkpoints).
 
 Each problem is one line naming the file and the fix, raised before `run` or `run --resume`
 changes a byte, so a damaged store is never half-rewritten and a missing dataset never fails
@@ -10,15 +11,20 @@ from __future__ import annotations
 
 import inspect
 import json
+import os
+from dataclasses import dataclass
 from pathlib import Path
 
+import ray
 import torch
+from ray._private import state
 
-from . import checkpoints, results
+from . import checkpoints, footprint, results
 from .attacks import ATTACKS
 from .data import DATASETS, Split
 from .models import MODELS
 from .spec import Spec, SpecError
+from .specfile import show
 from .storage import CorruptStorage, Store
 
 # ---------------------------------------------------------------- data
@@ -135,6 +141,94 @@ def check_fits(spec: Spec) -> None:
     except (ValueError, AssertionError, RuntimeError) as e:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise SpecError(f"{src}: model: cannot be built for {name}'s inputs: {reason}") from None
+
+
+# ---------------------------------------------------------------- machines
+
+
+@dataclass(frozen=True)
+class Node:
+    """What one machine offers a trial; memory None where it is not known (bytes)."""
+
+    name: str
+    cpu: float
+    gpu: float
+    memory: int | None
+    gpu_memory: int | None = None
+
+    def __str__(self) -> str:
+        memory = "memory unknown" if self.memory is None else footprint.show(self.memory)
+        offer = f"{self.cpu:g} CPU, {self.gpu:g} GPU, {memory}"
+        return f"{self.name} ({offer})" if self.name else offer
+
+
+def this_machine(num_cpus: int | None = None) -> Node:
+    """This machine as a local Ray sees it: `num_cpus` (else every CPU), its GPUs, its RAM."""
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    gpus = torch.cuda.device_count()
+    vram = torch.cuda.get_device_properties(0).total_memory if gpus else None
+    return Node("", num_cpus or os.cpu_count() or 1, gpus, ram, vram)
+
+
+def cluster_nodes() -> list[Node]:
+    """The node types the cluster's autoscaler may start (as GCS holds them), else its live
+    nodes. Needs a connected Ray."""
+    # Ray Data reads the autoscaler's node types the same way (ray.data's cluster autoscaler).
+    config = state.state.get_cluster_config()
+    groups = [g for g in (config.node_group_configs if config else []) if g.max_count != 0]
+    if groups:
+        return [_node(f"node type {g.name}", dict(g.resources)) for g in groups]
+    alive = [n for n in ray.nodes() if n["Alive"]]
+    return [_node(f"node {n['NodeManagerAddress']}", n["Resources"]) for n in alive]
+
+
+def _node(name: str, resources: dict) -> Node:
+    # Ray's `memory` resource leaves out the object store; the trial's tensors may use both.
+    memory = resources.get("memory")
+    if memory is not None:
+        memory = int(memory + resources.get("object_store_memory", 0))
+    return Node(name, resources.get("CPU", 0), resources.get("GPU", 0), memory)
+
+
+def check_machine(spec: Spec, num_cpus: int | None = None) -> None:
+    """SpecError (one line: file, key, this machine's limit) if one trial of a local run asks
+    for more CPUs, GPUs or memory (`footprint.trial`) than this machine has."""
+    check_nodes(spec, [this_machine(num_cpus)], "this machine has")
+
+
+def check_cluster(spec: Spec) -> None:
+    """SpecError (one line) if no node of the connected cluster can hold one trial."""
+    check_nodes(spec, cluster_nodes(), "a node of the cluster has")
+
+
+def check_nodes(spec: Spec, nodes: list[Node], where: str) -> None:
+    """SpecError unless some node has one trial's CPUs and GPUs, and memory for its peak: RAM
+    for a CPU trial, one GPU's memory (its share, below one GPU) for a GPU trial."""
+    src = spec.source
+    cpu, gpu = spec.resources.get("cpu", 1), spec.resources.get("gpu", 0)
+    shown = "; ".join(map(str, nodes[:4])) + (f"; {len(nodes) - 4} more" if len(nodes) > 4 else "")
+    if cpu > max(n.cpu for n in nodes):
+        raise SpecError(f"{src}: resources.cpu: {cpu:g}; allowed: at most what {where}: {shown}")
+    if gpu > max(n.gpu for n in nodes):
+        raise SpecError(f"{src}: resources.gpu: {gpu:g}; allowed: at most what {where}: {shown}")
+    placed = [n for n in nodes if n.cpu >= cpu and n.gpu >= gpu]
+    if not placed:
+        raise SpecError(
+            f"{src}: resources: cpu {cpu:g} with gpu {gpu:g}; allowed: both on one node, and "
+            f"{where}: {shown}"
+        )
+    memory = [(n.gpu_memory and n.gpu_memory * min(gpu, 1)) if gpu else n.memory for n in placed]
+    if any(m is None for m in memory):
+        return  # a node whose memory is unknown might hold it
+    fp = footprint.trial(spec)
+    if fp.peak > max(memory):
+        key, value, needs = footprint.culprit(spec, fp)
+        kind = "GPU memory" if gpu else "memory"
+        best = placed[memory.index(max(memory))]
+        raise SpecError(
+            f"{src}: {key}: {show(value)}: {needs}; allowed: at most the {kind} {where}: "
+            f"{footprint.show(max(memory))}" + (f", {best.name}" if best.name else "")
+        )
 
 
 # ---------------------------------------------------------------- storage

@@ -20,6 +20,7 @@ from typing import Annotated, Any, Literal
 
 from annotated_types import Interval
 
+from . import footprint
 from .attacks import ATTACKS
 from .data import DATASETS
 from .domains import Fraction, Probability, base, describe, refusal, resolve
@@ -61,6 +62,10 @@ DOMAINS = {
 }
 SPACE_KEYS = ({"low", "high", "log", "int"}, {"choices"})
 _FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)$")
+# The most memory of any one machine for rent (AWS u7in-32tb: 32 TiB, 2025): a trial whose
+# tensors need more cannot run on any machine, whatever the cluster; what this machine or a
+# cluster's nodes hold is checked by the driver (preflight.check_machine, check_cluster).
+MAX_NODE_BYTES = 32 * 2**40
 
 
 @dataclass(frozen=True)
@@ -321,7 +326,29 @@ def validate(raw: Any, src: str = "<spec>") -> Spec:
     _confirm(src, raw["confirm"], raw["seed"])
     # No default written: specs without the key keep their hash (and stay resumable).
     _tried_first(src, raw.get("tried_first", {}), raw["methods"])
-    return Spec(src, raw)
+    spec = Spec(src, raw)
+    _fits_a_machine(spec)
+    return spec
+
+
+def _fits_a_machine(spec: Spec) -> None:
+    """One trial's tensors, counted on meta tensors, fit in the largest machine there is."""
+    try:
+        fp = footprint.trial(spec)
+    except (footprint.Uncountable, MemoryError):  # a list of 2**40 layers fails to allocate
+        raise SpecError(
+            f"{spec.source}: model: {_show(spec.model)} has more than "
+            f"{footprint.MAX_MODULES} modules; allowed: at most that (what can be counted "
+            "before anything runs)"
+        ) from None
+    except (ValueError, AssertionError, RuntimeError):
+        return  # a model that cannot be built for its inputs: preflight.check_fits says why
+    if fp.peak > MAX_NODE_BYTES:
+        key, value, needs = footprint.culprit(spec, fp)
+        raise SpecError(
+            f"{spec.source}: {key}: {_show(value)}: {needs}; allowed: at most "
+            f"{footprint.show(MAX_NODE_BYTES)} per trial, the most memory of any machine for rent"
+        )
 
 
 def _tried_first(src: str, tried: Any, methods: dict) -> None:

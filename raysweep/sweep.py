@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import math
+import os
 import socket
 import traceback
 
@@ -30,7 +31,7 @@ from .cluster import (
     slots,
     start_ray,
 )
-from .preflight import check_data, check_fits, check_storage
+from .preflight import check_cluster, check_data, check_fits, check_machine, check_storage
 from .progress import Progress, cell_key
 from .searcher import CellSearcher, ListSearcher, open_studies, reconcile
 from .spec import Spec
@@ -209,12 +210,19 @@ def run(
 
     `resume`: None starts or continues; False refuses an existing experiment; True needs one
     (`cluster.check_resume`). `max_concurrent` caps parallel trials (`cluster.slots`).
-    Before anything is written or Ray starts: the dataset's files and the limits that depend on
-    its contents are checked, the experiment's driver lease is taken (a second driver is
-    refused) and its storage is checked to read back whole (`preflight`).
+    Before anything is written (`preflight`): the dataset's files, the limits that depend on its
+    contents, and that one trial fits this machine (a local run, before Ray starts) or a node of
+    the cluster (right after connecting to it). Then the experiment's driver lease is taken (a
+    second driver is refused) and its storage is checked to read back whole.
     """
     check_data(spec)
     check_fits(spec)
+    cluster = address or os.environ.get("RAY_ADDRESS")  # where start_ray connects
+    if cluster:
+        start_ray(cluster)
+        check_cluster(spec)
+    else:
+        check_machine(spec, num_cpus)
     store = open_store(storage)
     with driver_lease(store, spec.name):
         check_storage(spec, store)

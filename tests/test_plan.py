@@ -186,3 +186,11 @@ def test_gpu_bench_writes_the_throughput_plan_reads(tmp_path, monkeypatch):
     assert out["train_rows"] == 400
     # At this scale the two runs differ by 32 units: their times say nothing, but they exist.
     assert all(math.isfinite(out[k]) for k in ("unlearn_ex_per_s", "measure_s", "checkpoints_s"))
+
+
+def test_docs_plans_are_current():
+    """docs/plans.md is generated from the code (`python -m raysweep.plan`), so it cannot drift."""
+    path = Path(__file__).parents[1] / "docs" / "plans.md"
+    assert path.read_text() == plan.paper_plans(), (
+        "regenerate: python -m raysweep.plan > docs/plans.md"
+    )
