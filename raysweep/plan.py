@@ -37,9 +37,11 @@ from .sweep import confirm_plan
 from .train import train
 from .trial import device as trial_device
 
-# Tune's own cost per trial with reuse_actors=True (DESIGN section 8: about 0.85 s measured on
-# this kind of machine), and Ray's start-up on the driver: both outside any trial's work.
+# A trial's fixed cost beyond its counted work (Tune's scheduling, loading the poisoned model,
+# the float64 copy, the bootstrap interval): 0.85 s, DESIGN section 8's measurement of Tune's
+# per-trial overhead; make quickstart's 152 tuning runs fit wall_s = 1.09 s + units / 48k per s.
 TRIAL_OVERHEAD_S = 0.85
+# Each phase starts a Tuner (and the first, Ray): outside any trial's work.
 START_S = 8.0
 
 # Surrogate models an optimised attack trains while crafting one poison set (attacks.py).
@@ -302,7 +304,7 @@ def schedule(
     confirm_seeds = len(c.seeds) - 1
     confirm_busy = trial_s(confirm_units, c.confirm_runs) + (confirm_seeds - 1) * setup_s
     confirm_busy += 2 * measure_s * max(min(slots, c.confirm_runs) - confirm_seeds, 0)
-    confirm = setup_s + max(confirm_busy / slots, longest) if c.confirm_runs else 0.0
+    confirm = START_S + setup_s + max(confirm_busy / slots, longest) if c.confirm_runs else 0.0
     busy = setup_s * (1 + (confirm_seeds > 0)) + tune_busy + confirm_busy
     wall = tune + confirm
     gpu = spec.resources.get("gpu", 0)
@@ -431,7 +433,10 @@ def render(
         f"seeds {', '.join(map(str, c.seeds))} (tuning, then confirm)",
     ]
     if c.tuning_done:
-        out.append(f"  continuing: {c.tuning_done} of {c.tuning_runs} tuning runs already recorded")
+        out.append(
+            f"  {c.tuning_done} of {c.tuning_runs} tuning runs already recorded "
+            "(the plan below is of the whole run)"
+        )
     out += ["", f"  {'phase':8} {'what':48} {'count':>7} {'units':>10} {'FLOPs':>10}"]
     total_units = total_flops = 0.0
     for phase, lines in plan.phases.items():
