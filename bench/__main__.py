@@ -24,6 +24,7 @@ BENCHMARKS = [
     "unlearners",
     "sweep_efficiency",
     "scaling",
+    "autoscaling",
     "tpe_vs_random",
     "anytime",
     "gpu",
