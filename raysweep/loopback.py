@@ -265,8 +265,11 @@ class AutoscalingCluster:
         self.config = fake_config(config, idle_timeout_s, provider)
 
     def start(self) -> None:
-        path = Path(self.temp) / "autoscaling.yaml"
+        # As `ray up` does: the autoscaler's config in the head's home, where drivers run
+        # (preflight.cluster_nodes reads the node types there).
+        path = Path(self.temp) / "ray_bootstrap_config.yaml"
         path.write_text(yaml.safe_dump(self.config))
+        self.env["HOME"] = self.temp
         head = self.config["available_node_types"][FAKE_HEAD_NODE_TYPE]["resources"]
         args = [f"--node-ip-address={LOCAL_IP}", "--head", f"--temp-dir={self.temp}"]
         args += [f"--num-cpus={head.get('CPU', 0)}", f"--num-gpus={head.get('GPU', 0)}"]
