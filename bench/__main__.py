@@ -61,6 +61,9 @@ def markdown(report: dict) -> str:
 def main(names: list[str]) -> None:
     torch.set_num_threads(1)  # trials run one thread each; measure the same way
     report = {"machine": machine(), "results": {}}
+    previous = HERE / "results.json"
+    if names and previous.is_file():  # a subset re-run replaces only its own entries
+        report["results"] = json.loads(previous.read_text())["results"]
     for name in names or BENCHMARKS:
         t = time.perf_counter()
         try:
@@ -69,6 +72,7 @@ def main(names: list[str]) -> None:
             traceback.print_exc()
             res = {"error": f"{type(e).__name__}: {e}"}
         res["_seconds"] = time.perf_counter() - t
+        res["_date"] = report["machine"]["date"]
         report["results"][name] = res
     (HERE / "results.json").write_text(json.dumps(report, indent=1, default=str))
     (HERE / "results.md").write_text(markdown(report))
