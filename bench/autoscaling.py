@@ -19,11 +19,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import pandas as pd
 import yaml
 
 from raysweep import checkpoints, results
-from raysweep.loopback import AutoscalingCluster
+from raysweep.loopback import AutoscalingCluster, peak_trials
 from raysweep.storage import open_store
 
 REPO = Path(__file__).resolve().parents[1]
@@ -69,16 +68,6 @@ def _busy(cluster: AutoscalingCluster) -> list[str]:
     return [n for n in cluster.workers() if cluster.running_trial(n)]
 
 
-def _peak(df: pd.DataFrame) -> dict[str, int]:
-    """Most trials running at once on each node, from the rows' started_at / finished_at."""
-    peaks = {}
-    for node, rows in df.groupby("node_id"):
-        edges = [(t, 1) for t in rows["started_at"]] + [(t, -1) for t in rows["finished_at"]]
-        running = pd.Series([d for _, d in sorted(edges, key=lambda e: (e[0], e[1]))]).cumsum()
-        peaks[node] = int(running.max())
-    return peaks
-
-
 def scale(cluster: AutoscalingCluster, storage: str) -> dict:
     """From zero workers, 8 trials at once: launch, packing and idle release."""
     log = Path(storage).parent / "scale.log"  # _driver makes the folder
@@ -90,7 +79,7 @@ def scale(cluster: AutoscalingCluster, storage: str) -> dict:
         raise RuntimeError(log.read_text()[-3000:])
     released = _until(lambda: not cluster.workers(), IDLE_TIMEOUT_S + 120, "release")
     df = results.read(open_store(storage), "scale")
-    peaks = _peak(df)
+    peaks = peak_trials(df)
     return {
         "trials": len(df),
         "workers_used": len(peaks),

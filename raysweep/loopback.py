@@ -316,3 +316,16 @@ class AutoscalingCluster:
 
     def stop(self) -> None:
         _kill_all(self.temp)
+
+
+def peak_trials(df) -> dict[str, int]:
+    """Most trials running at once on each node, from the rows' node_id, started_at and
+    finished_at (a row's end before another's start at the same instant)."""
+    peaks = {}
+    for node, rows in df.groupby("node_id"):
+        edges = [(t, 1) for t in rows["started_at"]] + [(t, -1) for t in rows["finished_at"]]
+        running = 0
+        for _, step in sorted(edges):  # at one instant, -1 sorts first: an end, then a start
+            running += step
+            peaks[node] = max(peaks.get(node, 0), running)
+    return peaks

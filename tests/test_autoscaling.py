@@ -22,6 +22,7 @@ from test_cluster import (
     _assert_complete,
     _env,
     _kill_group,
+    _kill_mid_trial,
     _raysweep,
     _spec_file,
     _tail,
@@ -29,7 +30,7 @@ from test_cluster import (
 )
 
 from raysweep import checkpoints, results
-from raysweep.loopback import AutoscalingCluster
+from raysweep.loopback import AutoscalingCluster, peak_trials
 from raysweep.searcher import open_studies
 from raysweep.spec import validate
 from raysweep.storage import open_store
@@ -86,16 +87,6 @@ def _wait_line(log: Path, text: str, proc, timeout: float = 60) -> float:
     return time.time()
 
 
-def _peak(df: pd.DataFrame) -> dict[str, int]:
-    """Most trials running at once on each node, from the rows' started_at / finished_at."""
-    peaks = {}
-    for node, rows in df.groupby("node_id"):
-        edges = [(t, 1) for t in rows["started_at"]] + [(t, -1) for t in rows["finished_at"]]
-        running = pd.Series([d for _, d in sorted(edges, key=lambda e: (e[0], e[1]))]).cumsum()
-        peaks[node] = int(running.max())
-    return peaks
-
-
 @pytest.mark.integration
 def test_workers_launch_from_zero_pack_four_per_gpu_and_are_released(autoscaling, tmp_path):
     """max_concurrent 8 with no worker up: the autoscaler launches two worker.gpu nodes, each
@@ -116,7 +107,7 @@ def test_workers_launch_from_zero_pack_four_per_gpu_and_are_released(autoscaling
     _assert_complete(df, spec)
     assert (df["status"] == "ok").all(), df["error"].unique()
 
-    peaks = _peak(df)
+    peaks = peak_trials(df)
     assert len(peaks) == 2, peaks  # 8 x 0.25 GPU: two 1-GPU workers, none of it on the head
     assert max(peaks.values()) == 4, peaks
     first = df["started_at"].min().timestamp() - demand
@@ -141,12 +132,8 @@ def test_reclaimed_worker_mid_sweep(autoscaling, tmp_path):
     store = open_store(storage)
     try:
         _wait_rows(store, "slow", 1, driver, log, timeout=180)  # checkpoints trained by now
-        deadline = time.monotonic() + 60
-        while not (busy := [n for n in autoscaling.workers() if autoscaling.running_trial(n)]):
-            assert time.monotonic() < deadline and driver.poll() is None, _tail(log)
-            time.sleep(0.05)
-        autoscaling.reclaim(busy[0])
-        reclaimed_at = pd.Timestamp.now(tz="UTC")
+        busy = lambda: [n for n in autoscaling.workers() if autoscaling.running_trial(n)]
+        reclaimed, reclaimed_at = _kill_mid_trial(busy, autoscaling.reclaim, driver, log)
         driver.wait(timeout=240)
     finally:
         _kill_group(driver)
@@ -157,6 +144,6 @@ def test_reclaimed_worker_mid_sweep(autoscaling, tmp_path):
     _studies_match_rows(spec, store, df)
     assert (df["status"] == "ok").all(), df["error"].unique()
     after = df[df["started_at"] > reclaimed_at]
-    assert len(after) and not (after["node_id"] == busy[0]).any()
+    assert len(after) and not (after["node_id"] == reclaimed).any()
     for key in {*df["poisoned_key"], *df["retrain_key"]}:
         assert checkpoints.train_count(store, key) == 1

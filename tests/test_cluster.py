@@ -163,6 +163,17 @@ def _one_study_trial_per_row(spec, store) -> None:
         assert states == [optuna.trial.TrialState.COMPLETE] * spec.trials_per_cell, (name, states)
 
 
+def _kill_mid_trial(busy, kill, driver, log: Path):
+    """Wait until `busy()` names a node executing a trial, `kill` it (mid-trial, not between
+    two); return the node and when."""
+    deadline = time.monotonic() + 60
+    while not (nodes := busy()):
+        assert time.monotonic() < deadline and driver.poll() is None, _tail(log)
+        time.sleep(0.05)
+    kill(nodes[0])
+    return nodes[0], pd.Timestamp.now(tz="UTC")
+
+
 def _kill_group(proc) -> None:
     try:
         os.killpg(proc.pid, signal.SIGKILL)  # the driver's session: its local Ray, if any
@@ -460,12 +471,9 @@ def test_worker_node_killed_mid_sweep(tmp_path):
         store = open_store(storage)
         try:
             _wait_rows(store, "slow", 1, driver, log)
-            deadline = time.monotonic() + 60
-            while not cluster.running_trial(1):  # kill mid-trial, not between two
-                assert time.monotonic() < deadline and driver.poll() is None, _tail(log)
-                time.sleep(0.05)
-            cluster.kill_node(1)
-            killed_at = pd.Timestamp.now(tz="UTC")
+            _, killed_at = _kill_mid_trial(
+                lambda: [1] if cluster.running_trial(1) else [], cluster.kill_node, driver, log
+            )
             driver.wait(timeout=150)
         finally:
             _kill_group(driver)
