@@ -1,7 +1,7 @@
 """Command line: `raysweep validate SPEC`, `raysweep plan SPEC [--workers N] [--throughput X |
 --calibrate] [--price USD]`, `raysweep run SPEC [--storage URI] [--address ADDR]
-[--resume] [--mlflow URI]`, `raysweep report RUN_DIR [--out DIR]`, `raysweep doctor [--address ADDR]
-[--storage URI]`, `raysweep mechanism SPEC [--seeds N ...] [--storage URI] [--out DIR]`."""
+[--resume] [--mlflow URI]`, `raysweep repair SPEC [--storage URI]`, `raysweep report RUN_DIR
+[--out DIR]`, `raysweep doctor [--address ADDR] [--storage URI]`, `raysweep mechanism SPEC [--seeds N ...] [--storage URI] [--out DIR]`."""
 
 from __future__ import annotations
 
@@ -62,6 +62,19 @@ def _run(args) -> int:
             "trials_per_cell continues them."
         )
         print(f"\nTables and figures: raysweep report {args.storage}/{spec.name}")
+    return 0
+
+
+def _repair(args) -> int:
+    spec = load(args.spec)
+    from . import sweep
+    from .cluster import RunStateError
+
+    try:
+        print(sweep.repair(spec, args.storage))
+    except RunStateError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -161,6 +174,12 @@ def main(argv: list[str] | None = None) -> int:
         "'raysweep[mlflow]')",
     )
     p.set_defaults(fn=_run)
+    p = sub.add_parser(
+        "repair", help="rebuild an experiment's Optuna studies from its rows (a lost journal)"
+    )
+    p.add_argument("spec")
+    p.add_argument("--storage", default="runs", help="local path or s3:// / gs:// URI")
+    p.set_defaults(fn=_repair)
     p = sub.add_parser("plan", help="what a sweep will run and cost: runs, FLOPs, memory, hours")
     p.add_argument("spec")
     p.add_argument(

@@ -25,7 +25,7 @@ from ray import tune
 
 from . import results
 from .spec import Spec
-from .storage import CorruptStorage, RunStateError, Store
+from .storage import CorruptStorage, RunStateError, Store, write_failed
 
 # Ray's gRPC servers (GCS, raylet, workers) listen on loopback only when the node IP is exactly
 # 127.0.0.1; any other address, 127.0.0.2 included, makes them listen on every interface.
@@ -108,10 +108,25 @@ class StopOnCorrupt(tune.Stopper):
 
 
 def fit(tuner: tune.Tuner) -> None:
-    """Run the tuner; CorruptStorage with the first trial's report of damaged storage, if any."""
-    for result in tuner.fit():
+    """Run the tuner; CorruptStorage with the first trial's report of damaged storage, if any,
+    or with the driver's own (a journal append the storage refused, raised in the searcher)."""
+    try:
+        grid = tuner.fit()
+    except Exception as e:
+        cause = _storage_cause(e)
+        if cause is None:
+            raise
+        raise cause from None
+    for result in grid:
         if (result.metrics or {}).get("corrupt"):
             raise CorruptStorage(result.metrics["corrupt"])
+
+
+def _storage_cause(error: BaseException | None) -> CorruptStorage | None:
+    """The CorruptStorage that `error` wraps (Tune re-raises a searcher's errors as its own)."""
+    while error is not None and not isinstance(error, CorruptStorage):
+        error = error.__cause__ or error.__context__
+    return error
 
 
 # ---------------------------------------------------------------- the run's record
@@ -159,9 +174,22 @@ def check_resume(spec: Spec, store: Store, resume: bool | None) -> None:
 
 
 def recorded_spec(spec: Spec, store: Store) -> dict | None:
-    """The spec the experiment was started with, or None if it was never started."""
+    """The spec the experiment was started with, or None if it was never started;
+    CorruptStorage (one line) if its spec.json does not hold one."""
     rel = f"{spec.name}/spec.json"
-    return json.loads(store.read(rel))["spec"] if store.exists(rel) else None
+    if not store.exists(rel):
+        return None
+    try:
+        recorded = json.loads(store.read(rel))["spec"]
+        if not isinstance(recorded, dict):
+            raise TypeError("its spec is not a mapping")
+    except (ValueError, KeyError, TypeError) as e:  # not JSON, not UTF-8, `{}`, a list
+        why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        raise CorruptStorage(
+            f"{store.path(rel)}: not a recorded spec ({why}); delete it, then `raysweep repair "
+            f"SPEC --storage {store.uri}` records SPEC there again"
+        ) from None
+    return recorded
 
 
 def record_spec(spec: Spec, store: Store) -> None:
@@ -186,16 +214,34 @@ def open_journal(spec: Spec, store: Store) -> tuple[JournalStorage, Callable[[],
     rel = f"{spec.name}/optuna.journal"
     if store.local:
         path = store.path(rel)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        return JournalStorage(JournalFileBackend(path)), lambda: None
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            return JournalStorage(JournalFile(path)), lambda: None
+        except OSError as e:  # creating the file
+            raise write_failed(path, e) from None
     local = tempfile.mkdtemp(prefix="raysweep-journal-")
     atexit.register(shutil.rmtree, local, ignore_errors=True)
     path = os.path.join(local, "optuna.journal")
+    uploaded = [store.read(rel) if store.exists(rel) else b""]
     with open(path, "wb") as f:
-        f.write(store.read(rel) if store.exists(rel) else b"")
+        f.write(uploaded[0])
 
     def sync() -> None:
         with open(path, "rb") as f:
-            store.write(rel, f.read())
+            data = f.read()
+        if data != uploaded[0]:  # a start with nothing to do writes nothing
+            store.write(rel, data)
+            uploaded[0] = data
 
     return JournalStorage(JournalFileBackend(path)), sync
+
+
+class JournalFile(JournalFileBackend):
+    """Optuna's journal file, whose appends the storage refuses raise WriteFailed (one line),
+    as every other write of the sweep does (storage.Store.write)."""
+
+    def append_logs(self, logs: list[dict]) -> None:
+        try:
+            super().append_logs(logs)
+        except OSError as e:
+            raise write_failed(self._file_path, e) from None

@@ -15,11 +15,15 @@ from .domains import PosFloat, PosInt
 
 def mlp(input_shape, num_classes, *, width: PosInt = 512, depth: PosInt = 2) -> nn.Sequential:
     """`depth` hidden Linear+ReLU blocks (the first one flattens its input), then a linear head."""
-    dims = [math.prod(input_shape)] + [width] * depth
-    hidden = [nn.Sequential(nn.Linear(a, b), nn.ReLU()) for a, b in zip(dims, dims[1:])]
+    # Block by block, no list of `depth` widths first: an absurd depth (1e9) then stops at
+    # footprint's module limit in seconds instead of allocating gigabytes before it.
+    hidden = [
+        nn.Sequential(nn.Linear(width if i else math.prod(input_shape), width), nn.ReLU())
+        for i in range(depth)
+    ]
     # Flatten lives inside the first block so every block has weights: K counts layers.
     hidden[0].insert(0, nn.Flatten())
-    return nn.Sequential(*hidden, nn.Linear(dims[-1], num_classes))
+    return nn.Sequential(*hidden, nn.Linear(width, num_classes))
 
 
 def _conv_bn(c_in, c_out, stride=1):

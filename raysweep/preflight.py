@@ -12,11 +12,16 @@ from __future__ import annotations
 import inspect
 import json
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import pandas as pd
 import ray
 import torch
+import yaml
+from optuna.storages.journal import JournalFileBackend, JournalStorage
+from optuna.trial import TrialState
 from ray._private import state
 
 from . import checkpoints, footprint, results
@@ -170,14 +175,24 @@ def this_machine(num_cpus: int | None = None) -> Node:
     return Node("", num_cpus or os.cpu_count() or 1, gpus, ram, vram)
 
 
+AUTOSCALER_CONFIG = "~/ray_bootstrap_config.yaml"  # where `ray up` puts it on the head
+
+
 def cluster_nodes() -> list[Node]:
-    """The node types the cluster's autoscaler may start (as GCS holds them), else its live
-    nodes. Needs a connected Ray."""
+    """The node types the cluster's autoscaler may start (as GCS holds them, else as `ray up`
+    left them on the head), else its live nodes. Needs a connected Ray."""
     # Ray Data reads the autoscaler's node types the same way (ray.data's cluster autoscaler).
     config = state.state.get_cluster_config()
     groups = [g for g in (config.node_group_configs if config else []) if g.max_count != 0]
     if groups:
         return [_node(f"node type {g.name}", dict(g.resources)) for g in groups]
+    # Ray 2.60's autoscaler reports no node types to GCS; `ray up` writes its config to the
+    # head's home, where `ray job submit` runs the driver (a cluster scaled to zero has only
+    # the head alive, which runs no trials).
+    bootstrap = Path(AUTOSCALER_CONFIG).expanduser()
+    if bootstrap.is_file():
+        types = yaml.safe_load(bootstrap.read_text()).get("available_node_types") or {}
+        return [_node(f"node type {k}", t.get("resources") or {}) for k, t in types.items()]
     alive = [n for n in ray.nodes() if n["Alive"]]
     return [_node(f"node {n['NodeManagerAddress']}", n["Resources"]) for n in alive]
 
@@ -240,6 +255,7 @@ def check_storage(spec: Spec, store: Store) -> None:
     but missing its meta.json, or a checkpoint the rows used that fails its sha256."""
     df = results.read(store, spec.name)  # names the damaged row file
     check_journal(store, spec.name)
+    check_agreement(store, spec.name, df)
     for kind in checkpoints.EVENTS:
         for key in store.list(kind):
             checkpoints.check_made(store, kind, key)
@@ -248,6 +264,74 @@ def check_storage(spec: Spec, store: Store) -> None:
         for key in sorted(used):
             if store.exists(f"checkpoints/{key}/meta.json"):
                 checkpoints.read(store, "checkpoints", key)  # the sha256 check
+    check_poisons(spec, store)
+
+
+def check_poisons(spec: Spec, store: Store) -> None:
+    """Every poison set crafted for this spec's dataset and attack (any seed) passes its sha256,
+    before the run rather than mid-sweep in the trial that loads it. A meta.json that does not
+    read is named too (checkpoints.read), whoever crafted it."""
+    mine = json.loads(json.dumps({"attack": spec.attack, "dataset": spec.dataset}, default=str))
+    for key in store.list("poisons"):
+        meta = f"poisons/{key}/meta.json"
+        if not store.exists(meta):
+            continue  # never finished; a crafted one without meta.json is check_made's
+        try:
+            config = json.loads(store.read(meta))["config"]
+            ours = {k: config[k] for k in mine} == mine
+        except (ValueError, KeyError, TypeError):
+            ours = True  # damaged: read() says how, in one line
+        if ours:
+            checkpoints.read(store, "poisons", key)
+
+
+def journal_trials(store: Store, experiment: str) -> dict[tuple[str, int], bool]:
+    """(study, trial number) -> finished (COMPLETE) for every trial in the experiment's journal,
+    read from a copy: nothing is written to the storage."""
+    rel = f"{experiment}/optuna.journal"
+    if not store.exists(rel):
+        return {}
+    with tempfile.TemporaryDirectory(prefix="raysweep-check-") as tmp:
+        path = os.path.join(tmp, "optuna.journal")
+        with open(path, "wb") as f:
+            f.write(store.read(rel))
+        journal = JournalStorage(JournalFileBackend(path))
+        # FrozenStudy keeps its id private; looking each name up instead is quadratic.
+        return {
+            (study.study_name, t.number): t.state == TrialState.COMPLETE
+            for study in journal.get_all_studies()
+            for t in journal.get_all_trials(study._study_id, deepcopy=False)
+        }
+
+
+def check_agreement(store: Store, experiment: str, df: pd.DataFrame) -> None:
+    """CorruptStorage (one line) unless the journal and the tuning rows record the same trials.
+
+    A row the journal does not know (the journal lost, or replaced by another) would be
+    overwritten by the next trial given its number; a finished trial without its row lost its
+    result. Trials that never finished (running, failed, queued) may lack a row: `reconcile`
+    re-plans them.
+    """
+    tuned = df[df["phase"] == "tune"] if len(df) else pd.DataFrame(columns=["cell", "trial_number"])
+    rows = {(cell, int(n)) for cell, n in zip(tuned["cell"], tuned["trial_number"])}
+    trials = journal_trials(store, experiment)
+    fix = f"`raysweep repair SPEC --storage {store.uri}` rebuilds the studies from the rows"
+    unknown = sorted(rows - trials.keys())
+    if unknown:
+        first = results.row_name(experiment, "tune", *unknown[0])
+        what = "missing or empty" if not trials else "does not record every row"
+        raise CorruptStorage(
+            f"{store.path(f'{experiment}/optuna.journal')}: {what}: {len(unknown)} of "
+            f"{len(rows)} tuning rows have no trial there (first: {store.path(first)}); a "
+            f"resume would overwrite them; {fix}"
+        )
+    lost = sorted(k for k, finished in trials.items() if finished and k not in rows)
+    if lost:
+        first = results.row_name(experiment, "tune", *lost[0])
+        raise CorruptStorage(
+            f"{store.path(f'{experiment}/results')}: {len(lost)} trials the journal records as "
+            f"finished have no row (first: {store.path(first)}); {fix} (those trials run again)"
+        )
 
 
 def check_journal(store: Store, experiment: str) -> None:

@@ -15,10 +15,12 @@ prefix method spends `trials_per_cell` runs at its largest budget, a PER_BUDGET 
 
 from __future__ import annotations
 
+import datetime as dt
 import math
 from collections.abc import Callable
 
 import optuna
+import pandas as pd
 from optuna.storages.journal import JournalStorage
 from optuna.trial import TrialState, create_trial
 from ray.tune.search import Searcher
@@ -72,10 +74,11 @@ def open_studies(
         name = cell_name(method, budget)
         seed = derive_seed(spec.seed, name) % 2**32
         sampler = make_sampler(spec.sampler, seed, spec.trials_per_cell)
-        studies[name] = optuna.create_study(
-            study_name=name, storage=storage, sampler=sampler, load_if_exists=True
-        )
-        if name not in existing and name in leads:  # smaller cells get their lead's settings
+        if name in existing:  # create_study(load_if_exists) would append a line to find out
+            studies[name] = optuna.load_study(study_name=name, storage=storage, sampler=sampler)
+            continue
+        studies[name] = optuna.create_study(study_name=name, storage=storage, sampler=sampler)
+        if name in leads:  # smaller cells get their lead's settings
             enqueue_first(spec, method, studies[name])
     return studies
 
@@ -198,6 +201,48 @@ def reconcile(spec: Spec, store: Store, studies: dict[str, optuna.Study]) -> dic
             if row is not None:
                 done.setdefault(name, set()).add(t.number)
     return done
+
+
+def rebuild(spec: Spec, store: Store) -> str | None:
+    """Rebuild every cell's study from its tuning rows, in a new journal; return where the old
+    journal was kept (None if there was none).
+
+    Each row becomes the trial of its number in its cell's study, with its parameters and
+    objective (failed if its row failed); a number without a row (an interrupted trial) becomes
+    a failed trial, so new trials are numbered after every row and never take a row's file name.
+    A study without rows starts as a new one (`open_studies`: its `tried_first` queued).
+    """
+    df = results.read(store, spec.name)
+    rel, kept = f"{spec.name}/optuna.journal", None
+    if store.exists(rel):  # kept, not deleted: it may hold what the rows do not
+        kept = f"{rel}.replaced-{dt.datetime.now(dt.timezone.utc):%Y%m%d-%H%M%S}"
+        store.write(kept, store.read(rel))
+        store.delete(rel)
+    journal, sync = open_journal(spec, store)
+    tuned = df[df["phase"] == "tune"] if len(df) else pd.DataFrame(columns=["cell", "method"])
+    for cell, rows in tuned.groupby("cell"):
+        method = rows["method"].iloc[0]
+        dists, _ = distributions(method, spec.methods[method])
+        by_number = {int(r["trial_number"]): r for r in rows.to_dict("records")}
+        trials = [_as_trial(spec, by_number.get(n), dists) for n in range(max(by_number) + 1)]
+        optuna.create_study(study_name=cell, storage=journal).add_trials(trials)
+    open_studies(spec, store, journal)
+    sync()
+    return kept and store.path(kept)
+
+
+def _as_trial(spec: Spec, row: dict | None, dists: dict) -> optuna.trial.FrozenTrial:
+    """A row as a finished trial of its study: COMPLETE with its objective if it is ok, else FAIL."""
+    if row is None:
+        return create_trial(state=TrialState.FAIL)
+    params = {k: v for k, v in results.params_of(spec, row).items() if k in dists}
+    ok = row["status"] == "ok" and math.isfinite(row["objective"])
+    return create_trial(
+        state=TrialState.COMPLETE if ok else TrialState.FAIL,
+        value=row["objective"] if ok else None,
+        params=params,
+        distributions={k: dists[k] for k in params},
+    )
 
 
 class ListSearcher(Searcher):

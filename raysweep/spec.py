@@ -66,6 +66,10 @@ _FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)$")
 # tensors need more cannot run on any machine, whatever the cluster; what this machine or a
 # cluster's nodes hold is checked by the driver (preflight.check_machine, check_cluster).
 MAX_NODE_BYTES = 32 * 2**40
+# Cells (methods x budgets), one Optuna study each. Optuna 5.1's journal checks each new study's
+# name against every study's, so a start costs time quadratic in the cells: 1.6 s for 1,000,
+# 7 s for 2,000 on a busy 2-core machine (20,000 would take over ten minutes before a trial).
+MAX_CELLS = 1000
 
 
 @dataclass(frozen=True)
@@ -317,6 +321,12 @@ def validate(raw: Any, src: str = "<spec>") -> Spec:
         _check(src, f"budgets[{i}]", b, DOMAINS["budgets"])
     if len(set(budgets)) < len(budgets):
         raise SpecError(f"{src}: budgets: {_show(budgets)} repeats a budget; allowed: distinct")
+    if len(budgets) * len(raw["methods"]) > MAX_CELLS:
+        raise SpecError(
+            f"{src}: budgets: {len(budgets)} budgets x {len(raw['methods'])} methods = "
+            f"{len(budgets) * len(raw['methods'])} cells; allowed: at most {MAX_CELLS} cells "
+            "(one Optuna study each)"
+        )
     for key, default in (("trials_per_cell", 8), ("delta", 0.02), ("seed", 0), ("sampler", "tpe")):
         _check(src, key, raw.setdefault(key, default), DOMAINS[key])
     # known_fraction filled in: a trial reads it

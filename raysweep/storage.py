@@ -42,6 +42,25 @@ class CorruptStorage(RunStateError):
     """A damaged file in the storage, as one line naming it and the fix."""
 
 
+class WriteFailed(CorruptStorage):
+    """A write the storage refused (permission, disk full, an object-store error after its
+    retries), as one line naming the path, the cause and the fix. A CorruptStorage, so it
+    stops a sweep the way a damaged checkpoint does (cluster.StopOnCorrupt)."""
+
+
+# What fixes a refused write; the trials whose writes were lost run again on resume.
+WRITE_FIX = (
+    "make the storage writable (permissions, free space, credentials), then "
+    "`raysweep run SPEC --resume` runs the lost trials again"
+)
+
+
+def write_failed(path: str, error: OSError) -> WriteFailed:
+    """The one line for a write to `path` that the storage refused with `error`."""
+    why = str(error).splitlines()[0] if str(error) else ""
+    return WriteFailed(f"{path}: cannot be written ({type(error).__name__}: {why}); {WRITE_FIX}")
+
+
 class LeaseHeld(RunStateError):
     """Another driver is running the experiment, as one line naming its host and start time."""
 
@@ -73,18 +92,23 @@ class Store:
 
         Locally: write a hidden temporary name, then rename (readers skip '.' names). An object
         store's PUT is already atomic, and its rename is a copy, so there we write in place.
+        WriteFailed (one line) if the storage refuses it: every write point of a sweep (rows,
+        checkpoints, poisons, the journal's upload, the lease) stops the sweep the same way.
         """
         final = self.path(rel)
-        if not self.local:
-            with self.fs.open_output_stream(final) as f:
+        try:
+            if not self.local:
+                with self.fs.open_output_stream(final) as f:
+                    f.write(data)
+                return
+            parent, name = final.rsplit("/", 1)
+            self.fs.create_dir(parent, recursive=True)
+            tmp = f"{parent}/.tmp-{uuid.uuid4().hex}-{name}"
+            with self.fs.open_output_stream(tmp) as f:
                 f.write(data)
-            return
-        parent, name = final.rsplit("/", 1)
-        self.fs.create_dir(parent, recursive=True)
-        tmp = f"{parent}/.tmp-{uuid.uuid4().hex}-{name}"
-        with self.fs.open_output_stream(tmp) as f:
-            f.write(data)
-        self.fs.move(tmp, final)
+            self.fs.move(tmp, final)
+        except OSError as e:  # pyarrow raises OSError for local and object-store failures alike
+            raise write_failed(final, e) from None
 
     def delete(self, rel: str) -> None:
         self.fs.delete_file(self.path(rel))
@@ -253,8 +277,12 @@ def _held(where: str, holder: dict, expires: bool) -> LeaseHeld:
 @contextlib.contextmanager
 def _flock_lease(store: Store, rel: str, me: dict, where: str) -> Iterator[None]:
     path = store.path(rel)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "a+b") as f:  # append mode: after truncate(0) the write lands at 0
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        f = open(path, "a+b")  # append mode: after truncate(0) the write lands at 0
+    except OSError as e:
+        raise write_failed(path, e) from None
+    with f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -9,6 +9,7 @@ resumed run continue each study instead of restarting it (cluster.py: Ray, journ
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import math
 import os
@@ -28,12 +29,13 @@ from .cluster import (
     fit,
     open_journal,
     record_spec,
+    recorded_spec,
     slots,
     start_ray,
 )
 from .preflight import check_cluster, check_data, check_fits, check_machine, check_storage
 from .progress import Progress, cell_key
-from .searcher import CellSearcher, ListSearcher, open_studies, reconcile
+from .searcher import CellSearcher, ListSearcher, open_studies, rebuild, reconcile
 from .spec import Spec
 from .storage import CorruptStorage, Store, driver_lease, open_store
 from .trial import run_trial
@@ -95,9 +97,24 @@ def execute(spec: Spec, store: Store, config: dict) -> list[dict]:
         else:
             row |= {"status": "failed", "error": error, "objective": math.nan, "wall_s": None}
         row["finished_at"] = _now()
-        results.write_row(store, spec, row)
         rows.append(row)
+    write_rows(store, spec, rows)
     return rows
+
+
+def write_rows(store: Store, spec: Spec, rows: list[dict]) -> None:
+    """Write a run's rows, all or none: WriteFailed (storage.Store.write) stops the sweep, and
+    the rows already written are removed, so the resumed run re-runs the whole run instead of
+    leaving its smaller cells one row more than their studies plan."""
+    written = []
+    try:
+        for row in rows:
+            written.append(results.write_row(store, spec, row))
+    except CorruptStorage:
+        for name in written:
+            with contextlib.suppress(OSError):  # the storage is failing: the first error is the one
+                store.delete(name)
+        raise
 
 
 def reported(rows: list[dict]) -> dict:
@@ -230,6 +247,36 @@ def run(
         return _run(spec, store, address, num_cpus, max_concurrent)
 
 
+def repair(spec: Spec, storage: str) -> str:
+    """Rebuild the experiment's studies from its rows (`searcher.rebuild`), so a resume continues
+    without re-running or overwriting a finished trial; return what was done, in one line.
+
+    A spec.json that is missing (deleted because it was damaged) is written from `spec`;
+    otherwise `spec` must be one a resume accepts (`check_resume`).
+    """
+    store = open_store(storage)
+    with driver_lease(store, spec.name):
+        df = results.read(store, spec.name)  # names a damaged row file
+        if recorded_spec(spec, store) is None:
+            record_spec(spec, store)
+        check_resume(spec, store, resume=True)
+        kept = rebuild(spec, store)
+    n = int((df["phase"] == "tune").sum()) if len(df) else 0
+    old = f"the old journal is kept as {kept}" if kept else "there was no journal"
+    return (
+        f"{store.path(spec.name)}: {len(spec.cells())} studies rebuilt from {n} tuning rows "
+        f"({old}); `raysweep run SPEC --resume` continues"
+    )
+
+
+# Ray Tune can end a trial whose node died without its row: two failures of one reused actor
+# race in its controller, and the second finds the trial already set to retry and stops it for
+# good (seen once in three reclaimed workers, tests/test_autoscaling.py). So each phase runs
+# again from the rows, as `--resume` would, until every planned trial has its row, at most
+# PASSES times (a trial that fails every time has a failed row, not none).
+PASSES = 3
+
+
 def _run(
     spec: Spec,
     store: Store,
@@ -238,6 +285,26 @@ def _run(
     max_concurrent: int | None,
 ) -> pd.DataFrame:
     record_spec(spec, store)
+    for attempt in range(PASSES):
+        if not _tune(spec, store, address, num_cpus, max_concurrent, quiet=attempt > 0):
+            break
+    for _ in range(PASSES):
+        if not confirm_plan(spec, results.read(store, spec.name)):
+            break
+        start_ray(address, num_cpus)
+        confirm(spec, store.uri, slots(spec, max_concurrent))
+    return results.read(store, spec.name)
+
+
+def _tune(
+    spec: Spec,
+    store: Store,
+    address: str | None,
+    num_cpus: int | None,
+    max_concurrent: int | None,
+    quiet: bool,
+) -> int:
+    """Run the tuning runs the rows do not hold yet; return how many were planned."""
     journal, sync = open_journal(spec, store)
     studies = open_studies(spec, store, journal)
     done = reconcile(spec, store, studies)
@@ -247,31 +314,30 @@ def _run(
     remaining = searcher.remaining
     planned = dict.fromkeys(searcher.cells, spec.trials_per_cell)
     total, recorded = sum(planned.values()), sum(len(done.get(c, ())) for c in planned)
-    print(f"{spec.name}: {recorded}/{total} tuning trials recorded, {remaining} to run")
-    if remaining > 0:
-        start_ray(address, num_cpus)
-        cpu, gpu = spec.resources.get("cpu", 1), spec.resources.get("gpu", 0)
-        trainable = make_trainable(spec, store.uri, threads=max(1, int(cpu)))
-        tuner = tune.Tuner(
-            tune.with_resources(trainable, {"cpu": cpu, "gpu": gpu}),
-            tune_config=tune.TuneConfig(
-                search_alg=searcher,
-                num_samples=remaining,
-                max_concurrent_trials=slots(spec, max_concurrent),
-                reuse_actors=True,
-            ),
-            run_config=tune.RunConfig(
-                name=f"tune-{_now():%Y%m%d-%H%M%S}",
-                storage_path=store.path(f"{spec.name}/tune"),
-                storage_filesystem=store.fs,
-                callbacks=[Progress("tune", planned, results.read(store, spec.name)), Retries()],
-                stop=StopOnCorrupt(),
-                verbose=0,
-                failure_config=tune.FailureConfig(max_failures=MAX_FAILURES),
-            ),
-        )
-        fit(tuner)
-    if confirm_plan(spec, results.read(store, spec.name)):
-        start_ray(address, num_cpus)
-        confirm(spec, store.uri, slots(spec, max_concurrent))
-    return results.read(store, spec.name)
+    if remaining or not quiet:
+        print(f"{spec.name}: {recorded}/{total} tuning trials recorded, {remaining} to run")
+    if remaining == 0:
+        return 0
+    start_ray(address, num_cpus)
+    cpu, gpu = spec.resources.get("cpu", 1), spec.resources.get("gpu", 0)
+    trainable = make_trainable(spec, store.uri, threads=max(1, int(cpu)))
+    tuner = tune.Tuner(
+        tune.with_resources(trainable, {"cpu": cpu, "gpu": gpu}),
+        tune_config=tune.TuneConfig(
+            search_alg=searcher,
+            num_samples=remaining,
+            max_concurrent_trials=slots(spec, max_concurrent),
+            reuse_actors=True,
+        ),
+        run_config=tune.RunConfig(
+            name=f"tune-{_now():%Y%m%d-%H%M%S}",
+            storage_path=store.path(f"{spec.name}/tune"),
+            storage_filesystem=store.fs,
+            callbacks=[Progress("tune", planned, results.read(store, spec.name)), Retries()],
+            stop=StopOnCorrupt(),
+            verbose=0,
+            failure_config=tune.FailureConfig(max_failures=MAX_FAILURES),
+        ),
+    )
+    fit(tuner)
+    return remaining
