@@ -189,8 +189,10 @@ def test_gpu_bench_writes_the_throughput_plan_reads(tmp_path, monkeypatch):
 
 
 def test_docs_plans_are_current():
-    """docs/plans.md is generated from the code (`python -m raysweep.plan`), so it cannot drift."""
-    path = Path(__file__).parents[1] / "docs" / "plans.md"
-    assert path.read_text() == plan.paper_plans(), (
-        "regenerate: python -m raysweep.plan > docs/plans.md"
+    """docs/plans.md and README's table of it are generated from the code, so they cannot drift."""
+    doc, summary = plan.paper_plans()
+    root = Path(__file__).parents[1]
+    assert (root / "docs" / "plans.md").read_text() == doc, (
+        "python -m raysweep.plan > docs/plans.md"
     )
+    assert summary.replace("](#", "](docs/plans.md#") in (root / "README.md").read_text()
