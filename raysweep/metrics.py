@@ -16,9 +16,11 @@ import copy
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy.stats import norm
+from scipy.special import logsumexp
+from scipy.stats import binom, ks_2samp, kstest, kstwo, norm
 from torch import nn
 
 from .attacks import insert_trigger
@@ -312,6 +314,50 @@ ATTACK_OK = {
 MAX_DEGENERATE = 0.05
 
 
+# Per-poison tests of the exact null (issue 24). gus is a mean, so a model that forgot most
+# poisons but still fits a few reads as clean; these look at the whole score set. Each is a
+# log10 p-value (log space: a poisoned model's p underflows float64 at a few thousand poisons)
+# against "the model never trained on the noise": I_i ~ N(0, 1) independently on the poisons
+# where the model's own gradient is informative. Selecting them by that gradient keeps the null
+# exact, as it does not depend on xi_i; selecting by the poisoned model's would not.
+Z_HIGH = float(norm.isf(FPR))  # about +2.326: the upper tail, where an overshoot shows
+NULL_ALPHA = 0.01  # the table's level for "indistinguishable", before correcting for its cells
+NULL_TESTS = ("null_ks_log10p", "null_low_log10p", "null_high_log10p", "null_retrain_log10p")
+
+
+def tail_log10p(k: int, n: int, q: float = FPR) -> float:
+    """log10 P(X >= k), X ~ Binomial(n, q): the exact one-sided p of k or more of n scores in a
+    tail of probability q, summed in log space (scipy's binom.logsf is -inf once p underflows)."""
+    return float(logsumexp(binom.logpmf(np.arange(k, n + 1), n, q))) / math.log(10)
+
+
+def null_tests(after: np.ndarray, retrain: np.ndarray) -> dict[str, float]:
+    """log10 p-values that the unlearned model's per-poison scores `after` (NaN = degenerate) come
+    from a model that never trained on the noise: per test (NULL_TESTS), and `null_log10p`, their
+    Bonferroni combination (min p x 4: the row is rejected at alpha when any test is at alpha / 4).
+
+    null_ks: one-sample Kolmogorov-Smirnov against N(0, 1), exact (kstwo's logsf, finite to p ~
+    1e-300). null_low / null_high: the count of scores <= Phi^-1(0.01) / >= Phi^-1(0.99) against
+    1 % each, exact binomial, one-sided (an excess in either tail is a trace; a deficit is already
+    the KS test's, and 150 poisons expect only 1.5 per tail). null_retrain: two-sample KS against
+    the retrained model's scores; the two score the same xi_i, so their scores correlate
+    positively and this test is conservative. All NaN when fewer than 1 - MAX_DEGENERATE of either
+    model's scores are informative: the row is infeasible, and its tests would see few poisons.
+    """
+    a, r = after[~np.isnan(after)], retrain[~np.isnan(retrain)]
+    if min(len(a) / max(len(after), 1), len(r) / max(len(retrain), 1)) < 1 - MAX_DEGENERATE:
+        return dict.fromkeys((*NULL_TESTS, "null_log10p"), math.nan)
+    parts = [
+        float(kstwo.logsf(kstest(a, "norm").statistic, len(a))) / math.log(10),
+        tail_log10p(int((a <= Z_AT_FPR).sum()), len(a)),
+        tail_log10p(int((a >= Z_HIGH).sum()), len(a)),
+        math.log10(ks_2samp(a, r).pvalue),
+    ]
+    return dict(zip(NULL_TESTS, parts)) | {
+        "null_log10p": min(0.0, math.log10(len(parts)) + min(parts))
+    }
+
+
 def measure(
     model: nn.Module, probe: Probe, attack: str
 ) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
@@ -329,6 +375,33 @@ def residual(e_after: float, e_before: float, e_retrain: float) -> float:
     """r = (E_after - E_retrain) / (E_before - E_retrain): 0 = as retrained, 1 = nothing removed."""
     denom = e_before - e_retrain
     return (e_after - e_retrain) / denom if denom != 0 else float("nan")
+
+
+# Degenerate units (a NaN Gaussian score: zero or non-finite input gradient) are left out of r the
+# same way for all three models: r and its interval are computed on the units every model scores,
+# so the three means are over the same poisons; with fewer than MIN_PAIRED of the units left, r is
+# NaN rather than a ratio resting on whichever poisons happen to remain. The share matches
+# MAX_DEGENERATE: an unlearned model past it is infeasible anyway. Accuracy, target and backdoor
+# units are never NaN, so for them this is the plain mean.
+MIN_PAIRED = 1 - MAX_DEGENERATE
+
+
+def paired(before: torch.Tensor, after: torch.Tensor, retrain: torch.Tensor):
+    """The three models' units where all three are non-NaN; None when fewer than MIN_PAIRED of
+    the units (or none) remain."""
+    keep = ~(before.isnan() | after.isnan() | retrain.isnan())
+    if before.numel() == 0 or keep.sum().item() < MIN_PAIRED * before.numel():
+        return None
+    return before[keep], after[keep], retrain[keep]
+
+
+def paired_residual(before: torch.Tensor, after: torch.Tensor, retrain: torch.Tensor) -> float:
+    """r from the three models' effect units, on the units all three score (`paired`)."""
+    units = paired(before, after, retrain)
+    if units is None:
+        return math.nan
+    b, a, r = (torch.nanmean(u).item() for u in units)
+    return residual(a, b, r)
 
 
 # Uncertainty. E is a mean over units (poisons, targets, rows), so r inherits their sampling
@@ -363,10 +436,12 @@ def _interval(samples: torch.Tensor) -> tuple[float, float]:
 def residual_interval(
     before: torch.Tensor, after: torch.Tensor, retrain: torch.Tensor, generator: torch.Generator
 ) -> tuple[float, float]:
-    """The 95% percentile-bootstrap interval of r from the three models' paired effect units."""
-    if before.numel() == 0:
+    """The 95% percentile-bootstrap interval of r from the three models' paired effect units,
+    on the units all three score (`paired`)."""
+    units = paired(before, after, retrain)
+    if units is None:
         return math.nan, math.nan
-    b, a, r = bootstrap_means([before, after, retrain], generator)
+    b, a, r = bootstrap_means(list(units), generator)
     return _interval((a - r) / (b - r))
 
 

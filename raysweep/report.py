@@ -77,6 +77,7 @@ def markdown(table: pd.DataFrame, experiment: str, df: pd.DataFrame) -> str:
         "A cell's best is its method's best at or below its budget (a method may stop early): "
         "`from budget` is where the chosen run stopped.",
         not_converged_line(table),
+        null_line(table),
         "",
         markdown_table(table),
     ]
@@ -94,6 +95,24 @@ def _count(k: int, n: int) -> str:
     return "yes" if k == n else ("**no**" if k == 0 else f"{k}/{n}")
 
 
+def _indistinguishable(row: dict) -> str:
+    k = row["indistinguishable"]
+    return "" if pd.isna(k) else _count(int(k), row["n"])
+
+
+def null_line(table: pd.DataFrame) -> str:
+    """How the `indistinguishable` column reads (results.indistinguishable), with its level."""
+    alpha = table["null_alpha"].dropna()
+    if not len(alpha):
+        return ""
+    return (
+        "`indistinguishable from never trained`: runs whose unlearned model's per-poison Gaussian "
+        "scores pass all four tests against N(0, 1) (KS, an excess in either 1 % tail, KS against "
+        f"the retrained model's scores) at α = {alpha.iloc[0]:.2g} (0.01, Bonferroni over the "
+        "table's cells; the four tests Bonferroni within a run)."
+    )
+
+
 def not_converged_line(table: pd.DataFrame) -> str:
     """How many cells more trials might still improve (the `converged` column, convergence.py)."""
     cells = table[table["source"] != "reference"]
@@ -108,7 +127,7 @@ def markdown_table(table: pd.DataFrame) -> str:
     """Just the table: one line per reference and per cell; a cell's numbers are mean ± std over
     its feasible runs, and its `feasible` column says how many of the n runs those are."""
     cols = ["attack", "method", "budget", "from budget", "n", "attack worked", "feasible"]
-    cols += ["converged", "r", "r 95% CI"]
+    cols += ["converged", "r", "r 95% CI", "indistinguishable from never trained"]
     cols += [HEADERS[k] for k in HEADERS if k != "residual"] + ["setting"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for row in table.to_dict("records"):
@@ -120,7 +139,7 @@ def markdown_table(table: pd.DataFrame) -> str:
         setting = "" if pd.isna(row["setting"]) else row["setting"]
         cells = [row["attack"], row["method"], budget, start, str(row["n"])]
         cells += [_count(row["attack_ok"], row["n"]), feasible, converged, stats[0]]
-        cells += [_interval(row)]
+        cells += [_interval(row), _indistinguishable(row)]
         lines.append("| " + " | ".join([*cells, *stats[1:], setting]) + " |")
     warnings = results.attack_warnings(table) + results.feasibility_warnings(table)
     return "\n".join(lines + ([""] + warnings if warnings else []))

@@ -13,12 +13,13 @@ import json
 import platform
 from importlib.metadata import version
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .convergence import CELL, convergence
-from .metrics import MAX_RESOLUTION
+from .metrics import MAX_RESOLUTION, NULL_ALPHA, null_tests
 from .spec import Spec, distributions
 from .storage import CorruptStorage, Store
 
@@ -75,6 +76,13 @@ COLUMNS = {
     "residual": pa.float64(),
     "residual_lo": pa.float64(),  # 95 % paired-bootstrap interval of `residual`
     "residual_hi": pa.float64(),
+    # The unlearned model's per-poison Gaussian scores against never having trained on the noise
+    # (metrics.null_tests), as log10 p-values; null for attacks without Gaussian noise.
+    "null_ks_log10p": pa.float64(),  # one-sample KS against N(0, 1)
+    "null_low_log10p": pa.float64(),  # excess of scores <= Phi^-1(0.01), exact binomial
+    "null_high_log10p": pa.float64(),  # excess of scores >= Phi^-1(0.99), exact binomial
+    "null_retrain_log10p": pa.float64(),  # two-sample KS against the retrained model's scores
+    "null_log10p": pa.float64(),  # the four combined: Bonferroni, min p x 4
     "budget_used": pa.float64(),
     "budget_units": pa.float64(),
     "wall_s": pa.float64(),
@@ -267,6 +275,36 @@ def feasibility_warnings(table: pd.DataFrame) -> list[str]:
     ]
 
 
+def null_log10p(rows: pd.DataFrame, model: str) -> list[float]:
+    """Per row with Gaussian scores, the combined log10 p (metrics.null_tests) that `model`'s
+    scores come from a model never trained on the noise; recomputed from the stored scores, so
+    rows written before the `null_log10p` column existed read the same. Empty for other attacks."""
+    pairs = zip(rows[f"{model}_scores"], rows["retrain_scores"])
+    return [
+        null_tests(np.asarray(s, float), np.asarray(ref, float))["null_log10p"]
+        for s, ref in pairs
+        if s is not None
+    ]
+
+
+def indistinguishable(table_rows: list[dict]) -> None:
+    """Set each row's `indistinguishable`: how many of its runs' scores pass the null tests at
+    `null_alpha` = NULL_ALPHA / (the number of distinct cells with Gaussian scores), Bonferroni
+    over the table's cells (references are read at the same level, not counted); NaN without
+    scores. A run whose tests are NaN (too many degenerate scores) counts as not passing."""
+    # Cells that a smaller budget's best also won report the same runs: counted once.
+    tested = {
+        (r["attack"], r["method"], r["from_budget"], r["tuned_trial"])
+        for r in table_rows
+        if r["source"] != "reference" and r["null"]
+    }
+    alpha = NULL_ALPHA / max(len(tested), 1)
+    for r in table_rows:
+        ps = r.pop("null")
+        if ps:
+            r |= {"indistinguishable": sum(p > np.log10(alpha) for p in ps), "null_alpha": alpha}
+
+
 def table(df: pd.DataFrame) -> pd.DataFrame:
     """The paper-style table: per attack, the poisoned and retrain references, then each cell's
     best setting (chosen on val, among its method's rows at or below its budget: `from_budget`
@@ -278,6 +316,8 @@ def table(df: pd.DataFrame) -> pd.DataFrame:
     feasible runs only, and `residual_lo`/`residual_hi` span every feasible run's 95% interval
     of r (the hull), so two methods whose spans overlap are not told apart by this table.
     `converged` is false where more trials might still change the cell's best (convergence.py).
+    `indistinguishable` counts the runs (of `n`) whose unlearned model's per-poison Gaussian
+    scores pass metrics.null_tests at `null_alpha` (`indistinguishable` below).
     """
     counts = df[df["phase"] == "tune"].groupby(["attack", "method", "budget"])["status"]
     converged = convergence(df).set_index(CELL)["converged"]
@@ -301,6 +341,7 @@ def table(df: pd.DataFrame) -> pd.DataFrame:
             "residual_lo": feasible["residual_lo"].min(),
             "residual_hi": feasible["residual_hi"].max(),
         }
+        row |= {"null": null_log10p(runs, "after")}  # over all n runs, as attack_ok counts
         cells.append(row)
     refs = []
     for attack, used in sorted(seeds.items()):
@@ -311,11 +352,13 @@ def table(df: pd.DataFrame) -> pd.DataFrame:
             ref |= {"attack_ok": int(per_seed["attack_ok"].sum())}
             ref |= {"residual": r, "residual_std": 0.0 if len(per_seed) > 1 else float("nan")}
             ref |= _stats(per_seed, {k: f"{prefix}_{c}" for k, c in REPORTED.items()})
+            ref |= {"null": null_log10p(per_seed, prefix)}  # a check: poisoned no, retrain yes
             refs.append(ref)
+    indistinguishable(refs + cells)
     out = pd.DataFrame(refs + cells)
     order = ["attack", "method", "budget", "from_budget", "source", "n", "seeds", "attack_ok"]
     order += ["trials", "failed", "converged"]
     order += ["tuned_trial", "feasible", "setting", "residual", "residual_std"]
-    order += ["residual_lo", "residual_hi"]
+    order += ["residual_lo", "residual_hi", "indistinguishable", "null_alpha"]
     order += [c for s in STATS[1:] for c in (s, f"{s}_std")]
     return out.reindex(columns=order).sort_values(["attack"], kind="stable", ignore_index=True)

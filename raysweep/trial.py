@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from . import extractor
@@ -29,7 +30,8 @@ from .metrics import (
     MAX_RESOLUTION,
     Probe,
     measure,
-    residual,
+    null_tests,
+    paired_residual,
     residual_interval,
     resolution,
 )
@@ -331,9 +333,10 @@ def run_trial(
 def _row(spec, setup, model, method, number, seed, started, budget, used) -> dict:
     """Measure `model` as the result of a run at `budget` that spent `used` units: one row."""
     after, units = measure(model.eval(), setup.probe, spec.attack["name"])
-    r_val = residual(after["effect_val"], setup.before["effect_val"], setup.retrain["effect_val"])
-    r_test = residual(
-        after["effect_test"], setup.before["effect_test"], setup.retrain["effect_test"]
+    # On the units all three models score (metrics.paired): one rule for degenerate poisons.
+    r_val, r_test = (
+        paired_residual(setup.before_units[s], units[s], setup.retrain_units[s])
+        for s in ("val", "test")
     )
     # r is NaN, not an error, when the attack had no effect (E_before = E_retrain): that trial
     # is kept and marked by attack_ok. Non-finite weights mean divergence: a failed trial. (A
@@ -381,6 +384,8 @@ def _row(spec, setup, model, method, number, seed, started, budget, used) -> dic
         "after_scores": stored_scores(spec, units),
         "retrain_scores": stored_scores(spec, setup.retrain_units),
     }
+    if row["after_scores"] is not None:  # the per-poison tests need the Gaussian scores
+        row |= null_tests(np.asarray(row["after_scores"]), np.asarray(row["retrain_scores"]))
     return row
 
 
