@@ -27,6 +27,7 @@ BENCHMARKS = [
     "autoscaling",
     "tpe_vs_random",
     "anytime",
+    "adaptive",
     "gpu",
 ]
 HERE = Path(__file__).parent

@@ -8,13 +8,15 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .spec import SpecError, load
+from .spec import SpecError, load, trials_range
 
 
 def _validate(args) -> int:
     spec = load(args.spec)
-    n = len(spec.cells()) * spec.trials_per_cell
-    print(f"{args.spec}: ok ({len(spec.cells())} cells, {n} trials, spec hash {spec.hash})")
+    low, high = trials_range(spec)
+    cells = len(spec.cells())
+    n = f"{cells * low}" if low == high else f"{cells * low}-{cells * high}"  # a range: min-max
+    print(f"{args.spec}: ok ({cells} cells, {n} trials, spec hash {spec.hash})")
     return 0
 
 
@@ -55,7 +57,7 @@ def _run(args) -> int:
         )
         return 1
     if len(df):
-        table = results.table(df)
+        table = results.table(df, trials_range(spec)[1])
         print(report.markdown_table(table))
         print(
             f"\n{report.not_converged_line(table)} `raysweep run SPEC --resume` with a larger "

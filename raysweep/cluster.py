@@ -11,6 +11,7 @@ from __future__ import annotations
 import atexit
 import datetime as dt
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -24,7 +25,8 @@ from optuna.storages.journal import JournalFileBackend, JournalStorage
 from ray import tune
 
 from . import results
-from .spec import Spec
+from .convergence import finished
+from .spec import Spec, trials_range
 from .storage import CorruptStorage, RunStateError, Store, write_failed
 
 # Ray's gRPC servers (GCS, raylet, workers) listen on loopback only when the node IP is exactly
@@ -49,7 +51,9 @@ def start_ray(address: str | None, num_cpus: int | None = None) -> None:
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=False)
+        # Quiet: the driver connects before its one-line checks (resources, lease), whose
+        # refusals must stay the only line it prints.
+        ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
         return
     with mock.patch.object(ray_constants, "ENABLE_RAY_CLUSTER", False):
         ray.init(
@@ -164,8 +168,9 @@ def check_resume(spec: Spec, store: Store, resume: bool | None) -> None:
     if resume is False:
         df = results.read(store, spec.name)
         n = int((df["phase"] == "tune").sum()) if len(df) else 0
-        total = len(spec.cells()) * spec.trials_per_cell
-        if not changed and n >= total:
+        low, high = trials_range(spec)
+        total = len(spec.cells()) * high  # a range's cells may stop before, converged
+        if not changed and finished(df, spec.cells(), low, high):
             return  # the same spec, already complete: nothing runs, the table is shown again
         raise RunStateError(
             f"{where}: experiment '{spec.name}' already exists ({n}/{total} tuning trials "

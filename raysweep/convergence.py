@@ -7,6 +7,11 @@ r on the tuning seed (`resolution`: the relative half-width of E_before - E_retr
 interval, the smallest change in r the run can tell apart). The last third is the last
 ceil(n / 3) of the n ok trials, so a cell with one ok trial has nothing before it and is not
 converged.
+
+`needed` turns the rule around for the sweep's adaptive budget (`trials_per_cell: {min, max}`,
+searcher.CellSearcher): how many more trials, none of them improving the best, before the rule
+can call the cell converged. Those trials are needed whatever they return, so that many may run
+at once without one being wasted.
 """
 
 from __future__ import annotations
@@ -37,6 +42,24 @@ def _noise(rows: pd.DataFrame, confirm: pd.DataFrame) -> float:
     return float(best["resolution"])
 
 
+def needed(objectives: list[float], threshold: float) -> float:
+    """More ok trials the rule needs before it can call converged a cell whose ok trials, in
+    order, returned `objectives` (0: converged now; inf: never, a NaN threshold). Two for a cell
+    with none: one to set a best, one after it."""
+    if not objectives:
+        return 2
+    running = pd.Series(objectives).cummin()
+    within = (running - running.iloc[-1] <= threshold).to_numpy()
+    if not within.any():
+        return math.inf
+    first = int(within.argmax())  # the first trial whose best-so-far is already within noise
+    n = len(objectives)
+    # Converged at n trials iff that trial lies in the first n - ceil(n / 3) (the module rule).
+    while n - math.ceil(n / 3) <= first:
+        n += 1
+    return n - len(objectives)
+
+
 def convergence(df: pd.DataFrame) -> pd.DataFrame:
     """Per cell: trials, final best, best after the first two thirds, improvement, threshold,
     converged (see the module docstring for the rule)."""
@@ -51,7 +74,22 @@ def convergence(df: pd.DataFrame) -> pd.DataFrame:
         threshold = _noise(rows, confirm)
         improved = before - best
         done = bool(improved <= threshold)
+        more = needed(list(rows["objective"]), threshold)
         out.append(dict(zip(CELL, key)) | {"trials": n, "best": best, "best_before": before,
-                    "improvement": improved, "threshold": threshold, "converged": done})  # fmt: skip
+                    "improvement": improved, "threshold": threshold, "converged": done,
+                    "needed": more})  # fmt: skip
     return pd.DataFrame(out, columns=[*CELL, "trials", "best", "best_before", "improvement",
-                                      "threshold", "converged"])  # fmt: skip
+                                      "threshold", "converged", "needed"])  # fmt: skip
+
+
+def finished(df: pd.DataFrame, cells: list[tuple[str, float]], low: int, high: int) -> bool:
+    """Whether the rows hold a whole sweep of `cells` ((method, budget)s) at `trials_per_cell`
+    (low, high): every cell has `high` tuning trials, or at least `low` and is converged."""
+    tuned = df[df["phase"] == "tune"] if len(df) else pd.DataFrame(columns=["method", "budget"])
+    trials = tuned.groupby(["method", "budget"]).size()
+    flags = convergence(df).set_index(["method", "budget"])["converged"] if len(df) else {}
+    for cell in cells:
+        n = int(trials.get(cell, 0))
+        if n < high and not (n >= low and bool(flags.get(cell, False))):
+            return False
+    return True

@@ -18,6 +18,8 @@ from annotated_types import Ge, GroupedMetadata, Gt, Interval, Le, Lt, MinLen
 
 # Integers end up in torch (int64): a larger one would fail inside a trial, not here.
 INT64 = 2**63
+# Every int up to this size is exact as a float64 (an int parameter sharing a float column).
+EXACT_INT = 2**53
 
 PosInt = Annotated[int, Ge(1)]  # counts and sizes
 NonNegInt = Annotated[int, Ge(0)]
@@ -59,6 +61,30 @@ def _parts(domain: Any) -> tuple[Any, list, bool]:
 def base(domain: Any) -> Any:
     """The domain's type (int, float, bool, str) or its `Literal[...]`."""
     return _parts(domain)[0]
+
+
+def kind(domain: Any) -> type | None:
+    """The one type a domain's values have (bool, int, float, str; a `Literal`'s by its
+    choices), or None where they have several or none of these: no one column holds them."""
+    kind = base(domain)
+    if typing.get_origin(kind) is Literal:
+        kinds = {type(c) for c in typing.get_args(kind)}
+        kind = kinds.pop() if len(kinds) == 1 else None
+    return kind if kind in (bool, int, float, str) else None
+
+
+def column_kind(kinds: set[type]) -> type | None:
+    """The kind of one column holding values of all `kinds`: ints and floats share a float column
+    (exact up to 2^53, EXACT_INT); any other mix has none (a bool is no number here)."""
+    if kinds == {int, float}:
+        return float
+    return next(iter(kinds)) if len(kinds) == 1 else None
+
+
+def typed(value: Any, domain: Any) -> Any:
+    """`value` as its parameter takes it: an int written for a float parameter becomes that float
+    (YAML writes 1 for 1.0), so the unlearner, the journal and the row all see 1.0."""
+    return float(value) if kind(domain) is float and type(value) is int else value
 
 
 def _num(x: Any) -> str:

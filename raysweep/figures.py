@@ -15,7 +15,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
-from scipy.stats import norm
+from scipy.stats import beta, norm
 
 from . import results
 from .metrics import FPR, MAX_RESOLUTION, MIN_EFFECT, Z_AT_FPR
@@ -124,11 +124,11 @@ def _histograms(ax, refs: pd.DataFrame, after: np.ndarray, colour: str) -> None:
     ax.tick_params(labelsize=7)
 
 
-def _no_scores(attack: str) -> Figure:
+def _no_scores(attack: str, what: str = "the paper's Fig. 6") -> Figure:
     fig, (ax,) = grid(1, height=0.6)
     ax.set_axis_off()
-    text = f"No per-poison Gaussian scores: the {attack} attack adds no Gaussian noise, so the "
-    ax.text(0.5, 0.5, text + "paper's Fig. 6\ndoes not apply (see attack_check.png).", ha="center")
+    text = f"No per-poison Gaussian scores: the {attack} attack adds no Gaussian noise, so {what}"
+    ax.text(0.5, 0.5, text + "\ndoes not apply (see attack_check.png).", ha="center")
     return fig
 
 
@@ -174,6 +174,78 @@ def gaussian_scores(table: pd.DataFrame, df: pd.DataFrame) -> Figure:
         Patch(color="grey", alpha=0.45, label="unlearned (the method's colour)"),
         Line2D([], [], color="black", label="N(0, 1): never trained on"),
         Line2D([], [], color="black", ls=":", label="1 % FPR threshold"),
+    ]
+    return finish(fig, title, handles, ncols=3)
+
+
+def _qq(ax, scores: np.ndarray, **kw) -> None:
+    """Sorted scores against N(0, 1)'s quantiles at the plotting positions (i - 0.5) / n."""
+    s = np.sort(scores[~np.isnan(scores)])
+    if len(s):
+        ax.plot(norm.ppf((np.arange(1, len(s) + 1) - 0.5) / len(s)), np.clip(s, -5, 5), **kw)
+
+
+def _band(ax, n: int) -> None:
+    """Where 95 % of each order statistic of n N(0, 1) draws falls (pointwise): the i-th of n
+    uniforms is Beta(i, n + 1 - i), mapped through the normal quantile function."""
+    i = np.arange(1, n + 1)
+    x = norm.ppf((i - 0.5) / n)
+    lo, hi = (norm.ppf(beta.ppf(q, i, n + 1 - i)) for q in (0.025, 0.975))
+    ax.fill_between(x, lo, hi, color="black", alpha=0.1, lw=0)
+    ax.plot([-3.5, 3.5], [-3.5, 3.5], color="black", lw=0.8)
+
+
+def null_qq(table: pd.DataFrame, df: pd.DataFrame) -> Figure:
+    """Issue 24's QQ grid: per method (its best at the largest budget), each run's per-poison
+    scores I against N(0, 1) (one line per seed: the confirm runs the table reports), with the
+    poisoned and retrained models' on the same seeds, the band where 95 % of a never-trained
+    model's order statistics fall, and the table's verdict (`indistinguishable`)."""
+    if df["before_scores"].isna().all():
+        return _no_scores(df["attack"].iloc[0], "the QQ grid against N(0, 1)")
+    runs = {(b["attack"], b["method"], b["budget"]): r for b, r, _ in results.chosen(df)}
+    shown = _largest(table, df)
+    fig, axes = grid(len(shown), sharex=True, sharey=True)
+    clean, alpha = 0, math.nan
+    for ax, row in zip(axes, shown.to_dict("records")):
+        rows = runs[(row["attack"], row["method"], row["budget"])].sort_values("seed")
+        refs = results.reference_rows(df, row["attack"], rows["seed"])
+        colour = style(row["method"])["color"]
+        n = max((len(s) for s in rows["after_scores"] if s is not None), default=0)
+        if n:
+            _band(ax, n)
+        for _, ref in refs.iterrows():
+            _qq(ax, np.asarray(ref["before_scores"], float), color=POISONED, lw=0.8)
+            _qq(ax, np.asarray(ref["retrain_scores"], float), color=RETRAIN, lw=0.8)
+        for _, run in rows.iterrows():
+            _qq(ax, np.asarray(run["after_scores"], float), color=colour, lw=1.6)
+        ax.axhline(Z_AT_FPR, color="black", ls=":", lw=0.8)
+        ax.axhline(-Z_AT_FPR, color="black", ls=":", lw=0.8)
+        at = f" (at {pct(row['from_budget'])})" if row["from_budget"] < row["budget"] else ""
+        ax.set_title(f"{row['method']}, ≤ {pct(row['budget'])}{at}", fontsize=8, color=colour)
+        passed, alpha = row["indistinguishable"], row["null_alpha"]
+        clean += passed == row["n"]
+        low = ", ".join(
+            str(int((np.asarray(s, float) <= Z_AT_FPR).sum())) for s in rows["after_scores"]
+        )
+        text = f"passes on {passed:.0f} of {row['n']:.0f}\n≤ Φ⁻¹(0.01): {low} ({FPR * n:g} exp.)"
+        ax.text(0.03, 0.97, text, transform=ax.transAxes, va="top", fontsize=7)
+        ax.tick_params(labelsize=7)
+    ax.set_xlim(-3.2, 3.2)
+    ax.set_ylim(-5.2, 5.2)
+    fig.supxlabel("N(0, 1) quantile", fontsize=9)
+    fig.supylabel("per-poison Gaussian score I (clipped to ±5)", fontsize=9)
+    title = (
+        f"Per-poison scores against N(0, 1): {clean} of {len(shown)} methods' unlearned models "
+        f"pass on every seed\n(metrics.null_tests at α = {alpha:.2g} per run: 0.01 over the "
+        "table's Gaussian cells)"
+    )
+    handles = [
+        Line2D([], [], color="grey", lw=1.6, label="unlearned, one line per seed"),
+        Line2D([], [], color=POISONED, lw=0.8, label="poisoned"),
+        Line2D([], [], color=RETRAIN, lw=0.8, label="retrained"),
+        Line2D([], [], color="black", lw=0.8, label="diagonal: never trained on the noise"),
+        Patch(color="black", alpha=0.1, label="95 % of N(0, 1) (pointwise)"),
+        Line2D([], [], color="black", ls=":", lw=0.8, label="Φ⁻¹(0.01), Φ⁻¹(0.99)"),
     ]
     return finish(fig, title, handles, ncols=3)
 

@@ -458,3 +458,16 @@ def resolution(before: torch.Tensor, retrain: torch.Tensor, generator: torch.Gen
     b, r = bootstrap_means([before, retrain], generator)
     lo, hi = _interval(b - r)
     return (hi - lo) / 2 / gap
+
+
+def paired_difference(
+    a: torch.Tensor, b: torch.Tensor, generator: torch.Generator
+) -> tuple[float, float, float]:
+    """mean(a - b) over the units both score, and its 95 % paired-bootstrap interval (the same
+    resampled units for both); NaN with fewer than two such units."""
+    keep = ~(a.isnan() | b.isnan())
+    if keep.sum().item() < 2:
+        return math.nan, math.nan, math.nan
+    a, b = a[keep], b[keep]
+    boot_a, boot_b = bootstrap_means([a, b], generator)
+    return (a.mean() - b.mean()).item(), *_interval(boot_a - boot_b)

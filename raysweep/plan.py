@@ -26,12 +26,13 @@ import torch.nn.functional as F
 from . import footprint, results
 from .attacks import ATTACKS
 from .budget import flops, train_cost
+from .convergence import finished
 from .data import PAD
 from .footprint import Footprint, Shape, bound, shape, trial
 from .metrics import input_gradients
 from .models import MODELS, chunked, seeded
 from .searcher import runs
-from .spec import Spec
+from .spec import Spec, trials_range
 from .storage import RunStateError, open_store
 from .sweep import confirm_plan
 from .train import train
@@ -57,6 +58,7 @@ class Counts:
 
     cells: int
     tuning_runs: int  # Tune trials of the tuning phase (a prefix method's run serves its cells)
+    tuning_runs_min: int  # a trials_per_cell range's least: every lead at min (else = the above)
     tuning_rows: int
     tuning_done: int  # runs already recorded in the experiment's rows
     confirm_runs: int  # cells x seeds at most; exact once tuning is done (`confirm_exact`)
@@ -89,10 +91,11 @@ def counts(spec: Spec, df: pd.DataFrame) -> Counts:
     if len(tuned):
         lead_rows = tuned[tuned["cell"].isin(list(leads))]
         done = lead_rows.drop_duplicates(["cell", "trial_number"]).shape[0]
-    tuning_runs = len(leads) * spec.trials_per_cell
+    low, high = trials_range(spec)  # a range: the most it may run, and the least
+    tuning_runs = len(leads) * high
     seeds = (spec.seed, *spec.confirm["seeds"])
     confirm_max = len(spec.cells()) * len(spec.confirm["seeds"])
-    exact = done >= tuning_runs
+    exact = done >= tuning_runs if low == high else finished(df, spec.cells(), low, high)
     # Once every tuning run is recorded, the confirm plan of the tuned rows is what a run
     # confirms (cells that chose a smaller budget's row still each get their own run).
     confirm = len(confirm_plan(spec, tuned)) if exact and len(tuned) else confirm_max
@@ -104,7 +107,8 @@ def counts(spec: Spec, df: pd.DataFrame) -> Counts:
     return Counts(
         cells=len(spec.cells()),
         tuning_runs=tuning_runs,
-        tuning_rows=len(spec.cells()) * spec.trials_per_cell,
+        tuning_runs_min=len(leads) * low,
+        tuning_rows=len(spec.cells()) * high,
         tuning_done=done,
         confirm_runs=confirm,
         confirm_exact=exact,
@@ -224,7 +228,7 @@ def make(spec: Spec, storage: str | None = None) -> Plan:
     # the smaller ones on the way), a PER_BUDGET method's at each budget.
     by_budget: dict[float, int] = {}
     for cells in runs(spec).values():
-        by_budget[cells[-1][1]] = by_budget.get(cells[-1][1], 0) + spec.trials_per_cell
+        by_budget[cells[-1][1]] = by_budget.get(cells[-1][1], 0) + trials_range(spec)[1]
     tune = [
         work(f"unlearning runs at {b:g} of C_train", n, n * b * c_train)
         for b, n in sorted(by_budget.items())
@@ -429,9 +433,14 @@ def render(
         f"{sz.n_train:,} train / {sz.n_val:,} val / {sz.n_test:,} test rows",
         f"  one budget unit (an example's forward + backward) = {_n(plan.unit_flops)}FLOP; "
         f"a forward = {_n(plan.forward_flops)}FLOP ({plan.forward_flops / plan.unit_flops:.2f} of a unit)",
-        f"  C_train = {plan.c_train:,.0f} units; {c.cells} cells x {spec.trials_per_cell} trials; "
+        f"  C_train = {plan.c_train:,.0f} units; {c.cells} cells x {'-'.join(map(str, sorted(set(trials_range(spec)))))} trials; "
         f"seeds {', '.join(map(str, c.seeds))} (tuning, then confirm)",
     ]
+    if c.tuning_runs_min < c.tuning_runs:
+        out.append(
+            f"  {c.tuning_runs_min}-{c.tuning_runs} tuning runs: past min, only cells not "
+            "converged get more (convergence.py); the plan below is of the most"
+        )
     if c.tuning_done:
         out.append(
             f"  {c.tuning_done} of {c.tuning_runs} tuning runs already recorded "

@@ -100,6 +100,17 @@ def _indistinguishable(row: dict) -> str:
     return "" if pd.isna(k) else _count(int(k), row["n"])
 
 
+def _relearns(row: dict) -> str:
+    """Runs whose relearn_gap interval lies above 0, per probe (results.relearn_stats)."""
+    k = [row.get(f"relearn_faster_{p}") for p in results.RELEARN_PROBES]
+    if any(pd.isna(x) for x in k):
+        return ""
+    # "yes" here is the bad outcome: the poison came back faster than after retraining.
+    return " / ".join(
+        "**yes**" if x == row["n"] else ("no" if x == 0 else f"{x:.0f}/{row['n']}") for x in k
+    )
+
+
 def null_line(table: pd.DataFrame) -> str:
     """How the `indistinguishable` column reads (results.indistinguishable), with its level."""
     alpha = table["null_alpha"].dropna()
@@ -128,6 +139,7 @@ def markdown_table(table: pd.DataFrame) -> str:
     its feasible runs, and its `feasible` column says how many of the n runs those are."""
     cols = ["attack", "method", "budget", "from budget", "n", "attack worked", "feasible"]
     cols += ["converged", "r", "r 95% CI", "indistinguishable from never trained"]
+    cols += ["relearns faster than retrain (retain / poisons)"]
     cols += [HEADERS[k] for k in HEADERS if k != "residual"] + ["setting"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for row in table.to_dict("records"):
@@ -139,7 +151,7 @@ def markdown_table(table: pd.DataFrame) -> str:
         setting = "" if pd.isna(row["setting"]) else row["setting"]
         cells = [row["attack"], row["method"], budget, start, str(row["n"])]
         cells += [_count(row["attack_ok"], row["n"]), feasible, converged, stats[0]]
-        cells += [_interval(row), _indistinguishable(row)]
+        cells += [_interval(row), _indistinguishable(row), _relearns(row)]
         lines.append("| " + " | ".join([*cells, *stats[1:], setting]) + " |")
     warnings = results.attack_warnings(table) + results.feasibility_warnings(table)
     return "\n".join(lines + ([""] + warnings if warnings else []))
@@ -149,6 +161,7 @@ def markdown_table(table: pd.DataFrame) -> str:
 FIGURES = {
     "residual_vs_budget": figures.residual_vs_budget,
     "gaussian_scores": figures.gaussian_scores,
+    "null_qq": figures.null_qq,
     "mia_tpr": figures.mia_tpr,
     "attack_check": figures.attack_check,
     "pareto": tuning_figures.pareto,

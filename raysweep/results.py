@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import platform
 from importlib.metadata import version
 
@@ -19,9 +20,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .convergence import CELL, convergence
+from .domains import kind
 from .metrics import MAX_RESOLUTION, NULL_ALPHA, null_tests
-from .spec import Spec, distributions
+from .spec import Spec, domain, hyperparameter_kinds, keyword_params
 from .storage import CorruptStorage, Store
+from .unlearners import UNLEARNERS
 
 # Metrics measured on each of the three models; columns are before_<m>, after_<m>, retrain_<m>.
 METRICS = {
@@ -83,6 +86,16 @@ COLUMNS = {
     "null_high_log10p": pa.float64(),  # excess of scores >= Phi^-1(0.99), exact binomial
     "null_retrain_log10p": pa.float64(),  # two-sample KS against the retrained model's scores
     "null_log10p": pa.float64(),  # the four combined: Bonferroni, min p x 4
+    # The relearning probe (relearn.py), on confirm rows; null on tuning rows. The unlearned
+    # model's effect E after a fixed fine-tune minus the retrain reference's after the same one.
+    "relearn_budget": pa.float64(),  # each probe's cap per model, as a share of C_train
+    "relearn_gap_retain": pa.float64(),  # fine-tuned on the retain set alone
+    "relearn_gap_retain_lo": pa.float64(),  # its 95 % paired-bootstrap interval
+    "relearn_gap_retain_hi": pa.float64(),
+    "relearn_gap_poisons": pa.float64(),  # fine-tuned on 10 % of the poisons; scored on the rest
+    "relearn_gap_poisons_lo": pa.float64(),
+    "relearn_gap_poisons_hi": pa.float64(),
+    "relearn_wall_s": pa.float64(),  # seconds the probe took, outside wall_s
     "budget_used": pa.float64(),
     "budget_units": pa.float64(),
     "wall_s": pa.float64(),
@@ -95,24 +108,14 @@ COLUMNS = {
 
 
 def hyperparameter_types(spec: Spec) -> dict[str, pa.DataType]:
-    """hp_<name> columns for the union of all methods' hyperparameters in the spec."""
-    types: dict[str, pa.DataType] = {}
-    for method, space in spec.methods.items():
-        dists, fixed = distributions(method, space)
-        for name, value in {**fixed, **{k: d for k, d in dists.items()}}.items():
-            sample = value.choices[0] if hasattr(value, "choices") else getattr(value, "low", value)
-            types[f"hp_{name}"] = _arrow_type(sample)
-    return dict(sorted(types.items()))
+    """hp_<name> columns for the union of all methods' hyperparameters in the spec, each typed by
+    what every method naming it declares (spec.hyperparameter_kinds), not by the spec's values."""
+    kinds = hyperparameter_kinds(spec.methods, spec.source)
+    return {f"hp_{name}": _arrow_type(k) for name, k in kinds.items()}
 
 
-def _arrow_type(value) -> pa.DataType:
-    if isinstance(value, bool):
-        return pa.bool_()
-    if isinstance(value, int):
-        return pa.int64()
-    if isinstance(value, float):
-        return pa.float64()
-    return pa.string()
+def _arrow_type(kind: type) -> pa.DataType:
+    return {bool: pa.bool_(), int: pa.int64(), float: pa.float64(), str: pa.string()}[kind]
 
 
 def schema(spec: Spec) -> pa.Schema:
@@ -131,12 +134,34 @@ def row_name(experiment: str, phase: str, cell: str, number: int) -> str:
 
 def write_row(store: Store, spec: Spec, row: dict) -> str:
     """Write one trial's row atomically; returns its path relative to the store."""
+    for name, want in hyperparameter_kinds(spec.methods, spec.source).items():
+        _lossless(f"hp_{name}", row.get(f"hp_{name}"), want)
     table = pa.Table.from_pylist([row], schema=schema(spec))
     buf = io.BytesIO()
     pq.write_table(table, buf)
     name = row_name(row["experiment"], row["phase"], row["cell"], row["trial_number"])
     store.write(name, buf.getvalue())
     return name
+
+
+def _lossless(column: str, value, want: type) -> None:
+    """Refuse a hyperparameter that its column would change: pyarrow casts 2.9e-5 into an int64
+    column as 0, silently. Validation gives every value its parameter's kind (spec.py), so this
+    failing is a bug upstream, never a value to convert here."""
+    boolean = isinstance(value, (bool, np.bool_))
+    number = not boolean and isinstance(value, (int, float, np.integer, np.floating))
+    fits = {
+        bool: boolean,
+        int: number and isinstance(value, (int, np.integer)) and -(2**63) <= value < 2**63,
+        float: number and math.isfinite(value) and float(value) == value,
+        str: isinstance(value, str),
+    }[want]
+    if value is not None and not fits:
+        raise ValueError(
+            f"{column}: {value!r} ({type(value).__name__}) would not survive its "
+            f"{_arrow_type(want)} column unchanged; the spec's validation should have given it "
+            "its parameter's kind"
+        )
 
 
 def read(store: Store, experiment: str) -> pd.DataFrame:
@@ -148,7 +173,17 @@ def read(store: Store, experiment: str) -> pd.DataFrame:
     try:
         return pq.read_table(paths, filesystem=store.fs).to_pandas()
     except (pa.ArrowException, OSError) as e:
-        raise _damaged(store, paths, e) from None
+        try:  # rows whose hp_ column was typed by a spec's literal before (int64 for `lr: 1`)
+            table = pq.read_table(paths, filesystem=store.fs, schema=_promoted(store, paths))
+            return table.to_pandas()
+        except (pa.ArrowException, OSError):
+            raise _damaged(store, paths, e) from None
+
+
+def _promoted(store: Store, paths: list[str]) -> pa.Schema:
+    """One schema for row files whose columns differ in type: each column the wider one."""
+    schemas = [pq.read_schema(p, filesystem=store.fs) for p in paths]
+    return pa.unify_schemas(schemas, promote_options="permissive")
 
 
 def _damaged(store: Store, paths: list[str], error: Exception) -> CorruptStorage:
@@ -171,12 +206,18 @@ def _first_line(e: Exception) -> str:
 def params_of(spec: Spec, row: dict) -> dict:
     """The hyperparameters a row's trial ran with, typed as its method takes them.
 
-    Parquet-to-pandas turns an int column with nulls into floats; cast back by the schema.
+    By the method's own domain, not the column's: an int parameter sharing a float column reads
+    back as the int it was, and Parquet-to-pandas turns an int column with nulls into floats.
+    The confirm phase reads the journal instead (sweep.tuned_settings): the setting as it ran.
     """
-    cast = {pa.int64(): int, pa.float64(): float, pa.bool_(): bool, pa.string(): str}
-    types = hyperparameter_types(spec)
-    names = spec.methods[row["method"]] or {}
-    return {n: cast[types[f"hp_{n}"]](row[f"hp_{n}"]) for n in names}
+    fn = UNLEARNERS[row["method"]]
+    params = keyword_params(fn)
+    out = {}
+    for n in spec.methods[row["method"]] or {}:
+        value = row[f"hp_{n}"]
+        null = value is None or (isinstance(value, float) and math.isnan(value))
+        out[n] = None if null else kind(domain(fn, params[n]))(value)
+    return out
 
 
 def best_per_cell(df: pd.DataFrame) -> pd.DataFrame:
@@ -305,7 +346,34 @@ def indistinguishable(table_rows: list[dict]) -> None:
             r |= {"indistinguishable": sum(p > np.log10(alpha) for p in ps), "null_alpha": alpha}
 
 
-def table(df: pd.DataFrame) -> pd.DataFrame:
+def _stopped(converged: bool, trials: int, trials_max: int | None) -> str:
+    """Why a cell's tuning ended: "at max" wins, as a fixed budget's cells all end there
+    (a cell short of both is one whose sweep was interrupted: "running")."""
+    if trials_max is None:
+        return ""
+    if trials >= trials_max:
+        return "at max"
+    return "converged" if converged else "running"
+
+
+RELEARN_PROBES = ("retain", "poisons")  # relearn.PROBES: the relearn_gap_<probe> columns
+
+
+def relearn_stats(runs: pd.DataFrame) -> dict:
+    """Over all of a cell's runs (as `indistinguishable` counts): per probe, the mean
+    relearn_gap and how many runs relearn faster than the retrain reference (the gap's 95 %
+    interval above 0). NaN where the runs have no probe (tuning rows, or rows written before)."""
+    out = {}
+    for probe in RELEARN_PROBES:
+        col = f"relearn_gap_{probe}"
+        lo = runs[f"{col}_lo"].astype(float) if f"{col}_lo" in runs else pd.Series(dtype=float)
+        probed = lo.notna()
+        out[col] = runs.loc[probed, col].astype(float).mean() if probed.any() else math.nan
+        out[f"relearn_faster_{probe}"] = int((lo[probed] > 0).sum()) if probed.any() else math.nan
+    return out
+
+
+def table(df: pd.DataFrame, trials_max: int | None = None) -> pd.DataFrame:
     """The paper-style table: per attack, the poisoned and retrain references, then each cell's
     best setting (chosen on val, among its method's rows at or below its budget: `from_budget`
     is where the chosen run stopped), reported on test over its confirmation seeds (or the
@@ -316,6 +384,8 @@ def table(df: pd.DataFrame) -> pd.DataFrame:
     feasible runs only, and `residual_lo`/`residual_hi` span every feasible run's 95% interval
     of r (the hull), so two methods whose spans overlap are not told apart by this table.
     `converged` is false where more trials might still change the cell's best (convergence.py).
+    `stopped` says why a cell got no more trials: "converged", or "at max" (`trials_max`, the
+    spec's trials_per_cell or its range's max; left empty when not given).
     `indistinguishable` counts the runs (of `n`) whose unlearned model's per-poison Gaussian
     scores pass metrics.null_tests at `null_alpha` (`indistinguishable` below).
     """
@@ -332,6 +402,7 @@ def table(df: pd.DataFrame) -> pd.DataFrame:
         row |= {"attack_ok": int(runs["attack_ok"].sum())}  # seeds whose attack worked
         row |= {"trials": counts.size()[key], "failed": int((counts.get_group(key) != "ok").sum())}
         row |= {"converged": bool(converged.get(key, False))}  # convergence.py: the rule
+        row |= {"stopped": _stopped(row["converged"], row["trials"], trials_max)}
         row |= {"tuned_trial": best["trial_number"], "feasible": len(feasible)}
         row |= {"setting": _setting(best)}
         row |= _stats(
@@ -342,6 +413,7 @@ def table(df: pd.DataFrame) -> pd.DataFrame:
             "residual_hi": feasible["residual_hi"].max(),
         }
         row |= {"null": null_log10p(runs, "after")}  # over all n runs, as attack_ok counts
+        row |= relearn_stats(runs)
         cells.append(row)
     refs = []
     for attack, used in sorted(seeds.items()):
@@ -357,8 +429,9 @@ def table(df: pd.DataFrame) -> pd.DataFrame:
     indistinguishable(refs + cells)
     out = pd.DataFrame(refs + cells)
     order = ["attack", "method", "budget", "from_budget", "source", "n", "seeds", "attack_ok"]
-    order += ["trials", "failed", "converged"]
+    order += ["trials", "failed", "converged", "stopped"]
     order += ["tuned_trial", "feasible", "setting", "residual", "residual_std"]
     order += ["residual_lo", "residual_hi", "indistinguishable", "null_alpha"]
+    order += [f"relearn_{k}_{p}" for p in RELEARN_PROBES for k in ("gap", "faster")]
     order += [c for s in STATS[1:] for c in (s, f"{s}_std")]
     return out.reindex(columns=order).sort_values(["attack"], kind="stable", ignore_index=True)

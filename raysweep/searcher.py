@@ -8,9 +8,17 @@ study holds one row per setting it observed and is told that row's value. (Letti
 turns at sampling, each study steering towards its own budget's optimum, was measured with a
 variant of bench/anytime.py on 2026-12-03, not kept: no better, 58 vs 56 of 75 cells no worse than
 one run per cell, mean difference -0.043 vs -0.044; so the largest cell alone samples.) A PER_BUDGET method's cells
-each lead their own runs. Every cell thus observes exactly `trials_per_cell` settings; a
-prefix method spends `trials_per_cell` runs at its largest budget, a PER_BUDGET method
-`trials_per_cell` runs at each budget.
+each lead their own runs. Every cell thus observes as many settings as its lead runs; a
+prefix method spends them at its largest budget, a PER_BUDGET method at each budget.
+
+How many: `trials_per_cell` n runs n per lead. A range {min, max} runs `min` per lead, then more
+only for a lead one of whose cells is not converged by the table's rule (convergence.py, on the
+rows so far), until all its cells are converged or it ran `max`. A prefix method's lead thus
+runs on while any of its smaller cells is not converged: each run is that cell's next setting
+too, and stopping the lead would leave the cell short of both `converged` and `at max`, the two
+ends the table states. Past `min`, a lead has at most as many runs in flight as the rule needs
+at least (`convergence.needed`), so parallel trials never run past an answer already known.
+(The comparison with `optuna.terminator` on the same cells: bench/adaptive.py.)
 """
 
 from __future__ import annotations
@@ -27,7 +35,8 @@ from ray.tune.search import Searcher
 
 from . import results
 from .cluster import open_journal
-from .spec import Spec, distributions
+from .convergence import convergence, needed
+from .spec import Spec, distributions, trials_range
 from .storage import Store
 from .trial import derive_seed
 from .unlearners import PER_BUDGET
@@ -53,7 +62,9 @@ def runs(spec: Spec) -> dict[str, list[tuple[str, float]]]:
 
 
 def make_sampler(kind: str, seed: int, trials_per_cell: int) -> optuna.samplers.BaseSampler:
-    """The spec's sampler for one cell's study (bench/tpe_vs_random.py compares the two)."""
+    """The spec's sampler for one cell's study (bench/tpe_vs_random.py compares the two).
+    `trials_per_cell`: the most the cell may observe (a range's max), so an adaptive cell's
+    settings are the first ones a fixed sweep at that max would try: it only stops earlier."""
     if kind == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     # constant_liar: parallel trials of a cell see each other as pending, not absent.
@@ -73,7 +84,7 @@ def open_studies(
     for method, budget in spec.cells():
         name = cell_name(method, budget)
         seed = derive_seed(spec.seed, name) % 2**32
-        sampler = make_sampler(spec.sampler, seed, spec.trials_per_cell)
+        sampler = make_sampler(spec.sampler, seed, trials_range(spec)[1])
         if name in existing:  # create_study(load_if_exists) would append a line to find out
             studies[name] = optuna.load_study(study_name=name, storage=storage, sampler=sampler)
             continue
@@ -86,10 +97,11 @@ def open_studies(
 def enqueue_first(spec: Spec, method: str, study: optuna.Study) -> None:
     """Queue the spec's `tried_first` settings as a new study's first trials, in listed order.
 
-    At most `trials_per_cell` of them (the list is in priority order), so a short sweep tries the
-    first ones. Only a new study gets them: a resumed one already ran (or queued) its own.
+    At most `trials_per_cell` (a range's max) of them (the list is in priority order), so a short
+    sweep tries the first ones. Only a new study gets them: a resumed one already ran (or queued)
+    its own.
     """
-    for params in spec.raw.get("tried_first", {}).get(method, [])[: spec.trials_per_cell]:
+    for params in spec.raw.get("tried_first", {}).get(method, [])[: trials_range(spec)[1]]:
         study.enqueue_trial(params)
 
 
@@ -103,13 +115,22 @@ def observe(study: optuna.Study, trial: optuna.Trial) -> int:
     return study.get_trials(deepcopy=False)[-1].number  # the driver is the only writer
 
 
+# What convergence.py reads of a row.
+RULE_COLUMNS = ("phase", "status", "attack", "method", "budget", "cell", "trial_number",
+                "objective", "resolution", "tuned_trial", "feasible")  # fmt: skip
+
+
 def objective_key(cell: str) -> str:
     """The key under which a trial reports the objective of its row for `cell`."""
     return f"objective@{cell}"
 
 
 class CellSearcher(Searcher):
-    """Hands out runs lead by lead (fewest started first) and tells each result to its study."""
+    """Hands out runs lead by lead (fewest started first) and tells each result to its study.
+
+    `rows`: the experiment's rows so far (results.read; None for a new one), which the
+    convergence rule of a `trials_per_cell` range reads, tuning and confirm rows alike.
+    """
 
     def __init__(
         self,
@@ -117,6 +138,7 @@ class CellSearcher(Searcher):
         studies: dict[str, optuna.Study],
         done: dict[str, set[int]],
         sync: Callable[[], None] = lambda: None,
+        rows: pd.DataFrame | None = None,
     ):
         super().__init__(metric="objective", mode="min")
         self.spec = spec
@@ -125,19 +147,50 @@ class CellSearcher(Searcher):
         self.runs = runs(spec)
         self.cells = {cell_name(m, b): (m, b) for m, b in spec.cells()}
         self.spaces = {m: distributions(m, s) for m, s in spec.methods.items()}
+        self.low, self.high = trials_range(spec)
         self.started = {lead: len(done.get(lead, ())) for lead in self.runs}
+        self.told = dict(self.started)
         self.live: dict[str, list[tuple[str, int]]] = {}
+        self.rows = (
+            [] if rows is None or not len(rows) else rows[list(RULE_COLUMNS)].to_dict("records")
+        )
+        self.need = self._needs()
+
+    def _needs(self) -> dict[str, float]:
+        """Per lead: runs its cells need at least before all are converged (0: all are)."""
+        if self.low == self.high:  # a fixed budget: the rule decides nothing
+            return dict.fromkeys(self.runs, 0)
+        rows = pd.DataFrame(self.rows, columns=list(RULE_COLUMNS))
+        by_cell = {cell_name(r.method, r.budget): r.needed for r in convergence(rows).itertuples()}
+        # The rule weighs an improvement against r's resolution; an infeasible best (objective
+        # 10 + accuracy shortfall) has no r, so a cell without a feasible row yet is not done:
+        # on `quickstart` at {min: 4, max: 16} these cells were most of what stopping lost
+        # (bench/adaptive.py).
+        tuned = rows[(rows["phase"] == "tune") & (rows["status"] == "ok")]
+        feasible = set(tuned.loc[tuned["feasible"].astype(bool), "cell"])
+        by_cell = {c: n if c in feasible else max(n, 1) for c, n in by_cell.items()}
+        return {
+            lead: max(by_cell.get(name, needed([], math.nan)) for name, _ in cells)
+            for lead, cells in self.runs.items()
+        }
+
+    def _wanted(self, lead: str) -> bool:
+        n = self.started[lead]
+        if n < self.low:
+            return True
+        return n < self.high and n - self.told[lead] < self.need[lead]
 
     @property
     def remaining(self) -> int:
-        """Runs (Tune trials) still to start."""
-        return sum(self.spec.trials_per_cell - n for n in self.started.values())
+        """Runs (Tune trials) that may still start: at most each open lead's max."""
+        open_ = [c for c in self.runs if self._wanted(c) or self.started[c] > self.told[c]]
+        return sum(self.high - self.started[c] for c in open_)
 
     def suggest(self, trial_id: str):
-        open_leads = [c for c in self.runs if self.started[c] < self.spec.trials_per_cell]
-        if not open_leads:
-            return Searcher.FINISHED
-        lead = min(open_leads, key=lambda c: self.started[c])
+        wanted = [c for c in self.runs if self._wanted(c)]
+        if not wanted:  # a run in flight may still un-converge its cells: wait for it
+            return None if self.live else Searcher.FINISHED
+        lead = min(wanted, key=lambda c: self.started[c])
         method, budget = self.cells[lead]
         dists, fixed = self.spaces[method]
         trial = self.studies[lead].ask(dists)
@@ -160,12 +213,24 @@ class CellSearcher(Searcher):
         }
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
-        for name, number in self.live.pop(trial_id):
+        cells = self.live.pop(trial_id)
+        for name, number in cells:
             value = (result or {}).get(objective_key(name))
-            if error or value is None or not math.isfinite(value):
-                self.studies[name].tell(number, state=TrialState.FAIL)
-            else:
+            ok = not error and value is not None and math.isfinite(value)
+            if ok:
                 self.studies[name].tell(number, value)
+            else:
+                self.studies[name].tell(number, state=TrialState.FAIL)
+            method, budget = self.cells[name]
+            resolution = (result or {}).get(f"resolution@{name}", math.nan)
+            self.rows.append({"phase": "tune", "status": "ok" if ok else "failed",
+                              "attack": self.spec.attack["name"], "method": method,
+                              "budget": budget, "cell": name, "trial_number": number,
+                              "objective": value if ok else math.nan,
+                              "resolution": resolution, "tuned_trial": None,
+                              "feasible": ok and bool((result or {}).get(f"feasible@{name}"))})  # fmt: skip
+        self.told[cells[-1][0]] += 1  # the run's own cell (its lead) is last
+        self.need = self._needs()
         self.sync()
 
     # The state lives in the journal, not in Tune's searcher checkpoint.

@@ -23,7 +23,18 @@ from annotated_types import Interval
 from . import footprint
 from .attacks import ATTACKS
 from .data import DATASETS
-from .domains import Fraction, Probability, base, describe, refusal, resolve
+from .domains import (
+    EXACT_INT,
+    Fraction,
+    Probability,
+    base,
+    column_kind,
+    describe,
+    kind,
+    refusal,
+    resolve,
+    typed,
+)
 from .models import MODELS
 from .specfile import MAX_DEPTH, SpecError, read_yaml
 from .specfile import show as _show
@@ -38,7 +49,7 @@ TOP_KEYS = {
     "train": "kwargs of raysweep.train.train",
     "methods": "{method: {hyperparameter: value | {low, high[, log][, int]} | {choices}}}",
     "budgets": "list of compute fractions in (0, 1]",
-    "trials_per_cell": "int >= 1",
+    "trials_per_cell": "int >= 1, or {min: int >= 1, max: int >= min}: more only where not converged",
     "delta": "utility tolerance on clean accuracy, in [0, 1]",
     "seed": "int: poisons, checkpoints and trials of the tuning phase",
     "forget": "{known_fraction: (0, 1]}",
@@ -211,6 +222,13 @@ def _space(src: str, key: str, value: Any, dom: Any) -> None:
         )
     for flag in ("log", "int"):
         _check(src, f"{key}.{flag}", value.get(flag, False), bool)
+    if value.get("int") and base(dom) is not int:
+        # Optuna would hand the parameter ints, which it does not take and its column records
+        # as floats: what ran and what is recorded would differ in kind.
+        raise SpecError(
+            f"{src}: {key}.int: true on a {describe(dom)} parameter; allowed: false (a float "
+            "range is sampled as floats), or {choices: [...]}"
+        )
     for end in ("low", "high"):
         if value.get(end) is None:
             raise SpecError(f"{src}: {key}.{end}: missing; allowed: {describe(dom)}")
@@ -228,7 +246,7 @@ def _space(src: str, key: str, value: Any, dom: Any) -> None:
 
 
 def _is_int(space: dict, dom: Any) -> bool:
-    return bool(space.get("int")) or base(dom) is int
+    return base(dom) is int  # `int: true` is refused on any other parameter (`_space`)
 
 
 def distributions(method: str, space: dict) -> tuple[dict, dict]:
@@ -239,11 +257,13 @@ def distributions(method: str, space: dict) -> tuple[dict, dict]:
     params = keyword_params(fn)
     dists, fixed = {}, {}
     for name, value in (space or {}).items():
+        dom = domain(fn, params[name])
+        # Typed here, not in the spec (whose hash a resume compares): `lr: 1` runs as 1.0.
         if not isinstance(value, dict):
-            fixed[name] = value
+            fixed[name] = typed(value, dom)
         elif "choices" in value:
-            dists[name] = od.CategoricalDistribution(value["choices"])
-        elif _is_int(value, domain(fn, params[name])):
+            dists[name] = od.CategoricalDistribution([typed(c, dom) for c in value["choices"]])
+        elif _is_int(value, dom):
             dists[name] = od.IntDistribution(
                 value["low"], value["high"], log=bool(value.get("log"))
             )
@@ -274,6 +294,55 @@ def _methods(src: str, methods: Any) -> None:
             if name not in params:
                 raise _unknown(src, key, name, params)
             _space(src, f"{key}.{name}", value, domain(fn, params[name]))
+    hyperparameter_kinds(methods, src)
+
+
+def hyperparameter_kinds(methods: dict, src: str = "<spec>") -> dict[str, type]:
+    """The one kind of each hp_<name> column, from the domain that every method naming <name>
+    declares (never the spec's literal, nor which method is listed last): ints and floats share a
+    float column; any other mix, or a domain of several kinds, is refused."""
+    named: dict[str, dict[str, tuple[type, Any]]] = {}  # name -> {method's key: (kind, space)}
+    for method, space in methods.items():
+        fn = UNLEARNERS[method]
+        params = keyword_params(fn)
+        for name, value in (space or {}).items():
+            key, dom = f"{_join('methods', method)}.{name}", domain(fn, params[name])
+            if kind(dom) is None:
+                raise SpecError(
+                    f"{src}: {key}: its parameter takes {describe(dom)}, values of several kinds "
+                    f"that one hp_{name} column cannot hold; allowed: bool, int, float or str"
+                )
+            named.setdefault(name, {})[key] = (kind(dom), value)
+    out = {}
+    for name, by_key in named.items():
+        kinds = {key: k for key, (k, _) in by_key.items()}
+        out[name] = column_kind(set(kinds.values()))
+        if out[name] is None:
+            (a, ka), *rest = kinds.items()
+            b, kb = next((key, k) for key, k in rest if column_kind({ka, k}) is None)
+            raise SpecError(
+                f"{src}: {b}: takes {kb.__name__} but {a} takes {ka.__name__}, and both are "
+                f"recorded in column hp_{name}; allowed: one kind per hyperparameter name "
+                "(int and float share a float column)"
+            )
+        for key, (k, value) in by_key.items():
+            if k is int and out[name] is float:
+                _exact(src, key, name, value)
+    return dict(sorted(out.items()))
+
+
+def _exact(src: str, key: str, name: str, space: Any) -> None:
+    """An int parameter whose column is float (another method's <name> takes floats): each of
+    its values (a range's are between its ends) must be exact as a float."""
+    values = [space]
+    if isinstance(space, dict):
+        values = space["choices"] if "choices" in space else [space["low"], space["high"]]
+    for v in values:
+        if v is not None and abs(v) > EXACT_INT:
+            raise SpecError(
+                f"{src}: {key}: {v} is not exact as a float, and hp_{name} is a float column "
+                f"(another method's {name} takes floats); allowed: int in [-2^53, 2^53] here"
+            )
 
 
 def _settings(src: str, raw: dict, key: str, defaults: dict) -> dict:
@@ -327,8 +396,9 @@ def validate(raw: Any, src: str = "<spec>") -> Spec:
             f"{len(budgets) * len(raw['methods'])} cells; allowed: at most {MAX_CELLS} cells "
             "(one Optuna study each)"
         )
-    for key, default in (("trials_per_cell", 8), ("delta", 0.02), ("seed", 0), ("sampler", "tpe")):
+    for key, default in (("delta", 0.02), ("seed", 0), ("sampler", "tpe")):
         _check(src, key, raw.setdefault(key, default), DOMAINS[key])
+    _trials_per_cell(src, raw.setdefault("trials_per_cell", 8))
     # known_fraction filled in: a trial reads it
     _settings(src, raw, "forget", {"known_fraction": 1.0}).setdefault("known_fraction", 1.0)
     _settings(src, raw, "resources", {"cpu": 1, "gpu": 0})
@@ -339,6 +409,31 @@ def validate(raw: Any, src: str = "<spec>") -> Spec:
     spec = Spec(src, raw)
     _fits_a_machine(spec)
     return spec
+
+
+def trials_range(spec: Spec) -> tuple[int, int]:
+    """(min, max) settings each cell observes: a plain int n is (n, n), today's fixed budget.
+    Between the two, a cell gets trials only while convergence.py's rule says it is not
+    converged (searcher.CellSearcher)."""
+    n = spec.raw["trials_per_cell"]
+    return (n["min"], n["max"]) if isinstance(n, dict) else (n, n)
+
+
+def _trials_per_cell(src: str, value: Any) -> None:
+    if not isinstance(value, dict):
+        _check(src, "trials_per_cell", value, DOMAINS["trials_per_cell"])
+        return
+    if set(value) != {"min", "max"}:
+        raise SpecError(
+            f"{src}: trials_per_cell: {_show(value)}; allowed: an int >= 1, or a mapping of "
+            "exactly min and max"
+        )
+    for k in ("min", "max"):
+        _check(src, f"trials_per_cell.{k}", value[k], DOMAINS["trials_per_cell"])
+    if value["max"] < value["min"]:
+        raise SpecError(
+            f"{src}: trials_per_cell: max {value['max']} < min {value['min']}; allowed: max >= min"
+        )
 
 
 def _fits_a_machine(spec: Spec) -> None:
@@ -387,13 +482,25 @@ def _tried_first(src: str, tried: Any, methods: dict) -> None:
 
 
 def _inside(src: str, key: str, value: Any, space: dict, dom: Any) -> None:
-    """`value` is one a study could sample from `space` (a {low, high} range or {choices})."""
+    """`value` is one a study could sample from `space` (a {low, high} range or {choices}), of
+    the kind its parameter takes: Optuna hands an enqueued value to its trial as written (True
+    for 1, 1 for 1.0) but records it in the journal as sampled, and the two must not differ."""
     if "choices" in space:
-        if value not in space["choices"]:
-            raise SpecError(f"{src}: {key}: {_show(value)}; allowed: {space['choices']}")
-        return
-    kind = int if _is_int(space, dom) else float
-    _check(src, key, value, Annotated[kind, Interval(ge=space["low"], le=space["high"])])
+        choices = [typed(c, dom) for c in space["choices"]]
+        allowed = _show(choices)
+    else:
+        inside = Annotated[kind(dom), Interval(ge=space["low"], le=space["high"])]
+        allowed = describe(inside)
+    if value is not None and type(value) is not kind(dom):
+        written = f" (write {float(value)!r})" if kind(dom) is float and type(value) is int else ""
+        raise SpecError(
+            f"{src}: {key}: {_show(value)} is {type(value).__name__}; allowed: {allowed}{written}"
+        )
+    if "choices" not in space:
+        return _check(src, key, value, inside)
+    if value not in choices:
+        raise SpecError(f"{src}: {key}: {_show(value)}; allowed: {allowed}")
+    return None
 
 
 def _confirm(src: str, confirm: Any, seed: int) -> None:

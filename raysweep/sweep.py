@@ -36,7 +36,7 @@ from .cluster import (
 from .preflight import check_cluster, check_data, check_fits, check_machine, check_storage
 from .progress import Progress, cell_key
 from .searcher import CellSearcher, ListSearcher, open_studies, rebuild, reconcile
-from .spec import Spec
+from .spec import Spec, distributions, trials_range
 from .storage import CorruptStorage, Store, driver_lease, open_store
 from .trial import run_trial
 
@@ -83,6 +83,7 @@ def execute(spec: Spec, store: Store, config: dict) -> list[dict]:
             report=lambda row: measured.update({row["budget"]: row}),
             seed=config["seed"],
             checkpoints=smaller,
+            relearn=config["phase"] == "confirm",  # the relearning probe: confirm rows only
         )
     except CorruptStorage:
         raise  # damaged storage is not this trial's failure: the sweep stops (make_trainable)
@@ -129,6 +130,8 @@ def reported(rows: list[dict]) -> dict:
             "feasible": ok and bool(row["feasible"]),
             "r_val": row["residual_val"] if ok else math.nan,
             "r": row["residual"] if ok else math.nan,
+            # the convergence rule's noise (convergence.py), for a trials_per_cell range
+            "resolution": row.get("resolution", math.nan) if ok else math.nan,
         }
         out |= {cell_key(k, row["cell"]): v for k, v in values.items()}
     return out
@@ -177,16 +180,38 @@ def confirm_plan(spec: Spec, df: pd.DataFrame) -> list[dict]:
                 "number": seed,
                 "seed": seed,
                 "tuned_trial": best["trial_number"],
-                "params": results.params_of(spec, best),
             }
     # Seed-major: a seed's two checkpoints are trained by its first trial, then loaded.
     return sorted(configs.values(), key=lambda c: (c["seed"], c["cell"]))
 
 
+def tuned_settings(spec: Spec, store: Store, configs: list[dict]) -> list[dict]:
+    """`confirm_plan`'s configs, each with the setting its tuned trial ran, bit for bit: that
+    trial's parameters in its cell's study (the journal) and the method's constants, as the
+    searcher handed them out; not the row's hp_ columns, which hold what a column type holds."""
+    if not configs:
+        return []
+    journal, _ = open_journal(spec, store)
+    out = []
+    for c in configs:
+        try:
+            study = journal.get_study_id_from_name(c["cell"])
+            trial_id = journal.get_trial_id_from_study_id_trial_number(study, int(c["tuned_trial"]))
+        except KeyError:
+            raise CorruptStorage(
+                f"{store.path(spec.name)}/optuna.journal: study {c['cell']} has no trial "
+                f"{c['tuned_trial']}, which its rows name; `raysweep repair SPEC` rebuilds the "
+                "studies from the rows"
+            ) from None
+        _, fixed = distributions(c["method"], spec.methods[c["method"]])
+        out.append(c | {"params": {**fixed, **journal.get_trial(trial_id).params}})
+    return out
+
+
 def confirm(spec: Spec, storage: str, slots: int) -> None:
     """Re-run each cell's best setting on every `confirm.seeds` seed, as Ray trials like tuning."""
     store = open_store(storage)
-    configs = confirm_plan(spec, results.read(store, spec.name))
+    configs = tuned_settings(spec, store, confirm_plan(spec, results.read(store, spec.name)))
     if not configs:
         return
     planned: dict[str, int] = {}
@@ -285,14 +310,24 @@ def _run(
     max_concurrent: int | None,
 ) -> pd.DataFrame:
     record_spec(spec, store)
-    for attempt in range(PASSES):
-        if not _tune(spec, store, address, num_cpus, max_concurrent, quiet=attempt > 0):
+    # A trials_per_cell range: confirm rows change a cell's noise (convergence.py: their std),
+    # which can re-open it; it is tuned on and, if its best moved, re-confirmed.
+    low, high = trials_range(spec)
+    for round_ in range(PASSES if low < high else 1):
+        tuned = 0
+        for attempt in range(PASSES):
+            quiet = attempt > 0 or round_ > 0
+            n = _tune(spec, store, address, num_cpus, max_concurrent, quiet=quiet)
+            tuned += n
+            if not n:
+                break
+        if round_ and not tuned:
             break
-    for _ in range(PASSES):
-        if not confirm_plan(spec, results.read(store, spec.name)):
-            break
-        start_ray(address, num_cpus)
-        confirm(spec, store.uri, slots(spec, max_concurrent))
+        for _ in range(PASSES):
+            if not confirm_plan(spec, results.read(store, spec.name)):
+                break
+            start_ray(address, num_cpus)
+            confirm(spec, store.uri, slots(spec, max_concurrent))
     return results.read(store, spec.name)
 
 
@@ -304,18 +339,27 @@ def _tune(
     max_concurrent: int | None,
     quiet: bool,
 ) -> int:
-    """Run the tuning runs the rows do not hold yet; return how many were planned."""
+    """Run the tuning runs the rows do not hold yet; return how many were planned (at most)."""
     journal, sync = open_journal(spec, store)
     studies = open_studies(spec, store, journal)
     done = reconcile(spec, store, studies)
     sync()
-    searcher = CellSearcher(spec, studies, done, sync)
+    rows = results.read(store, spec.name)
+    searcher = CellSearcher(spec, studies, done, sync, rows)
     # Tune trials are runs: a prefix method's run is a trial in each of its cells (searcher.py).
+    # With a range the total is not known up front: `remaining` is each open lead's max, and
+    # the searcher ends the Tuner early (Searcher.FINISHED) once every cell is done.
     remaining = searcher.remaining
-    planned = dict.fromkeys(searcher.cells, spec.trials_per_cell)
+    low, high = trials_range(spec)
+    planned = dict.fromkeys(searcher.cells, high)
     total, recorded = sum(planned.values()), sum(len(done.get(c, ())) for c in planned)
-    if remaining or not quiet:
+    if (remaining or not quiet) and low == high:
         print(f"{spec.name}: {recorded}/{total} tuning trials recorded, {remaining} to run")
+    elif remaining or not quiet:
+        print(
+            f"{spec.name}: {recorded} of {len(planned) * low}-{total} tuning trials recorded "
+            f"(trials_per_cell {low}-{high}), at most {remaining} runs to go"
+        )
     if remaining == 0:
         return 0
     start_ray(address, num_cpus)
@@ -333,7 +377,7 @@ def _tune(
             name=f"tune-{_now():%Y%m%d-%H%M%S}",
             storage_path=store.path(f"{spec.name}/tune"),
             storage_filesystem=store.fs,
-            callbacks=[Progress("tune", planned, results.read(store, spec.name)), Retries()],
+            callbacks=[Progress("tune", planned, rows), Retries()],
             stop=StopOnCorrupt(),
             verbose=0,
             failure_config=tune.FailureConfig(max_failures=MAX_FAILURES),

@@ -37,6 +37,7 @@ from .metrics import (
 )
 from .models import MODELS, carry_noise, noise_shape, seeded
 from .poisoned import Poisoned, from_tensors, to_tensors
+from .relearn import RELEARN_BUDGET, gaps, relearned_units
 from .spec import Spec, validate
 from .storage import Store, open_store
 from .train import autocast, train
@@ -80,6 +81,7 @@ class Setup:
     retrain_units: dict[str, torch.Tensor]
     attack_ok: bool  # the attack worked, and well enough to resolve r (metrics.resolution)
     resolution: float
+    retrain_state: dict  # for the relearning probe (relearn.py), on confirm rows
 
 
 def build_model(
@@ -242,6 +244,7 @@ def prepare(spec_json: str, store_uri: str, seed: int) -> Setup:
         units_r,
         worked,
         res,
+        state_r,
     )
 
 
@@ -291,11 +294,13 @@ def run_trial(
     report: Callable[[dict], None],
     seed: int | None = None,
     checkpoints: tuple[float, ...] = (),
+    relearn: bool = False,
 ) -> dict:
     """Unlearn the poisoned model with one method and setting, measure it, report one row.
 
     `checkpoints`: smaller budgets at which the same run is also measured (anytime budgets), each
     reported as a row of its own before the final one; only for methods outside PER_BUDGET.
+    `relearn`: the final row also carries the relearning probe's columns (`relearn_columns`).
     """
     started = time.time()
     seed = spec.seed if seed is None else seed
@@ -326,8 +331,45 @@ def run_trial(
         UNLEARNERS[method](model, setup.probe.forget, setup.probe.retain, meter, gen, **params)
     meter.finish()
     final = row(budget, meter.used)
+    if relearn:  # after the row is measured, on copies: the row's own numbers stay as they are
+        final |= relearn_columns(spec, store, setup, model, seed)
     report(final)
     return final
+
+
+def relearn_seed(seed: int) -> int:
+    """The relearning probe's stream: one per seed, so every row of a seed and its retrain
+    reference are probed with the same sets and batches (relearn.relearned_units)."""
+    return derive_seed(seed, "relearn")
+
+
+@functools.lru_cache(maxsize=4)
+def retrain_relearned(spec_json: str, store_uri: str, seed: int) -> dict[str, torch.Tensor]:
+    """The retrain reference's probed units: the same for every row of a seed, so once per process."""
+    spec, setup = validate(json.loads(spec_json), "<trial>"), prepare(spec_json, store_uri, seed)
+    model = _loaded(spec, setup.split, setup.poisoned, setup.retrain_state)
+    return probed(spec, setup, model, seed)
+
+
+def probed(spec: Spec, setup: Setup, model: torch.nn.Module, seed: int) -> dict[str, torch.Tensor]:
+    """`model`'s effect units after each relearning probe, at RELEARN_BUDGET x C_train units."""
+    precision = spec.train.get("precision", "fp32")  # fine-tuned as it was trained
+    cap = RELEARN_BUDGET * setup.c_train
+    return relearned_units(
+        model, setup.probe, spec.attack["name"], cap, relearn_seed(seed), precision
+    )
+
+
+def relearn_columns(
+    spec: Spec, store: Store, setup: Setup, model: torch.nn.Module, seed: int
+) -> dict:
+    """The relearning probe's columns for the unlearned `model` (relearn.py): its relearn_gap per
+    probe against the retrain reference's, and the seconds the probe took here."""
+    started = time.time()
+    reference = retrain_relearned(json.dumps(spec.raw, sort_keys=True), store.uri, seed)
+    after = probed(spec, setup, model, seed)
+    out = gaps(after, reference, generator(seed, "relearn", "bootstrap"))
+    return out | {"relearn_wall_s": time.time() - started}
 
 
 def _row(spec, setup, model, method, number, seed, started, budget, used) -> dict:

@@ -102,13 +102,15 @@ def sweep_in_process(spec, storage: str):
 
     store = open_store(storage)
     studies = open_studies(spec, store)
-    searcher = CellSearcher(spec, studies, reconcile(spec, store, studies))
+    done = reconcile(spec, store, studies)
+    searcher = CellSearcher(spec, studies, done, rows=results.read(store, spec.name))
     i = 0
     while (config := searcher.suggest(f"t{i}")) != Searcher.FINISHED:
         rows = sweep.execute(spec, store, config)  # a row per budget the run was measured at
         searcher.on_trial_complete(f"t{i}", sweep.reported(rows))
         i += 1
-    for config in sweep.confirm_plan(spec, results.read(store, spec.name)):
+    plan = sweep.confirm_plan(spec, results.read(store, spec.name))
+    for config in sweep.tuned_settings(spec, store, plan):
         sweep.execute(spec, store, config)
     return results.read(store, spec.name)
 

@@ -113,3 +113,28 @@ def test_attack_check_draws_each_seeds_criterion_and_verdict(rows):
     assert [seg[0][1] for seg in ax.collections[-1].get_segments()] == pytest.approx(list(want))
     fig = figures.gaussian_scores(results.table(flip), flip)
     assert "label_flip attack adds no Gaussian noise" in fig.axes[0].texts[0].get_text()
+
+
+def test_each_qq_panel_draws_every_run_sorted_against_normal_quantiles(rows):
+    """null_qq: per method, one line per run of the table's chosen rows, its sorted scores
+    against N(0, 1)'s quantiles; the panel's verdict is the table's `indistinguishable`."""
+    table, df = rows
+    fig = figures.null_qq(table, df)
+    chosen = {(b["method"], b["budget"]): r for b, r, _ in results.chosen(df)}
+    shown = figures.anytime(table, df)
+    shown = shown[shown["budget"] == shown.groupby("method")["budget"].transform("max")]
+    panels = {ax.get_title().split(",")[0]: ax for ax in fig.axes if ax.get_visible()}
+    assert sorted(panels) == sorted(shown["method"])
+    for row in shown.to_dict("records"):
+        ax, runs = panels[row["method"]], chosen[(row["method"], row["budget"])]
+        colour = plotstyle.style(row["method"])["color"]
+        drawn = [line.get_ydata() for line in ax.lines if line.get_color() == colour]
+        want = [np.sort(np.asarray(s, float)) for s in runs.sort_values("seed")["after_scores"]]
+        assert len(drawn) == len(want)
+        for got, scores in zip(drawn, want):
+            np.testing.assert_allclose(got, np.clip(scores[~np.isnan(scores)], -5, 5))
+        text = ax.texts[0].get_text()
+        assert text.startswith(f"passes on {row['indistinguishable']:.0f} of {row['n']:.0f}")
+    flip = df.assign(attack="label_flip", before_scores=None)
+    fig = figures.null_qq(results.table(flip), flip)
+    assert "label_flip attack adds no Gaussian noise" in fig.axes[0].texts[0].get_text()

@@ -85,8 +85,7 @@ def test_confirm_plan_reruns_the_best_on_missing_and_failed_seeds_only(tiny_spec
     plan = sweep.confirm_plan(spec, _rows(spec, tune, confirm))
     got = [(c["cell"], c["seed"], c["tuned_trial"]) for c in plan]
     assert got == [("ga-b0.1", 2, 1), ("gd-b0.1", 2, 1), ("ga-b0.1", 3, 1), ("gd-b0.1", 3, 1)]
-    ga = next(c for c in plan if c["cell"] == "ga-b0.1")
-    assert ga["params"] == {"lr": 1e-5, "steps": 7} and type(ga["params"]["steps"]) is int
+    # The setting itself comes from the tuned trial in the journal (sweep.tuned_settings).
     assert all(c["phase"] == "confirm" and c["number"] == c["seed"] for c in plan)
 
     # More tuning found a better setting: every seed of that cell is re-run with it.

@@ -1,0 +1,283 @@
+"""Adaptive trials per cell against a fixed budget, on the quickstart's grid: the unlearning units
+each spends and the best each finds per cell; and the project's convergence rule against
+Optuna's own terminator (`optuna.terminator`) as the rule that stops a cell.
+
+- fixed: `trials_per_cell: MAX`, the sweep's searcher (`searcher.CellSearcher`) in this process;
+- adaptive: `trials_per_cell: {min: MIN, max: MAX}`, the same searcher. Its samplers are the
+  fixed sweep's (same seeds, TPE start-up from max: `searcher.make_sampler`), so each lead's
+  settings are the fixed sweep's first ones: each run it asks for is looked up among the fixed
+  sweep's (its setting checked equal, else run), and only where it stops differs;
+- terminator: the fixed sweep's rows read in order, a lead stopped at the first n >= MIN where
+  `optuna.terminator.Terminator` (regret bound of a GP, against a static error = the run's
+  resolution of r, the noise the project's rule uses) says stop for every one of its cells.
+Units: each run's own row's `budget_units` (a prefix method's run serves its smaller cells).
+Best: `results.best_per_cell` (feasible first, lowest objective: |r| on val, 10 + shortfall if
+infeasible). Over sampler seeds, as bench/anytime.py reads it: the mean over cells x seeds of
+(best - fixed's best) with a 95 % t-interval from the seeds' own means, next to the noise floor
+(fixed against itself with the next sampler seed). No confirm phase: the rule's noise is the
+resolution, as while tuning.
+
+    .venv/bin/python -m bench adaptive    (or: PYTHONPATH=. python -m bench.adaptive --repeats 5)
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import sys
+import tempfile
+import time
+import warnings
+
+import optuna
+import pandas as pd
+import torch
+import yaml
+from optuna.terminator import RegretBoundEvaluator, StaticErrorEvaluator, Terminator
+from ray.tune.search import Searcher
+from scipy import stats
+
+from raysweep.results import best_per_cell
+from raysweep.searcher import (
+    CellSearcher,
+    cell_name,
+    enqueue_first,
+    make_sampler,
+    objective_key,
+    runs,
+)
+from raysweep.spec import Spec, distributions, trials_range, validate
+from raysweep.storage import open_store
+from raysweep.trial import derive_seed, run_trial
+
+QUICKSTART = "search_spaces/quickstart.yaml"
+TARGET = 2.0  # the issue's target: this many times fewer units, best no worse on average
+KEEP = ["budget", "objective", "feasible", "residual", "resolution", "budget_units", "wall_s"]
+
+
+def studies(spec: Spec, repeat: int) -> dict[str, optuna.Study]:
+    """In-memory studies as `searcher.open_studies` makes them, the sampler seeded per repeat."""
+    out, leads = {}, runs(spec)
+    for method, budget in spec.cells():
+        name = cell_name(method, budget)
+        seed = derive_seed(spec.seed, name, repeat) % 2**32
+        sampler = make_sampler(spec.sampler, seed, trials_range(spec)[1])
+        out[name] = optuna.create_study(study_name=name, sampler=sampler)
+        if name in leads:
+            enqueue_first(spec, method, out[name])
+    return out
+
+
+def sweep(spec: Spec, repeat: int, execute) -> pd.DataFrame:
+    """The sweep's searcher, one run at a time; `execute(config)` -> the run's rows."""
+    searcher = CellSearcher(spec, studies(spec, repeat), {})
+    out, i = [], 0
+    while (config := searcher.suggest(f"t{i}")) != Searcher.FINISHED:
+        rows = execute(config)
+        result = {objective_key(r["cell"]): r["objective"] for r in rows}
+        result |= {f"resolution@{r['cell']}": r["resolution"] for r in rows}
+        searcher.on_trial_complete(f"t{i}", result)
+        out += rows
+        i += 1
+    return pd.DataFrame(out)
+
+
+def run(spec: Spec, store, config: dict) -> list[dict]:
+    """One run as sweep.execute makes it, its rows kept in memory (no Parquet)."""
+    at = {b: (c, n) for c, b, n in config["checkpoints"]}
+    at[config["budget"]] = (config["cell"], config["number"])
+    measured = {}
+    args = (config["method"], config["budget"], config["params"], config["number"])
+    smaller = tuple(b for b in at if b < config["budget"])
+    try:
+        run_trial(spec, store, *args, report=lambda r: measured.update({r["budget"]: r}), checkpoints=smaller)  # fmt: skip
+    except Exception:  # a diverged setting: failed rows, as sweep.execute writes them
+        pass
+    failed = dict.fromkeys(KEEP, math.nan) | {"feasible": False}
+    return [
+        ({k: measured[b][k] for k in KEEP} | {"status": "ok"} if b in measured else failed | {"budget": b, "status": "failed"})
+        | {"cell": cell, "trial_number": number}
+        | {"method": config["method"], "lead": config["cell"], "run": config["number"]}
+        | {"params": config["params"], "setting": repr(sorted(config["params"].items()))}
+        for b, (cell, number) in sorted(at.items())
+    ]  # fmt: skip
+
+
+def replay(spec: Spec, store, fixed: pd.DataFrame, missed: list):
+    """An `execute` that returns the fixed sweep's rows of the same run (same setting)."""
+    by_run = {k: g.to_dict("records") for k, g in fixed.groupby(["lead", "run"])}
+
+    def execute(config: dict) -> list[dict]:
+        rows = by_run.get((config["cell"], config["number"]), [])
+        if rows and rows[0]["setting"] == repr(sorted(config["params"].items())):
+            return rows
+        missed.append((config["cell"], config["number"]))  # not a prefix: run it
+        return run(spec, store, config)
+
+    return execute
+
+
+def terminator_stops(spec: Spec, fixed: pd.DataFrame) -> tuple[pd.DataFrame, float]:
+    """The fixed sweep's rows a terminator-stopped sweep would hold, and seconds it took."""
+    low, high = trials_range(spec)
+    t0, keep = time.perf_counter(), []
+    for lead, cells in runs(spec).items():
+        mine = fixed[fixed["lead"] == lead]
+        method = mine["method"].iloc[0]
+        stop = high
+        for n in range(low, high):
+            if all(_terminate(spec, method, mine[(mine["cell"] == c)], n) for c, _ in cells):
+                stop = n
+                break
+        keep.append(mine[mine["run"] < stop])
+    return pd.concat(keep), time.perf_counter() - t0
+
+
+def _terminate(spec: Spec, method: str, rows: pd.DataFrame, n: int) -> bool:
+    """`optuna.terminator.Terminator` on a cell's first n trials (objective by trial order)."""
+    dists, _ = distributions(method, spec.methods[method])
+    rows = rows.sort_values("trial_number").iloc[:n]
+    rows = rows[rows["status"] == "ok"]  # a failed run is no evidence either way
+    if rows.empty:
+        return False
+    study = optuna.create_study()
+    for r in rows.itertuples():
+        params = {k: v for k, v in r.params.items() if k in dists}
+        study.add_trial(
+            optuna.trial.create_trial(params=params, distributions=dists, value=r.objective)
+        )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # experimental, and deprecated since Optuna 4.9
+        terminator = Terminator(
+            improvement_evaluator=RegretBoundEvaluator(seed=0),
+            error_evaluator=StaticErrorEvaluator(float(rows["resolution"].iloc[0])),
+            min_n_trials=1,
+        )
+        return terminator.should_terminate(study)
+
+
+def _bests(df: pd.DataFrame) -> pd.Series:
+    frame = df.assign(phase="tune", attack="gaussian")
+    return best_per_cell(frame).set_index(["method", "budget"])["objective"]
+
+
+def _units(df: pd.DataFrame) -> float:
+    return df.groupby(["lead", "run"])["budget_units"].max().sum()
+
+
+def one_repeat(base: dict, store, low: int, high: int, repeat: int, also: list[int]) -> dict:
+    fixed_spec = validate(copy.deepcopy(base) | {"trials_per_cell": high}, "bench/adaptive.py")
+    adaptive_spec = validate(
+        copy.deepcopy(base) | {"trials_per_cell": {"min": low, "max": high}}, "bench/adaptive.py"
+    )
+    t0 = time.perf_counter()
+    fixed = sweep(fixed_spec, repeat, lambda c: run(fixed_spec, store, c))
+    fixed_s = time.perf_counter() - t0
+    missed: list = []
+    adaptive = sweep(adaptive_spec, repeat, replay(adaptive_spec, store, fixed, missed))
+    # Other mins, read off the same fixed runs (the samplers' start-up is from max: a prefix).
+    others = {}
+    for m in also:
+        other = validate(copy.deepcopy(base) | {"trials_per_cell": {"min": m, "max": high}})
+        rows = sweep(other, repeat, replay(other, store, fixed, missed))
+        others[m] = (_units(rows), _bests(rows) - _bests(fixed), rows.groupby("cell").size())
+    term, term_s = terminator_stops(adaptive_spec, fixed)
+    best = _bests(fixed)
+    observed = adaptive.groupby("cell").size()
+    return {
+        "fixed_units": _units(fixed),
+        "adaptive_units": _units(adaptive),
+        "terminator_units": _units(term),
+        "adaptive_worse": _bests(adaptive) - best,
+        "terminator_worse": _bests(term) - best,
+        "fixed_best": best,
+        "observed": observed,
+        "terminator_observed": term.groupby("cell").size(),
+        "missed": len(missed),
+        "fixed_s": fixed_s,
+        "terminator_s": term_s,
+        "resolution": float(fixed["resolution"].dropna().iloc[0]),
+        "failed_runs": int((fixed["status"] != "ok").sum()),
+        "others": others,
+    }
+
+
+def _mean_ci(per_seed: list[pd.Series]) -> tuple[float, float, float]:
+    """Mean over cells x seeds, and a 95 % t-interval from the seeds' own means."""
+    means = pd.Series([x.mean() for x in per_seed])
+    half = stats.t.ppf(0.975, len(means) - 1) * means.std() / math.sqrt(len(means))
+    return pd.concat(per_seed).mean(), means.mean() - half, means.mean() + half
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--min", type=int, default=4, help="trials_per_cell min (adaptive)")
+    p.add_argument("--max", type=int, default=16, help="its max, and the fixed sweep's count")
+    p.add_argument("--repeats", type=int, default=5, help="sampler seeds")
+    p.add_argument("--also", default="6,8", help="other mins, read off the same fixed runs")
+    p.add_argument("--methods", default=None, help="comma-separated (default: the quickstart's)")
+    args = p.parse_args(argv or [])  # `make bench` calls main() with its own sys.argv
+    torch.set_num_threads(1)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    with open(QUICKSTART) as f:
+        base = yaml.safe_load(f) | {"name": "bench-adaptive", "confirm": {"seeds": []}}
+    if args.methods:
+        keep = args.methods.split(",")
+        base["methods"] = {m: base["methods"][m] for m in keep}
+        base["tried_first"] = {m: v for m, v in base.get("tried_first", {}).items() if m in keep}
+    with tempfile.TemporaryDirectory() as tmp:
+        store = open_store(tmp)
+        also = [int(m) for m in args.also.split(",") if m]
+        reps = [one_repeat(base, store, args.min, args.max, r, also) for r in range(args.repeats)]
+    n, seeds = len(reps[0]["fixed_best"]), len(reps)
+    out = {"min": args.min, "max": args.max, "repeats": seeds, "cells": n}
+    out["resolution"] = reps[0]["resolution"]
+    obs = pd.concat([r["observed"] for r in reps])
+    tobs = pd.concat([r["terminator_observed"] for r in reps])
+    print(f"quickstart grid, {n} cells, trials_per_cell {{min: {args.min}, max: {args.max}}} "
+          f"vs {args.max}, {seeds} sampler seeds; resolution of r {out['resolution']:.3f}")  # fmt: skip
+    print(f"settings observed per cell: rule {obs.mean():.1f} (min {obs.min()}, max {obs.max()}; "
+          f"{(obs >= args.max).mean():.0%} at max), terminator {tobs.mean():.1f} "
+          f"({(tobs >= args.max).mean():.0%} at max)")  # fmt: skip
+    out |= {"observed_mean": obs.mean(), "observed_at_max": float((obs >= args.max).mean())}
+    out |= {"terminator_observed_mean": tobs.mean()}
+    out["not_prefix_runs"] = sum(r["missed"] for r in reps)  # 0: adaptive = fixed, stopped
+    out["failed_rows_fixed"] = sum(r["failed_runs"] for r in reps)
+    for who in ("adaptive", "terminator"):
+        ratios = pd.Series([r["fixed_units"] / r[f"{who}_units"] for r in reps])
+        print(f"units fixed / {who}: {ratios.mean():.2f}x ± {ratios.std(ddof=1):.2f} (seeds)")
+        out |= {f"{who}_units_ratio": ratios.mean(), f"{who}_units_ratio_std": ratios.std(ddof=1)}
+    null = [reps[(i + 1) % seeds]["fixed_best"] - r["fixed_best"] for i, r in enumerate(reps)]
+    for key, diffs in (
+        ("adaptive", [r["adaptive_worse"] for r in reps]),
+        ("terminator", [r["terminator_worse"] for r in reps]),
+        ("noise_floor", null),
+    ):
+        mean, lo, hi = _mean_ci(diffs)
+        no_worse = sum(int((d <= 1e-12).sum()) for d in diffs)
+        print(f"best - fixed's best, {key}: {mean:+.4f} [{lo:+.4f}, {hi:+.4f}] (mean, 95 % CI); "
+              f"no worse in {no_worse} of {n * seeds} cells")  # fmt: skip
+        out |= {f"{key}_worse_mean": mean, f"{key}_worse_lo": lo, f"{key}_worse_hi": hi}
+        out[f"{key}_cells_no_worse"] = no_worse
+    for m in also:
+        ratios = pd.Series([r["fixed_units"] / r["others"][m][0] for r in reps])
+        mean, lo, hi = _mean_ci([r["others"][m][1] for r in reps])
+        obs = pd.concat([r["others"][m][2] for r in reps]).mean()
+        print(f"min {m}: {obs:.1f} settings per cell, units fixed / adaptive {ratios.mean():.2f}x, "
+              f"best - fixed's best {mean:+.4f} [{lo:+.4f}, {hi:+.4f}]")  # fmt: skip
+        out |= {f"min{m}_units_ratio": ratios.mean(), f"min{m}_worse_mean": mean}
+        out |= {f"min{m}_worse_hi": hi, f"min{m}_observed_mean": obs}
+    # Met: 2x fewer units, and the mean difference no larger than the noise floor's interval.
+    out["target_met"] = bool(
+        out["adaptive_units_ratio"] >= TARGET and out["adaptive_worse_mean"] <= out["noise_floor_worse_hi"]
+    )  # fmt: skip
+    out["fixed_s_per_seed"] = sum(r["fixed_s"] for r in reps) / seeds
+    out["terminator_s_per_seed"] = sum(r["terminator_s"] for r in reps) / seeds
+    print(f"target (>= {TARGET:g}x fewer units, mean within the noise floor's CI): "
+          f"{'met' if out['target_met'] else 'not met'}")  # fmt: skip
+    return out
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

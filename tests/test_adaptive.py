@@ -1,0 +1,170 @@
+"""`trials_per_cell: {min, max}`: every cell observes at least min settings, none more than max,
+past min only cells the convergence rule calls not converged get more, and a resumed sweep
+continues the allocation without re-running a trial (searcher.CellSearcher, in-process)."""
+
+from __future__ import annotations
+
+import copy
+
+import pandas as pd
+import pytest
+from conftest import TINY_SPEC, sweep_in_process
+from ray.tune.search import Searcher
+
+from raysweep import sweep
+from raysweep.convergence import convergence, finished
+from raysweep.searcher import CellSearcher, objective_key, open_studies, reconcile, runs
+from raysweep.spec import SpecError, trials_range, validate
+from raysweep.storage import open_store
+
+# ngd is a prefix method: its 0.1 cell leads, its 0.05 cell observes; euk leads each budget.
+SPEC = {
+    **TINY_SPEC,
+    "methods": {
+        "ngd": {"lr": {"low": 1e-4, "high": 1e-1, "log": True}, "sigma2": 1e-6},
+        "euk": {"lr": {"low": 1e-4, "high": 1e-1, "log": True}, "k": 1},
+    },
+    "trials_per_cell": {"min": 3, "max": 7},
+}
+
+
+def _drive(spec, store, objective, parallel: int = 1) -> dict[str, list[float]]:
+    """Run the searcher on made-up results (`objective(cell, number)`), `parallel` in flight;
+    return each cell's objectives in the order told."""
+    studies = open_studies(spec, store)
+    searcher = CellSearcher(spec, studies, reconcile(spec, store, studies))
+    told: dict[str, list[float]] = {}
+    live, i, finished_ = [], 0, False
+    while live or not finished_:
+        while len(live) < parallel:
+            config = searcher.suggest(f"t{i}")
+            if config is None:  # waiting on a run in flight: only legal while one is
+                assert live
+                break
+            if config == Searcher.FINISHED:
+                finished_ = True
+                break
+            live.append((f"t{i}", config))
+            i += 1
+        if not live:
+            continue
+        trial_id, config = live.pop(0)
+        cells = [(c, n) for c, _, n in config["checkpoints"]] + [(config["cell"], config["number"])]
+        result = {objective_key(c): objective(c, n) for c, n in cells}
+        result |= {f"resolution@{c}": 0.1 for c, _ in cells}
+        result |= {f"feasible@{c}": result[objective_key(c)] < 10 for c, _ in cells}
+        searcher.on_trial_complete(trial_id, result)
+        for c, _ in cells:
+            told.setdefault(c, []).append(result[objective_key(c)])
+    return told
+
+
+@pytest.mark.parametrize("parallel", [1, 3])
+def test_min_for_every_cell_and_never_beyond_max(tmp_path, parallel):
+    spec = validate(copy.deepcopy(SPEC))
+    low, high = trials_range(spec)
+
+    # euk-b0.05 is never feasible (10 + shortfall: no r, so not done however flat: at max);
+    # ngd-b0.05, a smaller cell, improves up to its 4th run (index 3), which the rule wants in
+    # the first two thirds: 6 runs (6 - ceil(6/3) = 4 > 3), and its lead runs on for it; every
+    # other cell returns one value (converged at min).
+    def objective(cell, n):
+        if cell == "euk-b0.05":
+            return 10.5
+        if cell == "ngd-b0.05":
+            return 5.0 - min(n, low)
+        return 1.0
+
+    told = _drive(spec, open_store(str(tmp_path)), objective, parallel)
+    counts = {c: len(v) for c, v in told.items()}
+    assert set(counts) == {f"{m}-b{b:g}" for m, b in spec.cells()}
+    assert all(low <= n <= high for n in counts.values()), counts
+    assert counts["euk-b0.05"] == high
+    assert counts["euk-b0.1"] == low
+    assert counts["ngd-b0.05"] == counts["ngd-b0.1"] == 6  # none in flight past the answer
+
+
+def test_a_plain_int_is_a_fixed_budget(tmp_path):
+    spec = validate({**copy.deepcopy(SPEC), "trials_per_cell": 4})
+    assert trials_range(spec) == (4, 4)
+    told = _drive(spec, open_store(str(tmp_path)), lambda c, n: 1.0)
+    assert {len(v) for v in told.values()} == {4}  # converged at 2 already; runs on to 4
+
+
+def test_needed_agrees_with_the_rule():
+    """needed == 0 exactly where convergence() says converged; and `needed` more non-improving
+    trials make a cell converged."""
+    import random
+
+    rng = random.Random(0)
+    for _ in range(300):
+        objectives = [rng.choice([1.0, 0.5, 0.3, 0.2, 0.1]) for _ in range(rng.randint(1, 12))]
+        rows = pd.DataFrame(
+            {"phase": "tune", "status": "ok", "attack": "a", "method": "m", "budget": 0.1,
+             "cell": "m-b0.1", "trial_number": range(len(objectives)), "objective": objectives,
+             "resolution": 0.15, "tuned_trial": None}
+        )  # fmt: skip
+        (row,) = convergence(rows).itertuples()
+        assert (row.needed == 0) == row.converged, objectives
+        more = objectives + [max(objectives)] * int(row.needed)
+        again = rows.iloc[[0] * len(more)].assign(objective=more, trial_number=range(len(more)))
+        assert convergence(again)["converged"].item(), (objectives, row.needed)
+
+
+def test_spec_refuses_a_bad_range():
+    for bad in ({"min": 5, "max": 4}, {"min": 0, "max": 4}, {"min": 2}, {"low": 1, "max": 2}):
+        with pytest.raises(SpecError, match="trials_per_cell"):
+            validate({**copy.deepcopy(TINY_SPEC), "trials_per_cell": bad})
+
+
+def test_resume_continues_the_allocation_without_repeating_a_trial(tmp_path):
+    """A driver that dies mid-sweep (a run asked, never told), then a resume: every run recorded
+    before is kept, none re-run; the sweep ends where an uninterrupted one ends (each cell at
+    least min, at most max, converged or at max by the tuning rows)."""
+    spec = validate({**copy.deepcopy(TINY_SPEC), "trials_per_cell": {"min": 2, "max": 4}})
+    low, high = trials_range(spec)
+    store = open_store(str(tmp_path))
+    studies = open_studies(spec, store)
+    searcher = CellSearcher(spec, studies, reconcile(spec, store, studies))
+    for i in range(3):
+        config = searcher.suggest(f"t{i}")
+        searcher.on_trial_complete(f"t{i}", sweep.reported(sweep.execute(spec, store, config)))
+    searcher.suggest("dies")  # asked, never run: the resume marks it failed and re-plans it
+    before = pd.read_parquet(f"{tmp_path}/{spec.name}/results")
+    df = sweep_in_process(spec, str(tmp_path))
+    tuned = df[df["phase"] == "tune"]
+    assert not tuned.duplicated(["cell", "trial_number"]).any()
+    kept = tuned.merge(before[["cell", "trial_number", "finished_at"]], on=["cell", "trial_number"])
+    assert len(kept) == len(before) and (kept["finished_at_x"] == kept["finished_at_y"]).all()
+    counts = tuned.groupby("cell").size()
+    assert len(counts) == len(spec.cells()) and counts.between(low, high).all(), counts
+    for cells in runs(spec).values():  # a lead's cells observe the same runs
+        assert counts[[c for c, _ in cells]].nunique() == 1
+    assert finished(tuned, spec.cells(), low, high)  # by the tuning rows: converged or at max
+    # Confirm rows can re-open a cell (their std is its noise, convergence.py): another resume
+    # tunes it on, still within max and without repeating a trial.
+    again = sweep_in_process(spec, str(tmp_path))
+    tuned = again[again["phase"] == "tune"]
+    assert not tuned.duplicated(["cell", "trial_number"]).any()
+    assert tuned.groupby("cell").size().between(low, high).all()
+
+
+@pytest.mark.integration
+def test_ray_sweep_ends_when_every_cell_is_done_and_confirms(local_ray, tmp_path):
+    """Through Ray Tune: the searcher's FINISHED ends the Tuner before `num_samples` (each
+    lead's max), confirm runs, and the table says how each cell stopped."""
+    from raysweep import results
+
+    raw = {**copy.deepcopy(TINY_SPEC), "trials_per_cell": {"min": 2, "max": 5}}
+    spec = validate(raw | {"confirm": {"seeds": [1, 2]}})
+    low, high = trials_range(spec)
+    df = sweep.run(spec, str(tmp_path))
+    tuned = df[df["phase"] == "tune"]
+    counts = tuned.groupby("cell").size()
+    assert counts.between(low, high).all() and len(counts) == len(spec.cells())
+    assert not tuned.duplicated(["cell", "trial_number"]).any()
+    table = results.table(df, high)
+    cells = table[table["source"] != "reference"]
+    assert set(cells["stopped"]) <= {"converged", "at max"}, cells[["cell", "stopped"]]
+    assert ((cells["stopped"] == "at max") == (cells["trials"] >= high)).all()
+    assert (df["phase"] == "confirm").any()
