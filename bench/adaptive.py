@@ -77,6 +77,7 @@ def sweep(spec: Spec, repeat: int, execute) -> pd.DataFrame:
         rows = execute(config)
         result = {objective_key(r["cell"]): r["objective"] for r in rows}
         result |= {f"resolution@{r['cell']}": r["resolution"] for r in rows}
+        result |= {f"feasible@{r['cell']}": r["feasible"] for r in rows}  # as sweep.reported
         searcher.on_trial_complete(f"t{i}", result)
         out += rows
         i += 1

@@ -13,7 +13,7 @@ prefix method spends them at its largest budget, a PER_BUDGET method at each bud
 
 How many: `trials_per_cell` n runs n per lead. A range {min, max} runs `min` per lead, then more
 only for a lead one of whose cells is not converged by the table's rule (convergence.py, on the
-rows so far), until all its cells are converged or it ran `max`. A prefix method's lead thus
+rows so far) or has no feasible row yet, until all its cells are converged or it ran `max`. A prefix method's lead thus
 runs on while any of its smaller cells is not converged: each run is that cell's next setting
 too, and stopping the lead would leave the cell short of both `converged` and `at max`, the two
 ends the table states. Past `min`, a lead has at most as many runs in flight as the rule needs
