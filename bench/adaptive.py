@@ -36,7 +36,6 @@ import torch
 import yaml
 from optuna.terminator import RegretBoundEvaluator, StaticErrorEvaluator, Terminator
 from ray.tune.search import Searcher
-from scipy import stats
 
 from raysweep.results import best_per_cell
 from raysweep.searcher import (
@@ -50,6 +49,9 @@ from raysweep.searcher import (
 from raysweep.spec import Spec, distributions, trials_range, validate
 from raysweep.storage import open_store
 from raysweep.trial import derive_seed, run_trial
+
+# The same reading as bench/anytime.py: mean over cells x seeds, t-interval over the seeds.
+from .anytime import mean_ci
 
 QUICKSTART = "search_spaces/quickstart.yaml"
 TARGET = 2.0  # the issue's target: this many times fewer units, best no worse on average
@@ -204,13 +206,6 @@ def one_repeat(base: dict, store, low: int, high: int, repeat: int, also: list[i
     }
 
 
-def _mean_ci(per_seed: list[pd.Series]) -> tuple[float, float, float]:
-    """Mean over cells x seeds, and a 95 % t-interval from the seeds' own means."""
-    means = pd.Series([x.mean() for x in per_seed])
-    half = stats.t.ppf(0.975, len(means) - 1) * means.std() / math.sqrt(len(means))
-    return pd.concat(per_seed).mean(), means.mean() - half, means.mean() + half
-
-
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--min", type=int, default=4, help="trials_per_cell min (adaptive)")
@@ -255,7 +250,7 @@ def main(argv: list[str] | None = None) -> dict:
         ("terminator", [r["terminator_worse"] for r in reps]),
         ("noise_floor", null),
     ):
-        mean, lo, hi = _mean_ci(diffs)
+        mean, lo, hi = mean_ci(diffs)
         no_worse = sum(int((d <= 1e-12).sum()) for d in diffs)
         print(f"best - fixed's best, {key}: {mean:+.4f} [{lo:+.4f}, {hi:+.4f}] (mean, 95 % CI); "
               f"no worse in {no_worse} of {n * seeds} cells")  # fmt: skip
@@ -263,7 +258,7 @@ def main(argv: list[str] | None = None) -> dict:
         out[f"{key}_cells_no_worse"] = no_worse
     for m in also:
         ratios = pd.Series([r["fixed_units"] / r["others"][m][0] for r in reps])
-        mean, lo, hi = _mean_ci([r["others"][m][1] for r in reps])
+        mean, lo, hi = mean_ci([r["others"][m][1] for r in reps])
         obs = pd.concat([r["others"][m][2] for r in reps]).mean()
         print(f"min {m}: {obs:.1f} settings per cell, units fixed / adaptive {ratios.mean():.2f}x, "
               f"best - fixed's best {mean:+.4f} [{lo:+.4f}, {hi:+.4f}]")  # fmt: skip

@@ -180,7 +180,7 @@ def one_repeat(spec: Spec, store, trials: int, repeat: int, tol: float) -> dict:
     }
 
 
-def _mean_ci(per_seed: list[pd.Series]) -> tuple[float, float, float]:
+def mean_ci(per_seed: list[pd.Series]) -> tuple[float, float, float]:
     """Mean over cells x seeds, and a 95 % t-interval from the seeds' own means."""
     means = pd.Series([x.mean() for x in per_seed])
     half = stats.t.ppf(0.975, len(means) - 1) * means.std() / math.sqrt(len(means))
@@ -243,7 +243,7 @@ def main(argv: list[str] | None = None) -> dict:
             ("noise_floor", "noise floor, per cell's other seed"),
         ):
             diffs = null if key == "noise_floor" else [pd.Series(r[key]) for r in reps]
-            mean, lo, hi = _mean_ci(diffs)
+            mean, lo, hi = mean_ci(diffs)
             print(
                 f"best - per cell's best, {what}: {mean:+.4f} [{lo:+.4f}, {hi:+.4f}] (mean, 95 % CI)"
             )

@@ -214,10 +214,9 @@ def make(spec: Spec, storage: str | None = None) -> Plan:
     work = lambda what, n, units: Work(what, n, units, units * unit)
     per_seed = seed_units(spec, sz)
     seeds = len(c.seeds)
-    setup = [
-        work(f"{role} trained", c.trainings.get(role, c.surrogates), u * seeds)
-        for role, u in per_seed.items()
-    ]
+    # Surrogates are trained inside crafting, never stored: counted apart from checkpoints.
+    made = c.trainings | {"surrogates": c.surrogates}
+    setup = [work(f"{role} trained", made[role], u * seeds) for role, u in per_seed.items()]
     setup.append(work("poison sets crafted (their loops not counted)", c.poison_sets, 0.0))
     # Each seed's maker measures its poisoned and retrain models (other processes measure them
     # again once per seed they see: counted in `schedule`).

@@ -62,14 +62,21 @@ def test_residual_vs_budget_shows_the_best_so_far_chosen_on_val(rows):
         assert g["objective"].is_monotonic_decreasing
 
 
-def test_each_gaussian_panel_gives_the_z_and_n_of_its_pooled_scores(rows):
-    table, df = rows
-    fig = figures.gaussian_scores(table, df)
+def _panels(fig, table, df):
+    """The chosen runs per (method, budget), the methods shown at their largest budget, and
+    the figure's visible panel per method (one for each shown method: asserted)."""
     chosen = {(b["method"], b["budget"]): r for b, r, _ in results.chosen(df)}
     shown = figures.anytime(table, df)
     shown = shown[shown["budget"] == shown.groupby("method")["budget"].transform("max")]
     panels = {ax.get_title().split(",")[0]: ax for ax in fig.axes if ax.get_visible()}
     assert sorted(panels) == sorted(shown["method"])
+    return chosen, shown, panels
+
+
+def test_each_gaussian_panel_gives_the_z_and_n_of_its_pooled_scores(rows):
+    table, df = rows
+    fig = figures.gaussian_scores(table, df)
+    chosen, shown, panels = _panels(fig, table, df)
     for row in shown.to_dict("records"):
         runs = chosen[(row["method"], row["budget"])]
         runs = runs[runs["feasible_test"]]
@@ -120,11 +127,7 @@ def test_each_qq_panel_draws_every_run_sorted_against_normal_quantiles(rows):
     against N(0, 1)'s quantiles; the panel's verdict is the table's `indistinguishable`."""
     table, df = rows
     fig = figures.null_qq(table, df)
-    chosen = {(b["method"], b["budget"]): r for b, r, _ in results.chosen(df)}
-    shown = figures.anytime(table, df)
-    shown = shown[shown["budget"] == shown.groupby("method")["budget"].transform("max")]
-    panels = {ax.get_title().split(",")[0]: ax for ax in fig.axes if ax.get_visible()}
-    assert sorted(panels) == sorted(shown["method"])
+    chosen, shown, panels = _panels(fig, table, df)
     for row in shown.to_dict("records"):
         ax, runs = panels[row["method"]], chosen[(row["method"], row["budget"])]
         colour = plotstyle.style(row["method"])["color"]
