@@ -20,6 +20,7 @@ from raysweep.results import versions
 BENCHMARKS = [
     "score",
     "meter",
+    "flops",
     "checkpoint_sharing",
     "unlearners",
     "sweep_efficiency",
@@ -28,6 +29,8 @@ BENCHMARKS = [
     "tpe_vs_random",
     "anytime",
     "adaptive",
+    "objective",
+    "verdicts",
     "gpu",
 ]
 HERE = Path(__file__).parent

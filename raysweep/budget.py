@@ -1,8 +1,12 @@
 """The compute budget every unlearner runs under (DESIGN section 3).
 
-Unit: one example's forward+backward pass. A forward-only pass (teacher outputs, Fisher-free
-scoring, frozen prefixes run without grad) costs FORWARD_ONLY of a unit. Methods ask the meter
-before each batch; it grants as many examples as still fit, so the cap can never be exceeded.
+Unit: one example's forward+backward pass through the whole model, as training runs it. A pass
+that costs something else (a teacher's forward, a frozen prefix run without grad, training only
+the last blocks) is charged what it counts: its FLOPs over a unit's, counted once per model
+config on meta tensors (`counted_cost`, `forward_cost`). A fixed 1/3 for a forward would assume
+the backward costs two forwards, which no first layer does: it needs no input gradient (the
+quickstart MLP's forward is 0.43 of a unit). Methods ask the meter before each batch; it grants
+as many examples as still fit, so the cap can never be exceeded.
 
 Checkpoints ("anytime budgets"): a meter may also stop at smaller caps on the way. It grants no
 example past a checkpoint until the run has been measured there (`at_checkpoint`), so a batch that
@@ -12,12 +16,13 @@ would have ended; then it grants again, from the same state and the same random 
 
 from __future__ import annotations
 
+import copy
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 
 import torch
-
-FORWARD_ONLY = 1.0 / 3.0
+import torch.nn.functional as F
+from torch import nn
 
 
 class Meter:
@@ -73,6 +78,50 @@ def flops(fn: Callable[[], object]) -> int:
     with FlopCounterMode(display=False) as counter:
         fn()
     return counter.get_total_flops()
+
+
+def meta_copy(model: nn.Module) -> nn.Module:
+    """`model` on the meta device, copied without copying its weights (GPT-2 medium's would
+    take 1.4 GB just to be thrown away)."""
+    memo = {
+        id(p): nn.Parameter(torch.empty_like(p, device="meta"), p.requires_grad)
+        for p in model.parameters()
+    }
+    memo |= {id(b): torch.empty_like(b, device="meta") for b in model.buffers()}
+    return copy.deepcopy(model, memo)
+
+
+# A pass prepares on (meta model, 2 rows, 2 labels) and returns the thunk whose FLOPs are counted.
+Pass = Callable[[nn.Module, torch.Tensor, torch.Tensor], Callable[[], object]]
+_COUNTED: dict[tuple, float] = {}
+
+
+def counted_cost(model: nn.Module, x: torch.Tensor, name: Hashable, pass_: Pass) -> float:
+    """Units one row's `pass_` costs: its FLOPs over one row's forward+backward through the
+    whole model in train mode (a unit), both counted on a meta copy (nothing computes).
+
+    Cached per model config and `name`: the model's printed structure, which parameters train,
+    and the row's shape and dtype. Two rows, as BatchNorm in train mode needs more than one.
+    """
+    trains = tuple(p.requires_grad for p in model.parameters())
+    key = (repr(model), trains, tuple(x.shape[1:]), x.dtype, name)
+    if key not in _COUNTED:
+        meta = meta_copy(model).train()
+        x2 = torch.empty((2, *x.shape[1:]), dtype=x.dtype, device="meta")
+        y2 = torch.zeros(2, dtype=torch.long, device="meta")
+        unit = flops(lambda: F.cross_entropy(meta(x2), y2).backward())
+        meta.zero_grad(set_to_none=True)
+        _COUNTED[key] = flops(pass_(meta, x2, y2)) / unit
+    return _COUNTED[key]
+
+
+def _forward(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], object]:
+    return torch.no_grad()(lambda: model.eval()(x))
+
+
+def forward_cost(model: nn.Module, x: torch.Tensor) -> float:
+    """Units one row's forward pass without grad costs (a frozen teacher's), for rows like `x`."""
+    return counted_cost(model, x, "forward", _forward)
 
 
 def train_cost(epochs: int, n_train: int) -> float:

@@ -105,14 +105,22 @@ def ensure_artifact(
     key = key_of(config)
     if not store.exists(f"{kind}/{key}/meta.json"):
         with store.lock(f"{kind}/.locks/{key}"):
-            check_made(store, kind, key)
-            if not store.exists(f"{kind}/{key}/meta.json"):
-                tensors, extra = make()
-                write(store, kind, key, tensors, {"config": config, **extra})
-                event = {"host": socket.gethostname(), "pid": os.getpid(), "time": time.time()}
-                event_name = f"{kind}/{key}/{EVENTS[kind]}/{uuid.uuid4().hex}.json"
-                store.write(event_name, json.dumps(event).encode())
+            _make_held(store, kind, config, make)
     return read(store, kind, key)
+
+
+def _make_held(
+    store: Store, kind: str, config: dict, make: Callable[[], tuple[Tensors, dict]]
+) -> None:
+    """Holding the key's lock: make and write the artifact unless someone already has."""
+    key = key_of(config)
+    check_made(store, kind, key)
+    if not store.exists(f"{kind}/{key}/meta.json"):
+        tensors, extra = make()
+        write(store, kind, key, tensors, {"config": config, **extra})
+        event = {"host": socket.gethostname(), "pid": os.getpid(), "time": time.time()}
+        event_name = f"{kind}/{key}/{EVENTS[kind]}/{uuid.uuid4().hex}.json"
+        store.write(event_name, json.dumps(event).encode())
 
 
 def save(store: Store, key: str, model: nn.Module, config: dict) -> None:
@@ -127,7 +135,31 @@ def load(store: Store, key: str) -> Tensors:
 def ensure(store: Store, config: dict, build: Callable[[], nn.Module]) -> Tensors:
     """The state dict of the checkpoint for `config`, training it with `build()` first if no one
     has (once per key, see `ensure_artifact`)."""
-    return ensure_artifact(store, "checkpoints", config, lambda: (build().state_dict(), {}))[0]
+    return ensure_artifact(store, "checkpoints", config, _trained(build))[0]
+
+
+def _trained(build: Callable[[], nn.Module]) -> Callable[[], tuple[Tensors, dict]]:
+    """A checkpoint's `make` for ensure_artifact: train with `build()`, keep its state dict."""
+    return lambda: (build().state_dict(), {})
+
+
+def ensure_each(store: Store, wanted: list[tuple[dict, Callable[[], nn.Module]]]) -> list[Tensors]:
+    """The state dicts of several checkpoints, [(config, build), ...], each trained once
+    (`ensure`), shared out among the processes that ask for them at the same time.
+
+    First every key not yet made whose lock is free is trained here (`Store.try_lock`: a held
+    lock means another process is training that key, so this one moves on to the next); then
+    each is loaded, waiting on the keys others still train. Trials that all need the same K
+    retrain oracles thus train different ones in parallel instead of queueing behind the first.
+    """
+    for config, build in wanted:
+        key = key_of(config)
+        if store.exists(f"checkpoints/{key}/meta.json"):
+            continue
+        with store.try_lock(f"checkpoints/.locks/{key}") as held:
+            if held:
+                _make_held(store, "checkpoints", config, _trained(build))
+    return [ensure(store, config, build) for config, build in wanted]
 
 
 def made_count(store: Store, kind: str, key: str) -> int:

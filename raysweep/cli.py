@@ -20,6 +20,48 @@ def _validate(args) -> int:
     return 0
 
 
+# The longest a sweep may compute before its first trial can report: training one seed's
+# checkpoints and one run at the largest budget, which no number of workers shortens. Past it, a
+# spec's mistake (`train.epochs: 1e9`) is far likelier than an intent, and it would run for
+# ever without a word.
+MAX_SERIAL_DAYS = 30
+# A GPU trial's speed is not measured here (that would hold a CUDA context in the driver for
+# the whole sweep): without bench/'s measurement of the model, a speed no GPU reaches, so only
+# what is hopeless on any GPU is refused.
+FASTEST_TFLOPS = 10_000
+
+
+def _check_time(spec) -> None:
+    """SpecError (one line: file, key, value) if the serial part of the sweep's plan (`raysweep
+    plan`: one seed's trainings, one run at the largest budget) takes more than MAX_SERIAL_DAYS
+    at a trial's throughput: calibrated on this machine's CPUs (64 examples, a fraction of a
+    second for small models), or for a GPU trial as above."""
+    import torch
+
+    from . import plan
+    from .footprint import bound
+    from .train import train
+
+    try:
+        p = plan.make(spec)
+    except (ValueError, AssertionError, RuntimeError):
+        return  # a model that cannot be built for its inputs: preflight.check_fits says why
+    if spec.resources.get("gpu", 0):
+        fastest = f"{FASTEST_TFLOPS:,} TFLOP/s per GPU, faster than any"
+        rate = plan.measured(p) or plan.from_tflops(p, FASTEST_TFLOPS, 1.0, fastest)
+    else:
+        rate = plan.calibrate(p, examples=64, device=torch.device("cpu"))
+    units = sum(p.seed_units.values()) + max(b for _, b in spec.cells()) * p.c_train
+    days = units / rate.train / 86400
+    if days > MAX_SERIAL_DAYS:
+        raise SpecError(
+            f"{spec.source}: train.epochs: {bound(train, spec.train)['epochs']}: one seed's "
+            f"trainings and one run take {days:,.0f} days at {rate.train:,.0f} examples/s "
+            f"({rate.source}) before any trial reports; allowed: at most {MAX_SERIAL_DAYS} days "
+            "(`raysweep plan SPEC --calibrate` shows the whole plan)"
+        )
+
+
 def _run(args) -> int:
     spec = load(args.spec)  # fails here, before Ray starts, on any spec problem
     # Imported by the commands that need them, not for a cycle: Ray, Optuna and pandas would
@@ -27,10 +69,11 @@ def _run(args) -> int:
     from . import report, results, sweep, tracking
     from .cluster import RunStateError
 
+    _check_time(spec)  # before Ray starts or anything is written
     try:
         # MLflow is checked before any compute: a missing extra or a bad URI fails in seconds.
         tracker = tracking.connect(args.mlflow, spec.name) if args.mlflow else None
-        df = sweep.run(
+        df, record = sweep.run_recorded(
             spec,
             args.storage,
             address=args.address,
@@ -44,9 +87,14 @@ def _run(args) -> int:
     if tracker:
         n = tracking.log_rows(tracker, spec, df)
         print(f"MLflow: {n} new runs in experiment '{spec.name}' at {args.mlflow}")
-    failed = int((df["status"] != "ok").sum()) if len(df) else 0
+    # This run's trials as the sweep recorded them (sweep.Record), not the files on disk: old
+    # rows must not stand in for new ones that were lost.
     where = f"{args.storage}/{spec.name}/results"
-    print(f"\n{spec.name}: {len(df)} trials ({failed} failed); Parquet rows in {where}\n")
+    print(
+        f"\n{spec.name}: {len(record.written)} trials run ({record.failed} failed), {len(df)} "
+        f"recorded in all; Parquet rows in {where}\n"
+    )
+    failed = int((df["status"] != "ok").sum()) if len(df) else 0
     if len(df) and failed == len(df):  # nothing to tabulate: say why, and fail the command
         errors = df["error"].fillna("no error recorded").map(lambda e: e.splitlines()[0][:300])
         counts = errors.value_counts()

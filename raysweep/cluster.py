@@ -13,7 +13,10 @@ import datetime as dt
 import json
 import logging
 import os
+import secrets
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -24,7 +27,7 @@ import ray._private.ray_constants as ray_constants
 from optuna.storages.journal import JournalFileBackend, JournalStorage
 from ray import tune
 
-from . import results
+from . import reaper, results
 from .convergence import finished
 from .spec import Spec, trials_range
 from .storage import CorruptStorage, RunStateError, Store, write_failed
@@ -55,7 +58,13 @@ def start_ray(address: str | None, num_cpus: int | None = None) -> None:
         # refusals must stay the only line it prints.
         ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
         return
-    with mock.patch.object(ray_constants, "ENABLE_RAY_CLUSTER", False):
+    # Every process of this Ray inherits the mark its reaper ends them by (`reap_with_driver`);
+    # set only while Ray starts, so what the driver starts later is not marked.
+    env = {reaper.ENV: reap_with_driver()} if os.path.isdir("/proc") else {}
+    with (
+        mock.patch.object(ray_constants, "ENABLE_RAY_CLUSTER", False),
+        mock.patch.dict(os.environ, env),
+    ):
         ray.init(
             address="local",
             _node_ip_address=LOCAL_IP,
@@ -63,6 +72,34 @@ def start_ray(address: str | None, num_cpus: int | None = None) -> None:
             include_dashboard=False,
             log_to_driver=False,
         )
+
+
+_reaper: dict[str, object] = {}  # this driver's reaper, once started: its mark and process
+
+
+def reap_with_driver() -> str:
+    """Start this driver's reaper once (reaper.py), and return the mark it ends processes by.
+
+    It gets the read end of a pipe whose write end only this process holds (not inherited:
+    Ray's processes are exec'd), in a session of its own (a Ctrl-C or a kill of the driver's
+    process group leaves it to do its job); when the driver ends, however, it kills the
+    processes carrying the mark, which `start_ray` gives the local Ray's processes.
+    """
+    if not _reaper:
+        mark = f"{os.getpid()}-{secrets.token_hex(8)}"
+        read, write = os.pipe()  # `write` is never closed: the driver's end closes it
+        # -I -S: the standard library alone (reaper.py imports nothing else), started fast.
+        process = subprocess.Popen(
+            [sys.executable, "-I", "-S", reaper.__file__, mark, str(read)],
+            pass_fds=(read,),
+            start_new_session=True,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        os.close(read)
+        _reaper.update(mark=mark, process=process)
+    return str(_reaper["mark"])
 
 
 def slots(spec: Spec, max_concurrent: int | None) -> int:
@@ -111,9 +148,10 @@ class StopOnCorrupt(tune.Stopper):
         return self.seen
 
 
-def fit(tuner: tune.Tuner) -> None:
-    """Run the tuner; CorruptStorage with the first trial's report of damaged storage, if any,
-    or with the driver's own (a journal append the storage refused, raised in the searcher)."""
+def fit(tuner: tune.Tuner) -> list[dict]:
+    """Run the tuner; return what each trial reported last. CorruptStorage with the first
+    trial's report of damaged storage, if any, or with the driver's own (a journal append the
+    storage refused, raised in the searcher)."""
     try:
         grid = tuner.fit()
     except Exception as e:
@@ -121,9 +159,11 @@ def fit(tuner: tune.Tuner) -> None:
         if cause is None:
             raise
         raise cause from None
-    for result in grid:
-        if (result.metrics or {}).get("corrupt"):
-            raise CorruptStorage(result.metrics["corrupt"])
+    reports = [result.metrics or {} for result in grid]
+    for metrics in reports:
+        if metrics.get("corrupt"):
+            raise CorruptStorage(metrics["corrupt"])
+    return reports
 
 
 def _storage_cause(error: BaseException | None) -> CorruptStorage | None:

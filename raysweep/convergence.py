@@ -1,12 +1,19 @@
 """Has each cell's search converged? Best-so-far objective against trial number, from the rows.
 
-A cell is **not converged** when its best objective improved, over the last third of its tuning
-trials, by more than the noise between runs of one setting: the sample std of the objective over
-the cell's confirm runs of its best setting (two or more ok runs), else the attack's resolution of
-r on the tuning seed (`resolution`: the relative half-width of E_before - E_retrain's 95 %
-interval, the smallest change in r the run can tell apart). The last third is the last
-ceil(n / 3) of the n ok trials, so a cell with one ok trial has nothing before it and is not
-converged.
+A cell's best is what the table reports for it (results.best_per_cell): the lowest objective
+among the ok tuning rows of its method at or below its budget ("a method may stop early"), so
+the trials that can change it are the cell's own and those of its smaller budgets. Trial i of
+the cell is the i-th ok trial of each of those cells (in trial order), and the best so far after
+it is the lowest objective among all of them up to their i-th; n is the most ok trials any of
+them has. A cell with no smaller budget is just its own trials.
+
+A cell is **not converged** when its best improved, over the last third of its trials (the last
+ceil(n / 3)), by more than the noise between runs of one setting: the sample std of the
+objective over the feasible confirm runs of its chosen setting (two or more; an infeasible run's
+objective is 10 + its accuracy shortfall, a penalty, not noise), else that chosen row's
+resolution of r on the tuning seed (`resolution`: the relative half-width of E_before -
+E_retrain's 95 % interval, the smallest change in r the run can tell apart). A cell with one
+trial has nothing before it and is not converged.
 
 `needed` turns the rule around for the sweep's adaptive budget (`trials_per_cell: {min, max}`,
 searcher.CellSearcher): how many more trials, none of them improving the best, before the rule
@@ -31,12 +38,20 @@ def best_so_far(df: pd.DataFrame) -> pd.DataFrame:
     return out.reset_index(drop=True)
 
 
-def _noise(rows: pd.DataFrame, confirm: pd.DataFrame) -> float:
+def _candidates(ok: pd.DataFrame, attack: str, method: str, budget: float) -> pd.DataFrame:
+    """The ok tuning rows the cell's best is chosen from, each with `step`: its rank among its
+    own cell's ok trials (the module docstring's trial i)."""
+    rows = ok[(ok["attack"] == attack) & (ok["method"] == method) & (ok["budget"] <= budget)]
+    rows = rows.sort_values(["budget", "trial_number"])
+    return rows.assign(step=rows.groupby("budget").cumcount())
+
+
+def _noise(best: pd.Series, confirm: pd.DataFrame) -> float:
     """The threshold an improvement must pass (see the module docstring)."""
-    best = rows.sort_values(["objective", "trial_number"]).iloc[0]
     runs = confirm[
         (confirm["cell"] == best["cell"]) & (confirm["tuned_trial"] == best["trial_number"])
     ]
+    runs = runs[runs["feasible"].astype(bool)]
     if len(runs) >= 2:
         return float(runs["objective"].std(ddof=1))
     return float(best["resolution"])
@@ -66,15 +81,18 @@ def convergence(df: pd.DataFrame) -> pd.DataFrame:
     ok = df[(df["phase"] == "tune") & (df["status"] == "ok")]
     confirm = df[(df["phase"] == "confirm") & (df["status"] == "ok")]
     out = []
-    for key, rows in ok.groupby(CELL, sort=True):
-        rows = rows.sort_values("trial_number")
-        n = len(rows)
-        head = rows["objective"].iloc[: n - math.ceil(n / 3)]
-        best, before = rows["objective"].min(), head.min() if len(head) else math.inf
-        threshold = _noise(rows, confirm)
+    for key in sorted(ok.groupby(CELL).groups):
+        rows = _candidates(ok, *key)
+        per_step = rows.groupby("step")["objective"].min()  # trial i's best new objective
+        n = len(per_step)
+        head = per_step.iloc[: n - math.ceil(n / 3)]
+        best, before = per_step.min(), head.min() if len(head) else math.inf
+        # The chosen row, as best_per_cell ranks them (objective, then smaller budget, earlier).
+        chosen = rows.sort_values(["objective", "budget", "trial_number"]).iloc[0]
+        threshold = _noise(chosen, confirm)
         improved = before - best
         done = bool(improved <= threshold)
-        more = needed(list(rows["objective"]), threshold)
+        more = needed(list(per_step), threshold)
         out.append(dict(zip(CELL, key)) | {"trials": n, "best": best, "best_before": before,
                     "improvement": improved, "threshold": threshold, "converged": done,
                     "needed": more})  # fmt: skip

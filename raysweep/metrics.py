@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -358,6 +359,45 @@ def null_tests(after: np.ndarray, retrain: np.ndarray) -> dict[str, float]:
     }
 
 
+def anderson_darling(scores: np.ndarray) -> float:
+    """The Anderson-Darling distance of per-poison scores (NaN = degenerate, left out) from
+    N(0, 1), per poison: A^2 / n, the squared gap between their empirical CDF and Phi weighted by
+    1 / (Phi (1 - Phi)), so a shift either way (an overshoot too) and a few poisons deep in
+    either tail both count. Never trained on the noise: n A^2 / n has mean 1 (sd about 0.76).
+    Phi's logs come from logcdf / logsf, finite however far out a score lies."""
+    s = np.sort(scores[~np.isnan(scores)])
+    n = len(s)
+    if n == 0:
+        return math.nan
+    weights = 2 * np.arange(1, n + 1) - 1
+    return float(-1.0 - np.sum(weights * (norm.logcdf(s) + norm.logsf(s[::-1]))) / n**2)
+
+
+@dataclass(frozen=True)
+class Objective:
+    """What a study minimises on val, from r on val and the effect units on val (for Gaussian
+    poisoning -I_i per poison): `value`, and the attacks it is defined for (None: every one)."""
+
+    value: Callable[[float, torch.Tensor], float]
+    attacks: tuple[str, ...] | None
+    doc: str
+
+
+# The spec's `objective`. residual: |r| (DESIGN section 5); it cannot tell removal from hiding: a
+# mean back at 0 with a few poisons still memorised, or scores pushed past N(0, 1), read alike.
+# anderson_darling sees both, where the exact null (Gaussian poisoning) says what clean is. Its
+# values stay far below the infeasible 10 (trial.objective): 0.52-0.60 for the quickstart's
+# poisoned models, 0.002 for their retrain references (1 / 150 expected by chance).
+OBJECTIVES = {
+    "residual": Objective(lambda r_val, units: abs(r_val), None, "|r| on val (default)"),
+    "anderson_darling": Objective(
+        lambda r_val, units: anderson_darling(-units.numpy()),
+        ("gaussian",),
+        "the per-poison scores' Anderson-Darling distance from N(0, 1) (gaussian only)",
+    ),
+}
+
+
 def measure(
     model: nn.Module, probe: Probe, attack: str
 ) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
@@ -471,3 +511,99 @@ def paired_difference(
     a, b = a[keep], b[keep]
     boot_a, boot_b = bootstrap_means([a, b], generator)
     return (a.mean() - b.mean()).item(), *_interval(boot_a - boot_b)
+
+
+# Retrain oracles (issue 24, part 2): K more retrain-from-scratch models per confirm seed, each
+# from its own initialisation and batch order, give what retraining itself spreads over. Each
+# unit the effect E is the mean of (EFFECTS) gets a continuous margin, higher = more of the
+# poison's effect, whose sign is the unit's 0/1 outcome up to ties: for accuracy attacks the log
+# odds against the true class (> 0: misclassified), for targets and triggered rows the log odds
+# of y_adv (> 0: moved to y_adv), for Gaussian noise the unit itself, -I_i. Test split only:
+# oracles are trained for confirm rows, which the report reads on test.
+
+
+def _toward(model: nn.Module, x: torch.Tensor, y_adv: int) -> torch.Tensor:
+    """log(p_adv / (1 - p_adv)) per row of x, in float64 (log_odds_against, negated)."""
+    z = logits(model, x).double()
+    return -log_odds_against(z, torch.full((len(z),), y_adv, device=z.device))
+
+
+def _against(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return log_odds_against(logits(model, x).double(), y)
+
+
+def _triggered_margins(model: nn.Module, probe: Probe) -> torch.Tensor:
+    p = probe.poisoned
+    keep = probe.y_test != p.y_adv  # the rows `backdoor_hits` counts
+    return _toward(model, p.triggered(probe.x_test[keep]), p.y_adv)
+
+
+def _text_triggered_margins(model: nn.Module, probe: Probe) -> torch.Tensor:
+    p = probe.poisoned
+    # The rows and insert positions `text_backdoor_hits` uses (its fixed generator).
+    x = insert_trigger(
+        probe.x_test[probe.y_test != p.y_adv], p.trigger_ids, torch.Generator().manual_seed(0)
+    )
+    return _toward(model, x, p.y_adv)
+
+
+MARGINS = {
+    "gaussian": lambda model, probe: -poison_scores(model, probe),
+    "gradient_matching": lambda model, probe: _toward(
+        model, probe.x_test[probe.poisoned.target_idx], probe.poisoned.y_adv
+    ),
+    "gradient_canceling": lambda model, probe: _against(model, probe.x_test, probe.y_test),
+    "backdoor": _triggered_margins,
+    "label_flip": lambda model, probe: _against(model, probe.x_test, probe.y_test),
+    "text_backdoor": _text_triggered_margins,
+}
+
+
+def margins(model: nn.Module, probe: Probe, attack: str) -> torch.Tensor:
+    """Per test unit of E, `model`'s margin toward the poison's effect (MARGINS), float64 on the CPU."""
+    return MARGINS[attack](model.eval(), probe).double().cpu()
+
+
+def outside_counts(models: torch.Tensor) -> torch.Tensor:
+    """Per model (row of the (K + 1, n) margins), on how many units its margin lies strictly
+    outside the [min, max] of the other K models' margins on that unit."""
+    out = []
+    for j in range(len(models)):
+        others = torch.cat([models[:j], models[j + 1 :]])
+        outside = (models[j] < others.min(0).values) | (models[j] > others.max(0).values)
+        out.append(int(outside.sum()))
+    return torch.tensor(out)
+
+
+def oracle_test(model: torch.Tensor, oracles: torch.Tensor) -> dict[str, float]:
+    """Is `model` (its (n,) margins) one more retrain oracle? Against the (K, n) `oracles`' margins:
+
+    oracle_outside: the share of units where its margin lies strictly outside the oracles'
+    [min, max] (KLoM-style, per unit). A model exchangeable with the oracles has each unit there
+    with probability at most 2 / (K + 1), but units are not independent (one model may be more
+    confident on all of them), so no binomial over units is valid. oracle_p is a permutation p
+    that is: every one of the K + 1 models is judged by the same count against the other K, and
+    p = (the models whose count is at least `model`'s) / (K + 1). Exact for any dependence
+    between units, and at least 1 / (K + 1): that is all K oracles can tell (K = 19 for 0.05).
+    Units where any model's margin is NaN (a degenerate Gaussian score) are left out; NaN when
+    none remain.
+    """
+    stacked = torch.cat([model[None], oracles]).double()
+    stacked = stacked[:, ~stacked.isnan().any(0)]
+    if stacked.shape[1] == 0:
+        return {"oracle_outside": math.nan, "oracle_p": math.nan}
+    counts = outside_counts(stacked)
+    return {
+        "oracle_outside": counts[0].item() / stacked.shape[1],
+        "oracle_p": (counts >= counts[0]).sum().item() / len(counts),
+    }
+
+
+def oracle_band(
+    before: torch.Tensor, oracles: list[torch.Tensor], retrain: torch.Tensor
+) -> tuple[float, float]:
+    """Where retraining itself lands on r: the least and greatest r of the oracles' test units
+    against the poisoned model and the retrain reference (`paired_residual`, one rule for
+    degenerate units). A model like the oracles lands inside with probability (K - 1) / (K + 1)."""
+    rs = [paired_residual(before, o, retrain) for o in oracles]
+    return float(np.min(rs)), float(np.max(rs))  # NaN if any oracle's r is

@@ -4,7 +4,6 @@ Hessian-vector products and paid for in counted FLOPs. UNLEARNERS lists it like 
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Callable
 
@@ -12,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .budget import Meter, flops
+from .budget import Meter, flops, meta_copy
 from .domains import NonNegFloat, PosInt
 from .models import split_head
 from .steps import Pair, features, subset
@@ -61,7 +60,7 @@ def newton_row_cost(model: nn.Module, x1: torch.Tensor, passes: int) -> float:
     products with the layer's weights (a gradient is a forward and a backward product, each
     Hessian-vector product one more pair), over one row's forward+backward through the model.
     FLOPs as torch counts them, on meta copies of the model and the row (nothing computes)."""
-    meta = _meta_copy(model).train()
+    meta = meta_copy(model).train()
     x = torch.empty_like(x1[:1], device="meta")
     y = torch.zeros(1, dtype=torch.long, device="meta")
     unit = flops(lambda: F.cross_entropy(meta(x), y).backward())
@@ -98,17 +97,6 @@ def newton_steps(
 
         theta = theta - conjugate_gradient(hvp, grad, cg_steps)
     return theta
-
-
-def _meta_copy(model: nn.Module) -> nn.Module:
-    """`model` on the meta device, copied without copying its weights (GPT-2 medium's would
-    take 1.4 GB just to be thrown away)."""
-    memo = {
-        id(p): nn.Parameter(torch.empty_like(p, device="meta"), p.requires_grad)
-        for p in model.parameters()
-    }
-    memo |= {id(b): torch.empty_like(b, device="meta") for b in model.buffers()}
-    return copy.deepcopy(model, memo)
 
 
 def conjugate_gradient(hvp: Callable, b: torch.Tensor, steps: int, tol: float = 1e-10):

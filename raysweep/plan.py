@@ -37,6 +37,7 @@ from .storage import RunStateError, open_store
 from .sweep import confirm_plan
 from .train import train
 from .trial import device as trial_device
+from .trial import oracles as trial_oracles
 
 # A trial's fixed cost beyond its counted work (Tune's scheduling, loading the poisoned model,
 # the float64 copy, the bootstrap interval): 0.85 s, DESIGN section 8's measurement of Tune's
@@ -64,7 +65,7 @@ class Counts:
     confirm_runs: int  # cells x seeds at most; exact once tuning is done (`confirm_exact`)
     confirm_exact: bool
     seeds: tuple[int, ...]  # the tuning seed, then the confirm seeds: one poison set each
-    trainings: dict[str, int]  # checkpoint role -> trainings (poisoned, retrain, extractor)
+    trainings: dict[str, int]  # role -> trainings (poisoned, retrain, extractor, retrain oracles)
     surrogates: int  # models trained inside crafting, never stored
     poison_sets: int
 
@@ -104,6 +105,10 @@ def counts(spec: Spec, df: pd.DataFrame) -> Counts:
     if spec.model["name"] == "linear":
         per_seed["extractor"] = 1
     surrogate = SURROGATES.get(spec.attack["name"], lambda a: 0)(attack)
+    trainings = {role: n * len(seeds) for role, n in per_seed.items()}
+    oracles = sum(trial_oracles(spec, s) for s in seeds)  # confirm seeds only (trial.oracles)
+    if oracles:
+        trainings["retrain oracles"] = oracles
     return Counts(
         cells=len(spec.cells()),
         tuning_runs=tuning_runs,
@@ -113,7 +118,7 @@ def counts(spec: Spec, df: pd.DataFrame) -> Counts:
         confirm_runs=confirm,
         confirm_exact=exact,
         seeds=seeds,
-        trainings={role: n * len(seeds) for role, n in per_seed.items()},
+        trainings=trainings,
         surrogates=surrogate * len(seeds),
         poison_sets=len(seeds),
     )
@@ -155,6 +160,22 @@ def measured_rows(spec: Spec, sz: Shape) -> tuple[int, int]:
     else:  # accuracy attacks: errors on val and test
         forward += held
     return forward, grad64
+
+
+def oracle_measure(spec: Spec, sz: Shape, unit: float, fwd: float) -> float:
+    """FLOPs of measuring one retrain oracle (trial.oracle_reference): its effect units and its
+    margins on them, two passes over the test units (metrics.EFFECTS, MARGINS): forward passes,
+    or float64 input gradients for Gaussian poisons (one budget unit's FLOPs each). `unit`, `fwd`:
+    `model_flops`."""
+    attack = bound(ATTACKS[spec.attack["name"]], spec.attack)
+    name = spec.attack["name"]
+    if name == "gaussian":
+        return 2 * attack["n"] * unit
+    if name == "gradient_matching":
+        return 2 * attack["n_targets"] * fwd
+    if name in ("backdoor", "text_backdoor"):  # the test rows not of class y_adv
+        return 2 * round(sz.n_test * (sz.num_classes - 1) / sz.num_classes) * fwd
+    return 2 * sz.n_test * fwd  # accuracy attacks: every test row
 
 
 def seed_units(spec: Spec, sz: Shape) -> dict[str, float]:
@@ -218,6 +239,12 @@ def make(spec: Spec, storage: str | None = None) -> Plan:
     made = c.trainings | {"surrogates": c.surrogates}
     setup = [work(f"{role} trained", made[role], u * seeds) for role, u in per_seed.items()]
     setup.append(work("poison sets crafted (their loops not counted)", c.poison_sets, 0.0))
+    oracles = c.trainings.get("retrain oracles", 0)
+    if oracles:  # each a retrain model; then measured once: its effect units and test margins
+        setup.append(work("retrain oracles trained", oracles, oracles * per_seed["retrain"]))
+        setup.append(
+            work("oracles measured", oracles, oracles * oracle_measure(spec, sz, unit, fwd) / unit)
+        )
     # Each seed's maker measures its poisoned and retrain models (other processes measure them
     # again once per seed they see: counted in `schedule`).
     setup.append(
@@ -237,13 +264,17 @@ def make(spec: Spec, storage: str | None = None) -> Plan:
         confirm_units = sum(x["budget"] for x in configs) * c_train
     else:  # at most: each cell's best re-run at its own budget
         confirm_units = sum(b for _, b in spec.cells()) * len(spec.confirm["seeds"]) * c_train
-    rows = lambda n: work("rows measured", n, n * measure_flops / unit)
+    rows = lambda n, extra=0.0: work("rows measured", n, n * (measure_flops + extra) / unit)
+    # Confirm rows of a spec with oracles also take the unlearned model's test margins.
+    margin_flops = (
+        oracle_measure(spec, sz, unit, fwd) / 2 if c.trainings.get("retrain oracles") else 0.0
+    )
     phases = {
         "setup": setup,
         "tune": [*tune, rows(c.tuning_rows)],
         "confirm": [
             work("unlearning runs, at their budget caps", c.confirm_runs, confirm_units),
-            rows(c.confirm_runs),
+            rows(c.confirm_runs, margin_flops),
         ],
     }
     return Plan(spec, sz, c, unit, fwd, c_train, per_seed, (forward, grad64), phases, trial(spec))
@@ -306,6 +337,8 @@ def schedule(
     tune = START_S + setup_s + max(tune_busy / slots, longest)
     confirm_seeds = len(c.seeds) - 1
     confirm_busy = trial_s(confirm_units, c.confirm_runs) + (confirm_seeds - 1) * setup_s
+    # Retrain oracles: shared out among the trials preparing a seed (checkpoints.ensure_each).
+    confirm_busy += c.trainings.get("retrain oracles", 0) * plan.seed_units["retrain"] / rate.train
     confirm_busy += 2 * measure_s * max(min(slots, c.confirm_runs) - confirm_seeds, 0)
     confirm = START_S + setup_s + max(confirm_busy / slots, longest) if c.confirm_runs else 0.0
     busy = setup_s * (1 + (confirm_seeds > 0)) + tune_busy + confirm_busy

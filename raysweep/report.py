@@ -86,9 +86,16 @@ def markdown(table: pd.DataFrame, experiment: str, df: pd.DataFrame) -> str:
 
 
 def _interval(row: dict) -> str:
-    if row["source"] == "reference" or pd.isna(row["residual_lo"]):
+    """The hull of r's intervals; "unresolved" first where a run's seed could not resolve r
+    (`attack_ok` false: its interval is no narrower than the seed's resolution, or infinite)."""
+    if row["source"] == "reference":
         return ""
-    return f"[{row['residual_lo']:.2f}, {row['residual_hi']:.2f}]"
+    hull = (
+        ""
+        if pd.isna(row["residual_lo"])
+        else f"[{row['residual_lo']:.2f}, {row['residual_hi']:.2f}]"
+    )
+    return f"unresolved {hull}".strip() if row["attack_ok"] < row["n"] else hull
 
 
 def _count(k: int, n: int) -> str:
@@ -111,6 +118,20 @@ def _relearns(row: dict) -> str:
     )
 
 
+def _oracles(row: dict) -> str:
+    """Against the seed's K retrain oracles (results.oracle_stats): runs whose r lies in the
+    oracles' band, the mean share of units outside their margins' range (2 / (K + 1) expected
+    of one more oracle), and runs more extreme than every oracle (p = 1 / (K + 1))."""
+    if pd.isna(row.get("oracles")):
+        return ""
+    n, k = int(row["oracle_judged"]), int(row["oracles"])
+    return (
+        f"K = {k}: r in band {_count(int(row['oracle_inside']), n)}; "
+        f"{row['oracle_outside']:.0%} of units outside (vs {2 / (k + 1):.0%}); "
+        f"most extreme {row['oracle_extreme']:.0f}/{n}"
+    )
+
+
 def null_line(table: pd.DataFrame) -> str:
     """How the `indistinguishable` column reads (results.indistinguishable), with its level."""
     alpha = table["null_alpha"].dropna()
@@ -129,8 +150,9 @@ def not_converged_line(table: pd.DataFrame) -> str:
     cells = table[table["source"] != "reference"]
     n = int((~cells["converged"].astype(bool)).sum())
     return (
-        f"{n} of {len(cells)} cells not converged (`converged` **no**: the best improved in the "
-        "last third of the cell's trials by more than the noise between runs)."
+        f"{n} of {len(cells)} cells not converged (`converged` **no**: the best at or below the "
+        "cell's budget improved in the last third of its trials by more than the noise between "
+        "feasible runs)."
     )
 
 
@@ -139,7 +161,7 @@ def markdown_table(table: pd.DataFrame) -> str:
     its feasible runs, and its `feasible` column says how many of the n runs those are."""
     cols = ["attack", "method", "budget", "from budget", "n", "attack worked", "feasible"]
     cols += ["converged", "r", "r 95% CI", "indistinguishable from never trained"]
-    cols += ["relearns faster than retrain (retain / poisons)"]
+    cols += ["relearns faster than retrain (retain / poisons)", "against retrain oracles"]
     cols += [HEADERS[k] for k in HEADERS if k != "residual"] + ["setting"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for row in table.to_dict("records"):
@@ -151,7 +173,7 @@ def markdown_table(table: pd.DataFrame) -> str:
         setting = "" if pd.isna(row["setting"]) else row["setting"]
         cells = [row["attack"], row["method"], budget, start, str(row["n"])]
         cells += [_count(row["attack_ok"], row["n"]), feasible, converged, stats[0]]
-        cells += [_interval(row), _indistinguishable(row), _relearns(row)]
+        cells += [_interval(row), _indistinguishable(row), _relearns(row), _oracles(row)]
         lines.append("| " + " | ".join([*cells, *stats[1:], setting]) + " |")
     warnings = results.attack_warnings(table) + results.feasibility_warnings(table)
     return "\n".join(lines + ([""] + warnings if warnings else []))

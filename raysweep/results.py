@@ -96,6 +96,16 @@ COLUMNS = {
     "relearn_gap_poisons_lo": pa.float64(),
     "relearn_gap_poisons_hi": pa.float64(),
     "relearn_wall_s": pa.float64(),  # seconds the probe took, outside wall_s
+    # Retrain oracles (confirm.oracles; metrics.oracle_test), on confirm rows; null otherwise.
+    "oracles": pa.int64(),  # K: retrain models of this seed, each with its own initialisation
+    "oracle_r_lo": pa.float64(),  # the least r of the K oracles: where retraining itself lands
+    "oracle_r_hi": pa.float64(),  # the greatest
+    "oracle_outside": pa.float64(),  # share of test units outside the oracles' [min, max] margin
+    "oracle_p": pa.float64(),  # permutation p of that share among the K + 1 models, >= 1/(K+1)
+    "before_oracle_outside": pa.float64(),  # the poisoned model judged the same way (a control)
+    "before_oracle_p": pa.float64(),
+    "retrain_oracle_outside": pa.float64(),  # the retrain reference judged the same way
+    "retrain_oracle_p": pa.float64(),
     "budget_used": pa.float64(),
     "budget_units": pa.float64(),
     "wall_s": pa.float64(),
@@ -294,15 +304,24 @@ def reference_rows(df: pd.DataFrame, attack: str, seeds) -> pd.DataFrame:
 def attack_warnings(table: pd.DataFrame) -> list[str]:
     """One line per attack that did not work on every seed's poisoned model (`attack_ok` false):
     its rows stay in the table, marked, but their r compares against an effect that is not there
-    or too weak to resolve r."""
+    or too weak to resolve r. And one per tuning seed whose attack failed: every cell's setting
+    was then chosen by an r that seed cannot resolve, whatever the confirm seeds show."""
     refs = table[table["method"] == "poisoned"]
-    return [
+    lines = [
         f"warning: {row['attack']}: the attack worked on {row['attack_ok']} of {row['n']} seeds' "
         f"poisoned models (attack_ok: its effect, resolving r to ±{MAX_RESOLUTION:g}); r is "
-        "meaningless where it did not"
+        "unresolved where it did not"
         for row in refs.to_dict("records")
         if row["attack_ok"] < row["n"]
     ]
+    cells = table[(table["source"] != "reference") & ~table["tuned_attack_ok"].astype(bool)]
+    for (attack, seed), rows in cells.groupby(["attack", "tuned_seed"]):
+        lines.append(
+            f"warning: {attack}: the attack failed on tuning seed {seed:.0f} (attack_ok false, "
+            f"resolution {rows['tuned_resolution'].iloc[0]:.2f}, limit {MAX_RESOLUTION:g}): "
+            f"{len(rows)} cells' settings were chosen by an r that seed cannot resolve"
+        )
+    return lines
 
 
 def feasibility_warnings(table: pd.DataFrame) -> list[str]:
@@ -373,6 +392,31 @@ def relearn_stats(runs: pd.DataFrame) -> dict:
     return out
 
 
+def oracle_stats(runs: pd.DataFrame, model: str, r) -> dict:
+    """Over a cell's runs (or a reference's seeds) with retrain oracles (metrics.oracle_test):
+    K; how many runs' r (`r`: a column, or the reference's constant) lie inside their seed's
+    oracle band; the mean share of test units outside the oracles' margin range; and how many
+    runs are more extreme than every oracle (oracle_p = 1 / (K + 1), the least K allows).
+    `model`: "" for the unlearned model, "before_" or "retrain_" for the references. NaN where
+    no run had oracles."""
+    judged = runs[f"{model}oracle_p"].notna() if f"{model}oracle_p" in runs else []
+    if not len(judged) or not judged.any():
+        return dict.fromkeys(ORACLE_STATS, math.nan)
+    runs = runs[judged]
+    r = runs["residual"] if isinstance(r, str) else pd.Series(r, index=runs.index)
+    k = runs["oracles"].astype(float)
+    return {
+        "oracles": int(k.max()),
+        "oracle_inside": int(((runs["oracle_r_lo"] <= r) & (r <= runs["oracle_r_hi"])).sum()),
+        "oracle_outside": runs[f"{model}oracle_outside"].astype(float).mean(),
+        "oracle_extreme": int((runs[f"{model}oracle_p"] * (k + 1) < 1 + 1e-9).sum()),
+        "oracle_judged": len(runs),
+    }
+
+
+ORACLE_STATS = ("oracles", "oracle_inside", "oracle_outside", "oracle_extreme", "oracle_judged")
+
+
 def table(df: pd.DataFrame, trials_max: int | None = None) -> pd.DataFrame:
     """The paper-style table: per attack, the poisoned and retrain references, then each cell's
     best setting (chosen on val, among its method's rows at or below its budget: `from_budget`
@@ -382,7 +426,10 @@ def table(df: pd.DataFrame, trials_max: int | None = None) -> pd.DataFrame:
     Nothing is hidden: `feasible` counts the runs whose unlearned model met the utility
     constraint on test (and had informative poison scores) out of `n`; the means and stds are over those
     feasible runs only, and `residual_lo`/`residual_hi` span every feasible run's 95% interval
-    of r (the hull), so two methods whose spans overlap are not told apart by this table.
+    of r (the hull), so two methods whose spans overlap are not told apart by this table; a run
+    whose seed's attack did not resolve r (`attack_ok` false) reports an interval no narrower
+    than that seed's resolution (trial.unresolved_widened), and the report says "unresolved".
+    `tuned_seed`, `tuned_attack_ok`, `tuned_resolution`: the seed the setting was chosen on.
     `converged` is false where more trials might still change the cell's best (convergence.py).
     `stopped` says why a cell got no more trials: "converged", or "at max" (`trials_max`, the
     spec's trials_per_cell or its range's max; left empty when not given).
@@ -404,6 +451,9 @@ def table(df: pd.DataFrame, trials_max: int | None = None) -> pd.DataFrame:
         row |= {"converged": bool(converged.get(key, False))}  # convergence.py: the rule
         row |= {"stopped": _stopped(row["converged"], row["trials"], trials_max)}
         row |= {"tuned_trial": best["trial_number"], "feasible": len(feasible)}
+        # The seed the setting was chosen on, and whether its attack resolved r (attack_warnings).
+        row |= {"tuned_seed": best["seed"], "tuned_attack_ok": bool(best["attack_ok"])}
+        row |= {"tuned_resolution": best["resolution"]}
         row |= {"setting": _setting(best)}
         row |= _stats(
             feasible, {"residual": "residual"} | {k: f"after_{c}" for k, c in REPORTED.items()}
@@ -414,6 +464,7 @@ def table(df: pd.DataFrame, trials_max: int | None = None) -> pd.DataFrame:
         }
         row |= {"null": null_log10p(runs, "after")}  # over all n runs, as attack_ok counts
         row |= relearn_stats(runs)
+        row |= oracle_stats(runs, "", "residual")
         cells.append(row)
     refs = []
     for attack, used in sorted(seeds.items()):
@@ -425,13 +476,16 @@ def table(df: pd.DataFrame, trials_max: int | None = None) -> pd.DataFrame:
             ref |= {"residual": r, "residual_std": 0.0 if len(per_seed) > 1 else float("nan")}
             ref |= _stats(per_seed, {k: f"{prefix}_{c}" for k, c in REPORTED.items()})
             ref |= {"null": null_log10p(per_seed, prefix)}  # a check: poisoned no, retrain yes
+            ref |= oracle_stats(per_seed, f"{prefix}_", r)  # the same check against the oracles
             refs.append(ref)
     indistinguishable(refs + cells)
     out = pd.DataFrame(refs + cells)
     order = ["attack", "method", "budget", "from_budget", "source", "n", "seeds", "attack_ok"]
     order += ["trials", "failed", "converged", "stopped"]
-    order += ["tuned_trial", "feasible", "setting", "residual", "residual_std"]
+    order += ["tuned_trial", "tuned_seed", "tuned_attack_ok", "tuned_resolution"]
+    order += ["feasible", "setting", "residual", "residual_std"]
     order += ["residual_lo", "residual_hi", "indistinguishable", "null_alpha"]
     order += [f"relearn_{k}_{p}" for p in RELEARN_PROBES for k in ("gap", "faster")]
+    order += list(ORACLE_STATS)
     order += [c for s in STATS[1:] for c in (s, f"{s}_std")]
     return out.reindex(columns=order).sort_values(["attack"], kind="stable", ignore_index=True)

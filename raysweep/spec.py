@@ -35,6 +35,7 @@ from .domains import (
     resolve,
     typed,
 )
+from .metrics import OBJECTIVES
 from .models import MODELS
 from .specfile import MAX_DEPTH, SpecError, read_yaml
 from .specfile import show as _show
@@ -55,8 +56,11 @@ TOP_KEYS = {
     "forget": "{known_fraction: (0, 1]}",
     "resources": "{cpu: > 0, gpu: >= 0} per trial",
     "sampler": "tpe | random",
-    "confirm": "{seeds: [int, ...]}: fresh seeds on which each cell's best setting is re-run",
+    "confirm": "{seeds: [int, ...], oracles: int >= 2}: fresh seeds on which each cell's best "
+    "setting is re-run; oracles: retrain models per seed to judge them against (optional)",
     "tried_first": "{method: [{hyperparameter: value}, ...]}: settings each study tries first",
+    "objective": "what each study minimises on val: "
+    + " | ".join(f"{k} ({o.doc})" for k, o in OBJECTIVES.items()),
 }
 REQUIRED = ("name", "dataset", "model", "attack", "train", "methods", "budgets")
 # The domains of the spec's own values, declared as the functions' parameters declare theirs.
@@ -70,6 +74,8 @@ DOMAINS = {
     "resources.cpu": Annotated[float, Interval(gt=0, le=1024)],
     "resources.gpu": Annotated[float, Interval(ge=0, le=1024)],
     "confirm.seeds": Annotated[int, Interval(ge=0, le=2**31 - 1)],
+    # Retrain oracles per confirm seed (trial.prepare). At least 2: one oracle has no spread.
+    "confirm.oracles": Annotated[int, Interval(ge=2, le=1000)],
 }
 SPACE_KEYS = ({"low", "high", "log", "int"}, {"choices"})
 _FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)$")
@@ -103,6 +109,11 @@ class Spec:
             return self.__dict__["raw"][key]
         except KeyError:
             raise AttributeError(key) from None
+
+    @property
+    def objective(self) -> str:
+        """metrics.OBJECTIVES' name; the default is not written into raw (see `validate`)."""
+        return self.raw.get("objective", "residual")
 
     def cells(self) -> list[tuple[str, float]]:
         """(method, budget) pairs: one Optuna study each."""
@@ -407,8 +418,25 @@ def validate(raw: Any, src: str = "<spec>") -> Spec:
     # No default written: specs without the key keep their hash (and stay resumable).
     _tried_first(src, raw.get("tried_first", {}), raw["methods"])
     spec = Spec(src, raw)
+    _objective(src, spec)
     _fits_a_machine(spec)
     return spec
+
+
+def _objective(src: str, spec: Spec) -> None:
+    """The objective exists and is defined for the spec's attack (anderson_darling needs the
+    per-poison scores of Gaussian poisoning)."""
+    name, attack = spec.objective, spec.attack["name"]
+    if not isinstance(name, str) or name not in OBJECTIVES:
+        raise SpecError(
+            f"{src}: objective: unknown objective {_show(name)}; allowed: {_allowed(OBJECTIVES)}"
+        )
+    allowed = [k for k, o in OBJECTIVES.items() if o.attacks is None or attack in o.attacks]
+    if name not in allowed:
+        raise SpecError(
+            f"{src}: objective: {_show(name)} is not defined for attack {_show(attack)}; "
+            f"allowed: {_allowed(allowed)}"
+        )
 
 
 def trials_range(spec: Spec) -> tuple[int, int]:
@@ -504,12 +532,16 @@ def _inside(src: str, key: str, value: Any, space: dict, dom: Any) -> None:
 
 
 def _confirm(src: str, confirm: Any, seed: int) -> None:
-    """Confirmation seeds must be fresh: distinct, and not the tuning seed (new poisons, new models)."""
+    """Confirmation seeds must be fresh: distinct, and not the tuning seed (new poisons, new models).
+    `oracles` (optional, no default written: specs without it keep their hash) is checked
+    against its domain."""
     if not isinstance(confirm, dict):
-        raise SpecError(f"{src}: confirm: must be a mapping; allowed keys: seeds")
+        raise SpecError(f"{src}: confirm: must be a mapping; allowed keys: seeds, oracles")
     for k in confirm:
-        if k != "seeds":
-            raise _unknown(src, "confirm", k, ["seeds"])
+        if k not in ("seeds", "oracles"):
+            raise _unknown(src, "confirm", k, ["seeds", "oracles"])
+    if "oracles" in confirm:
+        _check(src, "confirm.oracles", confirm["oracles"], DOMAINS["confirm.oracles"])
     seeds = confirm.setdefault("seeds", [])
     if not isinstance(seeds, list):
         raise SpecError(f"{src}: confirm.seeds: {_show(seeds)}; allowed: a list of ints")

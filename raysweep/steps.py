@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .budget import FORWARD_ONLY, Meter, metered
+from .budget import Meter, counted_cost, metered
 from .models import Frozen, blocks, chunked, seeded, trainable
 
 Pair = tuple[torch.Tensor, torch.Tensor]
@@ -88,7 +88,7 @@ def subset(meter: Meter, x, y, generator, cost: float, limit: int) -> Pair:
 
 
 def frozen(model: nn.Module) -> nn.Module:
-    """A frozen copy in eval mode: a teacher whose forward passes cost FORWARD_ONLY."""
+    """A frozen copy in eval mode: a teacher, whose forward passes cost `budget.forward_cost`."""
     teacher = copy.deepcopy(model).eval()
     teacher.requires_grad_(False)
     return teacher
@@ -186,16 +186,39 @@ def split_last(model: nn.Module, k: int) -> tuple[nn.Sequential, nn.Sequential]:
     return nn.Sequential(*bs[: len(bs) - k]), nn.Sequential(*bs[len(bs) - k :])
 
 
-def train_last(prefix, suffix, retain: Pair, meter: Meter, generator, lr, bs, momentum, wd):
-    """Train `suffix` on S_r seen through the frozen `prefix` (EUk and CFk).
+def last_costs(model: nn.Module, k: int, x: torch.Tensor) -> tuple[float, float]:
+    """Units of (one row through the frozen prefix without grad, one forward+backward of the last
+    k blocks on its features) for `split_last(model, k)`, as `budget.counted_cost` counts them."""
 
-    The prefix runs once per retain row, without grad, at FORWARD_ONLY; its features are kept and
-    every suffix pass over them is charged a full unit (an overestimate: the prefix is not rerun).
-    Only as many rows are featurised as the budget can also train on once. The features take
-    memory: rows x the prefix's output size.
+    def featurise(meta, x, y):
+        prefix, _ = split_last(meta, k)
+        return torch.no_grad()(lambda: prefix.eval()(x))
+
+    def train_suffix(meta, x, y):
+        prefix, suffix = split_last(meta, k)
+        with torch.no_grad():
+            feats = prefix.eval()(x)
+        return lambda: F.cross_entropy(suffix(feats), y).backward()
+
+    return (
+        counted_cost(model, x, ("prefix", k), featurise),
+        counted_cost(model, x, ("suffix", k), train_suffix),
+    )
+
+
+def train_last(model, k: int, retain: Pair, meter: Meter, generator, lr, bs, momentum, wd):
+    """Train the last k blocks of `model` on S_r seen through the frozen rest (EUk and CFk).
+
+    The prefix runs once per retain row, without grad; its features are kept, and each pass of
+    the last k blocks over them is charged its own forward+backward (`last_costs`), not a whole
+    model's. Only as many rows are featurised as the budget can also train on once. The
+    features take memory: rows x the prefix's output size.
     """
-    cost = FORWARD_ONLY if len(prefix) else 0.0
-    x, y = subset(meter, *retain, generator, cost, math.floor(meter.left / (1.0 + cost)))
+    prefix, suffix = split_last(model, k)
+    featurise, train_suffix = last_costs(model, k, retain[0])
+    x, y = subset(
+        meter, *retain, generator, featurise, math.floor(meter.left / (featurise + train_suffix))
+    )
     feats = features(prefix, x)
     opt = sgd(suffix.parameters(), lr, momentum, wd)
-    descend(suffix, opt, metered(meter, feats, y, bs, generator))
+    descend(suffix, opt, metered(meter, feats, y, bs, generator, train_suffix))

@@ -134,16 +134,42 @@ class Store:
             return _lease(f"{self.uri}#{rel}")
         return _THREAD_LOCKS.setdefault(f"{self.uri}#{rel}", threading.Lock())
 
+    def try_lock(self, rel: str) -> contextlib.AbstractContextManager[bool]:
+        """`lock` without waiting: yields True while holding it, or False at once if another
+        holder has it (checkpoints.ensure_each: processes share out the artifacts to make)."""
+        if self.local:
+            return _flock(self.path(rel), wait=False)
+        import ray
+
+        if ray.is_initialized():
+            return _lease(f"{self.uri}#{rel}", wait=False)
+        return _try_thread_lock(_THREAD_LOCKS.setdefault(f"{self.uri}#{rel}", threading.Lock()))
+
 
 @contextlib.contextmanager
-def _flock(path: str) -> Iterator[None]:
+def _flock(path: str, wait: bool = True) -> Iterator[bool]:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
         try:
-            yield
+            fcntl.flock(f, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def _try_thread_lock(lock: threading.Lock) -> Iterator[bool]:
+    if not lock.acquire(blocking=False):
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        lock.release()
 
 
 _THREAD_LOCKS: dict[str, threading.Lock] = {}
@@ -199,11 +225,14 @@ def leases_actor():
 
 
 @contextlib.contextmanager
-def _lease(name: str, ttl: float = LEASE_S) -> Iterator[None]:
+def _lease(name: str, ttl: float = LEASE_S, wait: bool = True) -> Iterator[bool]:
     import ray
 
     table, holder = leases_actor(), uuid.uuid4().hex
     while not ray.get(table.acquire.remote(name, holder, ttl)):
+        if not wait:
+            yield False
+            return
         time.sleep(POLL_S)
     stop = threading.Event()
 
@@ -215,7 +244,7 @@ def _lease(name: str, ttl: float = LEASE_S) -> Iterator[None]:
     renewer = threading.Thread(target=renew, name=f"lease-{name}", daemon=True)
     renewer.start()
     try:
-        yield
+        yield True
     finally:
         stop.set()
         renewer.join()

@@ -15,6 +15,7 @@ import math
 import os
 import socket
 import traceback
+from dataclasses import dataclass, field
 
 import pandas as pd
 import ray
@@ -121,7 +122,11 @@ def write_rows(store: Store, spec: Spec, rows: list[dict]) -> None:
 def reported(rows: list[dict]) -> dict:
     """What a trial tells Tune: its own row's objective (the searcher's metric), and per row
     what the searcher tells that row's study and Progress shows, keyed `<name>@<cell>`."""
-    out = {"objective": rows[-1]["objective"]}
+    out = {
+        "objective": rows[-1]["objective"],
+        # The sweep's own record of what it wrote (`Record`): the summary counts these.
+        "rows": [[results.row_name(*_identity(row)), row["status"]] for row in rows],
+    }
     for row in rows:
         ok = row["status"] == "ok"
         values = {
@@ -135,6 +140,39 @@ def reported(rows: list[dict]) -> dict:
         }
         out |= {cell_key(k, row["cell"]): v for k, v in values.items()}
     return out
+
+
+def _identity(row: dict) -> tuple[str, str, str, int]:
+    return row["experiment"], row["phase"], row["cell"], int(row["trial_number"])
+
+
+@dataclass
+class Record:
+    """What this run's trials reported writing, row file -> status (`reported`, gathered from
+    Tune's results): the summary line counts these, never the files on disk, and every one of
+    them must be on disk when the run ends (`check`), or a lost row would pass unseen."""
+
+    written: dict[str, str] = field(default_factory=dict)
+
+    def add(self, reports: list[dict]) -> None:
+        for metrics in reports:
+            self.written.update((name, status) for name, status in metrics.get("rows", ()))
+
+    @property
+    def failed(self) -> int:
+        return sum(status != "ok" for status in self.written.values())
+
+    def check(self, store: Store, df: pd.DataFrame) -> None:
+        """CorruptStorage (one line) unless `df` (the rows read back) holds every row written."""
+        found = {results.row_name(*_identity(r)): r["status"] for r in df.to_dict("records")}
+        lost = sorted(n for n, status in self.written.items() if found.get(n) != status)
+        if lost:
+            raise CorruptStorage(
+                f"{store.path(lost[0])}: written by this run, but {len(lost)} of the "
+                f"{len(self.written)} rows it wrote are missing or changed now in "
+                f"{store.path(lost[0].rsplit('/', 1)[0])}; the storage did not keep what it "
+                "accepted: `raysweep run SPEC --resume` checks the experiment and says how to go on"
+            )
 
 
 def make_trainable(spec: Spec, store_uri: str, threads: int):
@@ -181,7 +219,8 @@ def confirm_plan(spec: Spec, df: pd.DataFrame) -> list[dict]:
                 "seed": seed,
                 "tuned_trial": best["trial_number"],
             }
-    # Seed-major: a seed's two checkpoints are trained by its first trial, then loaded.
+    # Seed-major: a seed's checkpoints (and its retrain oracles) are trained by its first
+    # trials, shared out among them (checkpoints.ensure_each), then loaded by the rest.
     return sorted(configs.values(), key=lambda c: (c["seed"], c["cell"]))
 
 
@@ -208,12 +247,13 @@ def tuned_settings(spec: Spec, store: Store, configs: list[dict]) -> list[dict]:
     return out
 
 
-def confirm(spec: Spec, storage: str, slots: int) -> None:
-    """Re-run each cell's best setting on every `confirm.seeds` seed, as Ray trials like tuning."""
+def confirm(spec: Spec, storage: str, slots: int) -> list[dict]:
+    """Re-run each cell's best setting on every `confirm.seeds` seed, as Ray trials like tuning;
+    return what each trial reported."""
     store = open_store(storage)
     configs = tuned_settings(spec, store, confirm_plan(spec, results.read(store, spec.name)))
     if not configs:
-        return
+        return []
     planned: dict[str, int] = {}
     for c in configs:
         planned[c["cell"]] = planned.get(c["cell"], 0) + 1
@@ -237,7 +277,7 @@ def confirm(spec: Spec, storage: str, slots: int) -> None:
             failure_config=tune.FailureConfig(max_failures=MAX_FAILURES),
         ),
     )
-    fit(tuner)
+    return fit(tuner)
 
 
 def run(
@@ -247,8 +287,22 @@ def run(
     num_cpus: int | None = None,
     resume: bool | None = None,
     max_concurrent: int | None = None,
-):
-    """Run (or continue) every cell's study to `trials_per_cell` trials, confirm; return the rows.
+) -> pd.DataFrame:
+    """Run (or continue) every cell's study to `trials_per_cell` trials, confirm; return the rows
+    (`run_recorded`, without its record)."""
+    return run_recorded(spec, storage, address, num_cpus, resume, max_concurrent)[0]
+
+
+def run_recorded(
+    spec: Spec,
+    storage: str,
+    address: str | None = None,
+    num_cpus: int | None = None,
+    resume: bool | None = None,
+    max_concurrent: int | None = None,
+) -> tuple[pd.DataFrame, Record]:
+    """Run (or continue) every cell's study to `trials_per_cell` trials, confirm; return the rows
+    and the run's own record of the rows it wrote (`Record`: what the summary counts).
 
     `resume`: None starts or continues; False refuses an existing experiment; True needs one
     (`cluster.check_resume`). `max_concurrent` caps parallel trials (`cluster.slots`).
@@ -269,7 +323,10 @@ def run(
     with driver_lease(store, spec.name):
         check_storage(spec, store)
         check_resume(spec, store, resume)
-        return _run(spec, store, address, num_cpus, max_concurrent)
+        record = Record()
+        df = _run(spec, store, address, num_cpus, max_concurrent, record)
+        record.check(store, df)
+        return df, record
 
 
 def repair(spec: Spec, storage: str) -> str:
@@ -308,6 +365,7 @@ def _run(
     address: str | None,
     num_cpus: int | None,
     max_concurrent: int | None,
+    record: Record,
 ) -> pd.DataFrame:
     record_spec(spec, store)
     # A trials_per_cell range: confirm rows change a cell's noise (convergence.py: their std),
@@ -317,7 +375,7 @@ def _run(
         tuned = 0
         for attempt in range(PASSES):
             quiet = attempt > 0 or round_ > 0
-            n = _tune(spec, store, address, num_cpus, max_concurrent, quiet=quiet)
+            n = _tune(spec, store, address, num_cpus, max_concurrent, record, quiet=quiet)
             tuned += n
             if not n:
                 break
@@ -327,7 +385,7 @@ def _run(
             if not confirm_plan(spec, results.read(store, spec.name)):
                 break
             start_ray(address, num_cpus)
-            confirm(spec, store.uri, slots(spec, max_concurrent))
+            record.add(confirm(spec, store.uri, slots(spec, max_concurrent)))
     return results.read(store, spec.name)
 
 
@@ -337,9 +395,11 @@ def _tune(
     address: str | None,
     num_cpus: int | None,
     max_concurrent: int | None,
+    record: Record,
     quiet: bool,
 ) -> int:
-    """Run the tuning runs the rows do not hold yet; return how many were planned (at most)."""
+    """Run the tuning runs the rows do not hold yet, adding what they wrote to `record`; return
+    how many were planned (at most)."""
     journal, sync = open_journal(spec, store)
     studies = open_studies(spec, store, journal)
     done = reconcile(spec, store, studies)
@@ -383,5 +443,5 @@ def _tune(
             failure_config=tune.FailureConfig(max_failures=MAX_FAILURES),
         ),
     )
-    fit(tuner)
+    record.add(fit(tuner))
     return remaining

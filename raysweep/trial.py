@@ -22,15 +22,20 @@ import torch
 from . import extractor
 from .attacks import ATTACKS
 from .budget import Meter, train_cost
-from .checkpoints import ensure, ensure_artifact, key_of
+from .checkpoints import ensure, ensure_artifact, ensure_each, key_of
 from .data import DATASETS, Split
 from .metrics import (
     ATTACK_OK,
+    EFFECTS,
     MAX_DEGENERATE,
     MAX_RESOLUTION,
+    OBJECTIVES,
     Probe,
+    margins,
     measure,
     null_tests,
+    oracle_band,
+    oracle_test,
     paired_residual,
     residual_interval,
     resolution,
@@ -82,6 +87,10 @@ class Setup:
     attack_ok: bool  # the attack worked, and well enough to resolve r (metrics.resolution)
     resolution: float
     retrain_state: dict  # for the relearning probe (relearn.py), on confirm rows
+    # Retrain oracles (confirm seeds of a spec with confirm.oracles; `oracles`): their (K, n)
+    # test margins (metrics.margins), and the columns every row of the seed shares.
+    oracle_margins: torch.Tensor | None = None
+    oracle_columns: dict = dataclasses.field(default_factory=dict)
 
 
 def build_model(
@@ -202,8 +211,21 @@ def prepare(spec_json: str, store_uri: str, seed: int) -> Setup:
         checkpoint_config(spec, split, seed, "poisoned"),
         checkpoint_config(spec, split, seed, "retrain"),
     )
-    state_p = ensure(store, cfg_p, fit(poisoned.x, poisoned.y, "poisoned"))
-    state_r = ensure(store, cfg_r, fit(*poisoned.without_poisons(), "retrain"))
+    clean = poisoned.without_poisons()
+    oracle_roles = [oracle_role(j) for j in range(oracles(spec, seed))]
+    # One pass, so that processes preparing the same seed at once share out its trainings
+    # (checkpoints.ensure_each) instead of all waiting on the first.
+    state_p, state_r, *oracle_states = ensure_each(
+        store,
+        [
+            (cfg_p, fit(poisoned.x, poisoned.y, "poisoned")),
+            (cfg_r, fit(*clean, "retrain")),
+            *(
+                (checkpoint_config(spec, split, seed, role), fit(*clean, role))
+                for role in oracle_roles
+            ),
+        ],
+    )
     noise = poisoned.noise
     probe = Probe(
         split.x_val,
@@ -230,6 +252,11 @@ def prepare(spec_json: str, store_uri: str, seed: int) -> Setup:
     res = resolution(units_p["val"], units_r["val"], generator(seed, "resolution"))
     worked = ATTACK_OK[attack](before, after_retrain) and res <= MAX_RESOLUTION
     c_train = train_cost(epochs, len(poisoned.y))
+    judged = {}
+    if oracle_states:
+        judged = oracle_reference(
+            spec, split, poisoned, probe, oracle_states, (model_p, model_r), (units_p, units_r)
+        )
     return Setup(
         split,
         poisoned,
@@ -245,7 +272,45 @@ def prepare(spec_json: str, store_uri: str, seed: int) -> Setup:
         worked,
         res,
         state_r,
+        **judged,
     )
+
+
+def oracles(spec: Spec, seed: int) -> int:
+    """How many retrain oracles `seed` gets: confirm.oracles on confirm seeds, none otherwise
+    (tuning reads r against the one retrain reference; the oracles judge the confirm rows)."""
+    return spec.confirm.get("oracles", 0) if seed in spec.confirm["seeds"] else 0
+
+
+def oracle_role(j: int) -> str:
+    """Oracle j's checkpoint role: its key, initialisation and batch order are its own."""
+    return f"retrain_oracle_{j}"
+
+
+def oracle_reference(
+    spec: Spec,
+    split: Split,
+    poisoned: Poisoned,
+    probe: Probe,
+    states: list[dict],
+    models: tuple[torch.nn.Module, torch.nn.Module],
+    units: tuple[dict, dict],
+) -> dict:
+    """Setup's oracle fields from the oracles' state dicts: their test margins, and the columns
+    every row of the seed shares: K, r's band where retraining lands (metrics.oracle_band), and
+    the poisoned and retrain models judged as the unlearned one will be (a control per seed: the
+    poisoned model should stand out, the retrain reference should not). `models` and `units`:
+    the poisoned and the retrain model, and their effect units per split."""
+    attack = spec.attack["name"]
+    loaded = [_loaded(spec, split, poisoned, state) for state in states]
+    stacked = torch.stack([margins(m, probe, attack) for m in loaded])
+    effects = [EFFECTS[attack](m, probe)["test"].double().cpu() for m in loaded]
+    lo, hi = oracle_band(units[0]["test"], effects, units[1]["test"])
+    columns = {"oracles": len(states), "oracle_r_lo": lo, "oracle_r_hi": hi}
+    for name, model in zip(("before", "retrain"), models):
+        judged = oracle_test(margins(model, probe, attack), stacked)
+        columns |= {f"{name}_{k}": v for k, v in judged.items()}
+    return {"oracle_margins": stacked, "oracle_columns": columns}
 
 
 def stored_scores(spec: Spec, units: dict[str, torch.Tensor]) -> list[float] | None:
@@ -257,18 +322,40 @@ def stored_scores(spec: Spec, units: dict[str, torch.Tensor]) -> list[float] | N
 def infeasible_reason(
     spec: Spec, retrain: dict, after: dict, n_poisons: int, split: str
 ) -> str | None:
-    """Why an unlearned model cannot count as a result on `split` (None if it can): it lost more
-    clean accuracy than delta allows, or too many of its poison scores carry no information."""
+    """Why an unlearned model cannot count as a result on `split` (None if it can): every reason
+    that applies, joined by "; ": it lost more clean accuracy than delta allows, too many of its
+    poison scores carry no information."""
     acc, ref = after[f"clean_acc_{split}"], retrain[f"clean_acc_{split}"]
-    if acc < ref - spec.delta:
-        return f"clean_acc_{split} {acc:.3f} < retrain's {ref:.3f} - delta {spec.delta:g}"
     degenerate = after.get("gus_degenerate", 0.0)
-    if degenerate > MAX_DEGENERATE * n_poisons:
-        return (
-            f"{degenerate:.0f} of {n_poisons} poison gradients are zero or non-finite "
-            f"(more than {MAX_DEGENERATE:.0%}): the Gaussian score cannot see the noise"
-        )
-    return None
+    reasons = [
+        f"clean_acc_{split} {acc:.3f} < retrain's {ref:.3f} - delta {spec.delta:g}"
+        if acc < ref - spec.delta
+        else None,
+        f"{degenerate:.0f} of {n_poisons} poison gradients are zero or non-finite "
+        f"(more than {MAX_DEGENERATE:.0%}): the Gaussian score cannot see the noise"
+        if degenerate > MAX_DEGENERATE * n_poisons
+        else None,
+    ]
+    return "; ".join(r for r in reasons if r) or None
+
+
+def unresolved_widened(
+    lo: float, hi: float, r: float, attack_ok: bool, resolution: float
+) -> tuple[float, float]:
+    """r's interval as a row reports it: the paired bootstrap's (lo, hi) where the seed's attack
+    worked and resolves r (`attack_ok`), else at least r +- resolution * max(1, |r|) (+-inf when
+    the poisoned model shows no effect): r is unresolved there, and no interval may say more.
+
+    The bootstrap's half-width depends on r (near r = 1 the unlearned model's units move with the
+    poisoned model's and the noise cancels; far outside [0, 1] it grows with |r|), so on a seed
+    whose gap E_before - E_retrain is barely resolved it can still look narrow; resolution, the
+    gap's own relative half-width, bounds what that seed can tell apart, and scales with r as
+    the gap divides it.
+    """
+    if attack_ok:
+        return lo, hi
+    half = resolution * max(1.0, abs(r))
+    return float(np.fmin(lo, r - half)), float(np.fmax(hi, r + half))
 
 
 def _loaded(spec: Spec, split: Split, poisoned: Poisoned, state: dict) -> torch.nn.Module:
@@ -394,6 +481,7 @@ def _row(spec, setup, model, method, number, seed, started, budget, used) -> dic
         setup.retrain_units["test"],
         generator(seed, method, budget, number, "bootstrap"),
     )
+    r_lo, r_hi = unresolved_widened(r_lo, r_hi, r_test, setup.attack_ok, setup.resolution)
     # Feasible on val decides tuning; feasible on test decides what the report averages, so
     # neither reads the other's split.
     reasons = {
@@ -417,7 +505,7 @@ def _row(spec, setup, model, method, number, seed, started, budget, used) -> dic
         "feasible": reasons["val"] is None,
         "feasible_test": reasons["test"] is None,
         "infeasible_reason": "; ".join(dict.fromkeys(r for r in reasons.values() if r)) or None,
-        "objective": objective(r_val, shortfall, reasons["val"] is None),
+        "objective": objective(spec, r_val, units["val"], shortfall, reasons["val"] is None),
         "wall_s": time.time() - started,
         **{f"before_{k}": v for k, v in setup.before.items()},
         **{f"after_{k}": v for k, v in after.items()},
@@ -428,16 +516,26 @@ def _row(spec, setup, model, method, number, seed, started, budget, used) -> dic
     }
     if row["after_scores"] is not None:  # the per-poison tests need the Gaussian scores
         row |= null_tests(np.asarray(row["after_scores"]), np.asarray(row["retrain_scores"]))
+    if setup.oracle_margins is not None:  # judged against the retrain oracles, unit by unit
+        own = margins(model, setup.probe, spec.attack["name"])
+        row |= setup.oracle_columns | oracle_test(own, setup.oracle_margins)
     return row
 
 
-def objective(r_val: float, shortfall: float, feasible: bool) -> float:
-    """Minimise |r| on val subject to clean_acc_val >= retrain's - delta (DESIGN section 5).
+def objective(
+    spec: Spec, r_val: float, units_val: torch.Tensor, shortfall: float, feasible: bool
+) -> float:
+    """Minimise the spec's objective on val (metrics.OBJECTIVES: |r| unless it says otherwise)
+    subject to clean_acc_val >= retrain's - delta (DESIGN section 5).
 
     |r|, not r: overshooting the retrain reference (r < 0, e.g. a Gaussian score pushed positive)
     leaves a detectable trace too, and "better than retraining" is not what unlearning promises.
-    An infeasible trial scores 10 + its accuracy shortfall (at least 0): worse than any feasible
-    trial with |r| < 10 (|r| = 1 already means nothing was removed), and graded so the sampler can
-    climb out. A model with too many degenerate poison scores is infeasible however accurate.
+    anderson_darling sees that overshoot and, beyond it, a few poisons still memorised in a tail
+    that |r| averages away. An infeasible trial scores 10 + its accuracy shortfall (at least 0):
+    worse than any feasible trial below 10 (|r| = 1 already means nothing was removed; the
+    poisoned model's Anderson-Darling distance is about 0.5), and graded so the sampler can climb
+    out. A model with too many degenerate poison scores is infeasible however accurate.
     """
-    return abs(r_val) if feasible else 10.0 + max(shortfall, 0.0)
+    if not feasible:
+        return 10.0 + max(shortfall, 0.0)
+    return OBJECTIVES[spec.objective].value(r_val, units_val)

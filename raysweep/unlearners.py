@@ -9,9 +9,10 @@ where `forget` and `retain` are `(x, y)` tensor pairs (S_f and S_r), `meter` cap
 here and one line in UNLEARNERS; the contract tests in tests/test_unlearners.py pick it up.
 
 Every pass is paid for before it runs (DESIGN section 3): a student forward+backward is 1 unit
-per example, a frozen teacher's or frozen prefix's forward is FORWARD_ONLY, a per-example
-gradient (SSD's Fisher, SalUn's saliency) is 1. One-off passes that the budget cannot afford in
-full run on a random subsample of what it can.
+per example, a frozen teacher's forward `budget.forward_cost` (its counted FLOPs over a unit's),
+EUk/CFk's frozen prefix and last-k-blocks passes their own counted costs (`steps.last_costs`),
+a per-example gradient (SSD's Fisher, SalUn's saliency) 1. One-off passes that the budget cannot
+afford in full run on a random subsample of what it can (tests/test_flops.py counts them all).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import newton
-from .budget import FORWARD_ONLY, Meter, metered
+from .budget import Meter, forward_cost, metered
 from .domains import Fraction, Momentum, NonNegFloat, NonNegInt, PosFloat, PosInt, Probability
 from .models import trainable
 from .steps import (
@@ -47,8 +48,11 @@ from .steps import (
     train_last,
 )
 
-# One example through the student (forward+backward) and through one frozen teacher (forward).
-TAUGHT = 1.0 + FORWARD_ONLY
+
+def taught(model: nn.Module, x: torch.Tensor) -> float:
+    """Units of one row like `x` through the student (forward+backward) and one frozen teacher
+    (forward, its counted cost)."""
+    return 1.0 + forward_cost(model, x)
 
 
 # --- retain-set descent and forget-set ascent (the paper's GD, NGD, GA) -------------------------
@@ -133,9 +137,8 @@ def euk(
     weight_decay: NonNegFloat = 5e-4,
 ) -> None:
     """Exact unlearning of the last k blocks: re-initialise them, train only them on S_r."""
-    prefix, suffix = split_last(model, k)
-    reinit(suffix, generator)
-    train_last(prefix, suffix, retain, meter, generator, lr, batch_size, momentum, weight_decay)
+    reinit(split_last(model, k)[1], generator)
+    train_last(model, k, retain, meter, generator, lr, batch_size, momentum, weight_decay)
 
 
 def cfk(
@@ -152,8 +155,7 @@ def cfk(
     weight_decay: NonNegFloat = 5e-4,
 ) -> None:
     """Catastrophic forgetting of the last k blocks: fine-tune only them on S_r."""
-    prefix, suffix = split_last(model, k)
-    train_last(prefix, suffix, retain, meter, generator, lr, batch_size, momentum, weight_decay)
+    train_last(model, k, retain, meter, generator, lr, batch_size, momentum, weight_decay)
 
 
 # --- distillation from the original model (SCRUB, Bad Teacher) ----------------------------------
@@ -181,13 +183,14 @@ def scrub(
     model as given; each step pays its forward as well as the student's forward+backward.
     """
     teacher, opt = frozen(model), sgd(trainable(model), lr, momentum, weight_decay)
+    cost = taught(model, retain[0])
     model.train()
     for epoch in itertools.count():
         if epoch < max_epochs:
-            for xb, _ in one_epoch(meter, *forget, batch_size, generator, TAUGHT):
+            for xb, _ in one_epoch(meter, *forget, batch_size, generator, cost):
                 scrub_max_step(model, teacher, xb, opt, temperature)
         steps = 0
-        for xb, yb in one_epoch(meter, *retain, batch_size, generator, TAUGHT):
+        for xb, yb in one_epoch(meter, *retain, batch_size, generator, cost):
             scrub_min_step(model, teacher, xb, yb, opt, alpha, gamma, temperature)
             steps += 1
         if steps == 0:  # the budget is spent (or S_r is empty)
@@ -219,7 +222,7 @@ def bad_teacher(
     is_forget = torch.arange(len(x), device=x.device) < len(xf)
     opt = sgd(trainable(model), lr, momentum, weight_decay)
     model.train()
-    for xb, fb in metered(meter, x, is_forget, batch_size, generator, TAUGHT):
+    for xb, fb in metered(meter, x, is_forget, batch_size, generator, taught(model, x)):
         x_keep, x_forget = xb[~fb], xb[fb]
         with torch.no_grad():
             target = torch.cat([good(x_keep), bad(x_forget)])

@@ -102,7 +102,7 @@ def test_needed_agrees_with_the_rule():
         rows = pd.DataFrame(
             {"phase": "tune", "status": "ok", "attack": "a", "method": "m", "budget": 0.1,
              "cell": "m-b0.1", "trial_number": range(len(objectives)), "objective": objectives,
-             "resolution": 0.15, "tuned_trial": None}
+             "resolution": 0.15, "tuned_trial": None, "feasible": True}
         )  # fmt: skip
         (row,) = convergence(rows).itertuples()
         assert (row.needed == 0) == row.converged, objectives

@@ -8,6 +8,7 @@ Drivers run as `python -m raysweep` subprocesses, as a user (or `ray job submit`
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import ipaddress
 import json
@@ -25,7 +26,7 @@ import pytest
 import yaml
 from conftest import TINY_SPEC
 
-from raysweep import checkpoints, results, sweep
+from raysweep import checkpoints, preflight, results, sweep
 from raysweep.loopback import LoopbackCluster
 from raysweep.searcher import cell_name, open_studies
 from raysweep.spec import validate
@@ -358,6 +359,146 @@ def test_driver_killed_then_resume(tmp_path):
     done = _raysweep(*args, "--resume", log=log, timeout=60)
     assert done.returncode == 0
     assert "8/8 tuning trials recorded, 0 to run" in _tail(log)
+
+
+# A driver as start_ray makes one: its reaper started, then "Ray" (a child carrying the mark,
+# which starts a grandchild with an empty environment, as a retitled Ray process reads), then
+# a process of its own started without the mark.
+FAKE_DRIVER = """
+import os, subprocess, sys, time
+from raysweep import cluster, reaper
+env = dict(os.environ, **{reaper.ENV: cluster.reap_with_driver()})
+nap = [sys.executable, "-c", "import time; time.sleep(300)"]
+spawn = "import subprocess, time; subprocess.Popen(%r, env={}); time.sleep(300)" % (nap,)
+ray = subprocess.Popen([sys.executable, "-c", spawn], env=env)
+own = subprocess.Popen(nap)
+print(ray.pid, own.pid, flush=True)
+time.sleep(300)
+"""
+
+
+def test_the_reaper_ends_what_the_mark_and_descent_name_and_nothing_else(tmp_path):
+    """kill -9 of a driver: its reaper ends the marked child and the unmarked grandchild that
+    child started, within 5 s; the driver's own unmarked child lives on."""
+    import psutil
+
+    driver = subprocess.Popen(
+        [sys.executable, "-c", FAKE_DRIVER], env=_env(), stdout=subprocess.PIPE, text=True
+    )
+    started = []
+    try:
+        ray_pid, own_pid = map(int, driver.stdout.readline().split())
+        ray, own = psutil.Process(ray_pid), psutil.Process(own_pid)
+        started = [ray, own]
+        deadline = time.monotonic() + 30
+        # Found by descent, not by its mark: its environment is empty once it has exec'd.
+        while not (kids := ray.children()) or kids[0].environ():
+            assert time.monotonic() < deadline, "the grandchild never started"
+            time.sleep(0.05)
+        grandchild = kids[0]
+        started.append(grandchild)
+        time.sleep(1.0)  # the reaper's record is brought up to date every 0.5 s
+        os.kill(driver.pid, signal.SIGKILL)
+        driver.wait(timeout=30)
+        deadline = time.monotonic() + 5
+        while _running(ray) or _running(grandchild):
+            assert time.monotonic() < deadline, "the reaper left the marked processes"
+            time.sleep(0.1)
+        assert _running(own)  # not Ray's: never the reaper's to end
+    finally:
+        for proc in started:
+            with contextlib.suppress(psutil.Error):
+                proc.kill()
+        with contextlib.suppress(ProcessLookupError):
+            driver.kill()
+
+
+@pytest.mark.integration
+def test_a_killed_driver_takes_its_local_ray_with_it(tmp_path):
+    """SIGKILL a `raysweep run` mid-sweep: within 15 s no process it started is left (Ray's
+    agents used to hang on after their raylet died), found by the driver's process tree just
+    before the kill and told apart from a reused id by its start time."""
+    import psutil
+
+    spec_path = _spec_file(tmp_path, **SLOW)
+    storage, log = str(tmp_path / "s"), tmp_path / "log"
+    args = ("run", str(spec_path), "--storage", storage, "--num-cpus", "2")
+    driver = _raysweep(*args, log=log, wait=False)
+    started = []
+    try:
+        _wait_rows(open_store(storage), "slow", 1, driver, log)  # trials running
+        started = psutil.Process(driver.pid).children(recursive=True)
+        names = " ".join(" ".join(p.cmdline()) for p in started)
+        for part in ("gcs_server", "raylet", "ray::DashboardAgent", "ray::RuntimeEnvAgent"):
+            assert part in names, names
+        os.kill(driver.pid, signal.SIGKILL)
+        driver.wait(timeout=30)
+        deadline = time.monotonic() + 15
+        while left := [p for p in started if _running(p)]:
+            assert time.monotonic() < deadline, [(p.pid, p.cmdline()) for p in left]
+            time.sleep(0.2)
+    finally:
+        for p in started:  # what the test started, by id: a failed run leaves nothing either
+            with contextlib.suppress(psutil.Error):
+                p.kill()
+        _kill_group(driver)
+
+
+def _running(proc) -> bool:
+    import psutil
+
+    try:  # is_running compares the start time: a reused id is another process
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+@pytest.mark.integration
+def test_a_refused_row_write_stops_a_real_sweep_and_resume_completes_it(tmp_path):
+    """Mid-sweep, the row files of the trials still to come are made unwritable (a directory
+    where each will be renamed: refused even to root): `raysweep run` stops with exit 2 and one
+    line naming the path and the cause; once they are removed, `--resume` completes every
+    planned trial exactly once, every row written before the fault byte for byte unchanged."""
+    spec_path = _spec_file(tmp_path, **SLOW | {"trials_per_cell": 24})
+    spec = validate(yaml.safe_load(spec_path.read_text()), "slow")
+    storage, log = str(tmp_path / "s"), tmp_path / "log"
+    store = open_store(storage)
+    args = ("run", str(spec_path), "--storage", storage, "--num-cpus", "2")
+    driver = _raysweep(*args, log=log, wait=False)
+    try:
+        n = _wait_rows(store, "slow", 2, driver, log)
+        cell = cell_name("gd", 1.0)
+        # Far more trials to come than can finish while these are made (tenths of a second).
+        blocked = []
+        for k in range(n + 1, 24):
+            path = Path(store.path(results.row_name("slow", "tune", cell, k)))
+            with contextlib.suppress(FileExistsError):  # written meanwhile: not a fault
+                path.mkdir()
+                blocked.append(path)
+        driver.wait(timeout=120)
+    finally:
+        _kill_group(driver)
+    lines = log.read_text().strip().splitlines()
+    assert driver.returncode == 2, _tail(log)
+    errors = [line for line in lines if line.startswith("error:")]
+    assert errors == [lines[-1]], _tail(log)
+    assert any(f"error: {p}: cannot be written (IsADirectoryError" in errors[0] for p in blocked)
+    assert "raysweep run SPEC --resume" in errors[0]
+    for path in blocked:
+        path.rmdir()  # the fault removed
+    rows = lambda: {p.name: p.read_bytes() for p in Path(store.path("slow/results")).glob("[!.]*")}
+    before = rows()  # not the hidden temporary files of the refused renames
+    assert n <= len(before) < 24, "the fault should land mid-sweep"
+
+    resumed = _raysweep(*args, "--resume", log=log)
+    assert resumed.returncode == 0, _tail(log)
+    _assert_complete(results.read(store, "slow"), spec)
+    after = rows()
+    assert {k: after[k] for k in before} == before  # none lost, none overwritten
+    summary = f"slow: {24 - len(before)} trials run (0 failed), 24 recorded in all"
+    assert summary in _tail(log)
+    # The trials the fault cut short stay failed in their study, each re-planned once.
+    preflight.check_agreement(store, "slow", results.read(store, "slow"))
 
 
 @pytest.mark.integration

@@ -54,6 +54,15 @@ SPECS = {
         "budgets": [0.05, 0.1, 0.2],
         "trials_per_cell": 1,
     },
+    # Retrain oracles: 3 per confirm seed, none for the tuning seed (trial.oracles).
+    "oracles": {
+        **TINY_SPEC,
+        "confirm": {"seeds": [1, 2], "oracles": 3},
+        "name": "tiny_oracles",
+        "attack": {"name": "backdoor", "n": 40, "y_adv": 0, "patch": 3},
+        "budgets": [0.1],
+        "trials_per_cell": 1,
+    },
 }
 
 
@@ -86,6 +95,15 @@ def test_plan_predicts_what_a_finished_run_recorded(name, tmp_path):
     assert after.counts.confirm_exact and after.counts.confirm_runs == len(confirmed)
     assert after.phases["confirm"][0].units == pytest.approx(recorded_caps(confirmed), rel=1e-9)
     assert after.counts.tuning_done == after.counts.tuning_runs
+    # Retrain oracles: the plan's count is the store's, role by role (each trained once above).
+    roles = [
+        json.loads(store.read(f"checkpoints/{key}/meta.json"))["config"]["role"] for key in keys
+    ]
+    oracles = sum(role.startswith("retrain_oracle") for role in roles)
+    k = spec.confirm.get("oracles", 0)
+    assert after.counts.trainings.get("retrain oracles", 0) == oracles == 2 * k
+    if k:  # K on every confirm row; null on tuning rows, judged against the one retrain model
+        assert (confirmed["oracles"] == k).all() and tuned["oracles"].isna().all()
 
 
 def test_plan_writes_nothing(tmp_path):

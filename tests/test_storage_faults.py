@@ -9,11 +9,14 @@ by a filesystem that refuses the writes to one kind of path after some succeed (
 
 from __future__ import annotations
 
+import io
 import json
 import time
 from unittest import mock
 
+import pyarrow as pa
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 import pytest
 from fsspec.implementations.arrow import ArrowFSWrapper
 from ray.tune.search import Searcher
@@ -242,3 +245,65 @@ def test_sizes_that_would_hang_are_refused_in_seconds(tiny_spec_dict):
     with pytest.raises(SpecError, match="has more than 20000 modules"):
         validate(deep, "tiny")
     assert time.monotonic() - started < 30  # building [width] * 1e9 first took over a minute
+
+
+def test_the_record_holds_what_the_trials_reported_and_finds_a_lost_row(store, spec):
+    """sweep.Record: the rows the trials reported writing (what the summary counts), which
+    must all read back; a row the storage lost, or one another trial replaced, is one line."""
+    reports, real = [], sweep.reported
+    with mock.patch.object(
+        sweep, "reported", lambda rows: reports.append(real(rows)) or reports[-1]
+    ):
+        drive(spec, store)  # what each trial tells Tune
+    record = sweep.Record()
+    record.add(reports)
+    df = results.read(store, spec.name)
+    assert len(record.written) == len(df) == 8 and record.failed == 0
+    record.check(store, df)
+    name = results.row_name(spec.name, "tune", "gd-b0.1", 1)
+    table = pq.read_table(io.BytesIO(store.read(name)))
+    store.delete(name)
+    with pytest.raises(CorruptStorage) as lost:
+        record.check(store, results.read(store, spec.name))
+    line = str(lost.value)
+    assert line.startswith(f"{store.path(name)}: written by this run, but 1 of the 8 rows")
+    assert "\n" not in line
+    status = table.schema.get_field_index("status")
+    changed = table.set_column(status, "status", pa.array(["failed"]))  # the same file, changed
+    buf = io.BytesIO()
+    pq.write_table(changed, buf)
+    store.write(name, buf.getvalue())
+    with pytest.raises(CorruptStorage, match="1 of the 8 rows it wrote are missing or changed"):
+        record.check(store, results.read(store, spec.name))
+
+
+@pytest.mark.parametrize(
+    "change, key",
+    [
+        ({"train": {"epochs": 10**10}}, "train.epochs: 10000000000"),
+        ({}, None),
+    ],
+)
+def test_a_plan_past_the_time_limit_is_refused_before_ray(tmp_path, tiny_spec_dict, change, key):
+    """`raysweep run` refuses a spec whose serial part (one seed's trainings and one run,
+    calibrated here) takes more than MAX_SERIAL_DAYS, in one line naming file, key and value, in
+    seconds, before Ray starts or a byte is written. 10^10 epochs take about 4,000 days on this
+    machine's CPUs (a machine 100x faster is still refused); the tiny spec, seconds, passes."""
+    path = tmp_path / "big.json"
+    path.write_text(json.dumps(tiny_spec_dict | change))
+    spec = cli.load(str(path))
+    started = time.monotonic()
+    if key is None:
+        cli._check_time(spec)
+        return
+    with pytest.raises(SpecError) as refused:
+        cli._check_time(spec)
+    line = str(refused.value)
+    assert line.startswith(f"{path}: {key}: one seed's trainings and one run take ")
+    assert "\n" not in line
+    days = float(line.split(" take ")[1].split(" days")[0].replace(",", ""))
+    assert days > cli.MAX_SERIAL_DAYS
+    assert time.monotonic() - started < 30
+    with mock.patch.object(sweep, "run_recorded", side_effect=AssertionError("it started")):
+        assert cli.main(["run", str(path), "--storage", str(tmp_path / "store")]) == 2
+    assert not (tmp_path / "store").exists()
