@@ -1,21 +1,25 @@
 """Adaptive trials per cell against a fixed budget, on the quickstart's grid: the unlearning units
-each spends and the best each finds per cell; and the project's convergence rule against
-Optuna's own terminator (`optuna.terminator`) as the rule that stops a cell.
+each spends and the best each finds per cell, for each rule that can stop a cell
+(`searcher.STOP_RULES`: the table's `converged`, and `patience`, converged with its best set in
+the first half of its trials) and for Optuna's own terminator (`optuna.terminator`).
 
 - fixed: `trials_per_cell: MAX`, the sweep's searcher (`searcher.CellSearcher`) in this process;
-- adaptive: `trials_per_cell: {min: MIN, max: MAX}`, the same searcher. Its samplers are the
-  fixed sweep's (same seeds, TPE start-up from max: `searcher.make_sampler`), so each lead's
-  settings are the fixed sweep's first ones: each run it asks for is looked up among the fixed
-  sweep's (its setting checked equal, else run), and only where it stops differs;
-- terminator: the fixed sweep's rows read in order, a lead stopped at the first n >= MIN where
-  `optuna.terminator.Terminator` (regret bound of a GP, against a static error = the run's
-  resolution of r, the noise the project's rule uses) says stop for every one of its cells.
+- adaptive: `trials_per_cell: {min: MIN, max: MAX}` for MIN in --min and --also, the same
+  searcher under each rule. Its samplers are the fixed sweep's (same seeds, TPE start-up from
+  max: `searcher.make_sampler`), so each lead's settings are the fixed sweep's first ones: each
+  run it asks for is looked up among the fixed sweep's (its setting checked equal, else run),
+  and only where it stops differs;
+- terminator (at --min): the fixed sweep's rows read in order, a lead stopped at the first
+  n >= MIN where `optuna.terminator.Terminator` (regret bound of a GP, against a static error =
+  the run's resolution of r, the noise the project's rule uses) says stop for all its cells.
 Units: each run's own row's `budget_units` (a prefix method's run serves its smaller cells).
 Best: `results.best_per_cell` (feasible first, lowest objective: |r| on val, 10 + shortfall if
 infeasible). Over sampler seeds, as bench/anytime.py reads it: the mean over cells x seeds of
 (best - fixed's best) with a 95 % t-interval from the seeds' own means, next to the noise floor
-(fixed against itself with the next sampler seed). No confirm phase: the rule's noise is the
-resolution, as while tuning.
+(fixed against itself with the next sampler seed). Target: >= 2x fewer units and a mean no
+larger than the noise floor's upper bound. No confirm phase: the rule's noise is the
+resolution, as while tuning. `--keep DIR` keeps the fixed sweeps' rows (and checkpoints) so
+that another run compares rules on the same runs without re-running them.
 
     .venv/bin/python -m bench adaptive    (or: PYTHONPATH=. python -m bench.adaptive --repeats 5)
 """
@@ -24,11 +28,13 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import math
 import sys
 import tempfile
 import time
 import warnings
+from pathlib import Path
 
 import optuna
 import pandas as pd
@@ -39,6 +45,8 @@ from ray.tune.search import Searcher
 
 from raysweep.results import best_per_cell
 from raysweep.searcher import (
+    STOP_RULE,
+    STOP_RULES,
     CellSearcher,
     cell_name,
     enqueue_first,
@@ -71,9 +79,9 @@ def studies(spec: Spec, repeat: int) -> dict[str, optuna.Study]:
     return out
 
 
-def sweep(spec: Spec, repeat: int, execute) -> pd.DataFrame:
+def sweep(spec: Spec, repeat: int, execute, rule: str = STOP_RULE) -> pd.DataFrame:
     """The sweep's searcher, one run at a time; `execute(config)` -> the run's rows."""
-    searcher = CellSearcher(spec, studies(spec, repeat), {})
+    searcher = CellSearcher(spec, studies(spec, repeat), {}, rule=rule)
     out, i = [], 0
     while (config := searcher.suggest(f"t{i}")) != Searcher.FINISHED:
         rows = execute(config)
@@ -169,50 +177,62 @@ def _units(df: pd.DataFrame) -> float:
     return df.groupby(["lead", "run"])["budget_units"].max().sum()
 
 
-def one_repeat(base: dict, store, low: int, high: int, repeat: int, also: list[int]) -> dict:
+def fixed_sweep(spec: Spec, store, repeat: int, keep: str | None) -> pd.DataFrame:
+    """The fixed sweep's rows; with `keep` (a folder), read from or written to a file there, so
+    that rules compared on the same runs do not re-run them (a run is deterministic given the
+    spec and the sampler seed; the file is named by both)."""
+    path = Path(keep or ".") / f"fixed-{spec.hash[:12]}-{repeat}.parquet"
+    if keep and path.is_file():
+        rows = pd.read_parquet(path)
+        return rows.assign(params=rows["params"].map(json.loads))
+    rows = sweep(spec, repeat, lambda c: run(spec, store, c))
+    if keep:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        rows.assign(params=rows["params"].map(json.dumps)).to_parquet(path)
+    return rows
+
+
+def one_repeat(base: dict, store, low: int, high: int, repeat: int, also: list[int],
+               keep: str | None = None) -> dict:  # fmt: skip
     fixed_spec = validate(copy.deepcopy(base) | {"trials_per_cell": high}, "bench/adaptive.py")
-    adaptive_spec = validate(
-        copy.deepcopy(base) | {"trials_per_cell": {"min": low, "max": high}}, "bench/adaptive.py"
-    )
     t0 = time.perf_counter()
-    fixed = sweep(fixed_spec, repeat, lambda c: run(fixed_spec, store, c))
+    fixed = fixed_sweep(fixed_spec, store, repeat, keep)
     fixed_s = time.perf_counter() - t0
-    missed: list = []
-    adaptive = sweep(adaptive_spec, repeat, replay(adaptive_spec, store, fixed, missed))
-    # Other mins, read off the same fixed runs (the samplers' start-up is from max: a prefix).
-    others = {}
-    for m in also:
-        other = validate(copy.deepcopy(base) | {"trials_per_cell": {"min": m, "max": high}})
-        rows = sweep(other, repeat, replay(other, store, fixed, missed))
-        others[m] = (_units(rows), _bests(rows) - _bests(fixed), rows.groupby("cell").size())
-    term, term_s = terminator_stops(adaptive_spec, fixed)
-    best = _bests(fixed)
-    observed = adaptive.groupby("cell").size()
+    best, missed = _bests(fixed), []
+    # Each rule at each min, read off the same fixed runs (the samplers' start-up is from max:
+    # a prefix, so a replayed run is the fixed sweep's own unless `missed` says otherwise).
+    variants, specs = {}, {}
+    for m in (low, *also):
+        spec = specs[m] = validate(
+            copy.deepcopy(base) | {"trials_per_cell": {"min": m, "max": high}}
+        )
+        for rule in STOP_RULES:
+            rows = sweep(spec, repeat, replay(spec, store, fixed, missed), rule)
+            variants[rule, m] = (_units(rows), _bests(rows) - best, rows.groupby("cell").size())
+    term, term_s = terminator_stops(specs[low], fixed)
+    variants["terminator", low] = (_units(term), _bests(term) - best, term.groupby("cell").size())
     return {
         "fixed_units": _units(fixed),
-        "adaptive_units": _units(adaptive),
-        "terminator_units": _units(term),
-        "adaptive_worse": _bests(adaptive) - best,
-        "terminator_worse": _bests(term) - best,
         "fixed_best": best,
-        "observed": observed,
-        "terminator_observed": term.groupby("cell").size(),
+        "variants": variants,
         "missed": len(missed),
         "fixed_s": fixed_s,
         "terminator_s": term_s,
         "resolution": float(fixed["resolution"].dropna().iloc[0]),
         "failed_runs": int((fixed["status"] != "ok").sum()),
-        "others": others,
     }
 
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--min", type=int, default=4, help="trials_per_cell min (adaptive)")
+    p.add_argument("--min", type=int, default=8, help="trials_per_cell min (adaptive)")
     p.add_argument("--max", type=int, default=16, help="its max, and the fixed sweep's count")
     p.add_argument("--repeats", type=int, default=5, help="sampler seeds")
-    p.add_argument("--also", default="6,8", help="other mins, read off the same fixed runs")
+    p.add_argument("--also", default="4,6", help="other mins, read off the same fixed runs")
     p.add_argument("--methods", default=None, help="comma-separated (default: the quickstart's)")
+    p.add_argument("--first-seed", type=int, default=0, help="sampler seeds from this one")
+    p.add_argument("--keep", default=None, help="folder keeping the fixed sweeps' rows and "
+                   "checkpoints between runs (default: none, everything re-run)")  # fmt: skip
     args = p.parse_args(argv or [])  # `make bench` calls main() with its own sys.argv
     torch.set_num_threads(1)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -223,55 +243,42 @@ def main(argv: list[str] | None = None) -> dict:
         base["methods"] = {m: base["methods"][m] for m in keep}
         base["tried_first"] = {m: v for m, v in base.get("tried_first", {}).items() if m in keep}
     with tempfile.TemporaryDirectory() as tmp:
-        store = open_store(tmp)
+        store = open_store(f"{args.keep}/store" if args.keep else tmp)
         also = [int(m) for m in args.also.split(",") if m]
-        reps = [one_repeat(base, store, args.min, args.max, r, also) for r in range(args.repeats)]
-    n, seeds = len(reps[0]["fixed_best"]), len(reps)
-    out = {"min": args.min, "max": args.max, "repeats": seeds, "cells": n}
-    out["resolution"] = reps[0]["resolution"]
-    obs = pd.concat([r["observed"] for r in reps])
-    tobs = pd.concat([r["terminator_observed"] for r in reps])
-    print(f"quickstart grid, {n} cells, trials_per_cell {{min: {args.min}, max: {args.max}}} "
-          f"vs {args.max}, {seeds} sampler seeds; resolution of r {out['resolution']:.3f}")  # fmt: skip
-    print(f"settings observed per cell: rule {obs.mean():.1f} (min {obs.min()}, max {obs.max()}; "
-          f"{(obs >= args.max).mean():.0%} at max), terminator {tobs.mean():.1f} "
-          f"({(tobs >= args.max).mean():.0%} at max)")  # fmt: skip
-    out |= {"observed_mean": obs.mean(), "observed_at_max": float((obs >= args.max).mean())}
-    out |= {"terminator_observed_mean": tobs.mean()}
+        seeds = range(args.first_seed, args.first_seed + args.repeats)
+        reps = [one_repeat(base, store, args.min, args.max, r, also, args.keep) for r in seeds]
+    n = len(reps[0]["fixed_best"])
+    out = {"min": args.min, "max": args.max, "seeds": f"{seeds[0]}-{seeds[-1]}", "cells": n}
+    out |= {"rule": STOP_RULE, "resolution": reps[0]["resolution"]}
     out["not_prefix_runs"] = sum(r["missed"] for r in reps)  # 0: adaptive = fixed, stopped
     out["failed_rows_fixed"] = sum(r["failed_runs"] for r in reps)
-    for who in ("adaptive", "terminator"):
-        ratios = pd.Series([r["fixed_units"] / r[f"{who}_units"] for r in reps])
-        print(f"units fixed / {who}: {ratios.mean():.2f}x ± {ratios.std(ddof=1):.2f} (seeds)")
-        out |= {f"{who}_units_ratio": ratios.mean(), f"{who}_units_ratio_std": ratios.std(ddof=1)}
-    null = [reps[(i + 1) % seeds]["fixed_best"] - r["fixed_best"] for i, r in enumerate(reps)]
-    for key, diffs in (
-        ("adaptive", [r["adaptive_worse"] for r in reps]),
-        ("terminator", [r["terminator_worse"] for r in reps]),
-        ("noise_floor", null),
-    ):
-        mean, lo, hi = mean_ci(diffs)
-        no_worse = sum(int((d <= 1e-12).sum()) for d in diffs)
-        print(f"best - fixed's best, {key}: {mean:+.4f} [{lo:+.4f}, {hi:+.4f}] (mean, 95 % CI); "
-              f"no worse in {no_worse} of {n * seeds} cells")  # fmt: skip
-        out |= {f"{key}_worse_mean": mean, f"{key}_worse_lo": lo, f"{key}_worse_hi": hi}
-        out[f"{key}_cells_no_worse"] = no_worse
-    for m in also:
-        ratios = pd.Series([r["fixed_units"] / r["others"][m][0] for r in reps])
-        mean, lo, hi = mean_ci([r["others"][m][1] for r in reps])
-        obs = pd.concat([r["others"][m][2] for r in reps]).mean()
-        print(f"min {m}: {obs:.1f} settings per cell, units fixed / adaptive {ratios.mean():.2f}x, "
-              f"best - fixed's best {mean:+.4f} [{lo:+.4f}, {hi:+.4f}]")  # fmt: skip
-        out |= {f"min{m}_units_ratio": ratios.mean(), f"min{m}_worse_mean": mean}
-        out |= {f"min{m}_worse_hi": hi, f"min{m}_observed_mean": obs}
-    # Met: 2x fewer units, and the mean difference no larger than the noise floor's interval.
-    out["target_met"] = bool(
-        out["adaptive_units_ratio"] >= TARGET and out["adaptive_worse_mean"] <= out["noise_floor_worse_hi"]
-    )  # fmt: skip
-    out["fixed_s_per_seed"] = sum(r["fixed_s"] for r in reps) / seeds
-    out["terminator_s_per_seed"] = sum(r["terminator_s"] for r in reps) / seeds
-    print(f"target (>= {TARGET:g}x fewer units, mean within the noise floor's CI): "
-          f"{'met' if out['target_met'] else 'not met'}")  # fmt: skip
+    print(f"quickstart grid, {n} cells, trials_per_cell {{min, max: {args.max}}} vs {args.max}, "
+          f"sampler seeds {out['seeds']}; resolution of r {out['resolution']:.3f}")  # fmt: skip
+    null = [reps[(i + 1) % len(reps)]["fixed_best"] - r["fixed_best"] for i, r in enumerate(reps)]
+    floor = mean_ci(null)
+    print(f"noise floor (fixed vs the next seed's fixed): {floor[0]:+.4f} "
+          f"[{floor[1]:+.4f}, {floor[2]:+.4f}]")  # fmt: skip
+    out |= dict(
+        zip(("noise_floor_worse_mean", "noise_floor_worse_lo", "noise_floor_worse_hi"), floor)
+    )
+    for rule, m in reps[0]["variants"]:
+        ratios = pd.Series([r["fixed_units"] / r["variants"][rule, m][0] for r in reps])
+        mean, lo, hi = mean_ci([r["variants"][rule, m][1] for r in reps])
+        obs = pd.concat([r["variants"][rule, m][2] for r in reps])
+        no_worse = sum(int((r["variants"][rule, m][1] <= 1e-12).sum()) for r in reps)
+        # Met: 2x fewer units, and the mean difference no larger than the noise floor's interval.
+        met = bool(ratios.mean() >= TARGET and mean <= floor[2])
+        print(f"{rule} min {m}: {obs.mean():.1f} settings per cell ({(obs >= args.max).mean():.0%} "
+              f"at max), units fixed / adaptive {ratios.mean():.2f}x ± {ratios.std(ddof=1):.2f}, "
+              f"best - fixed's best {mean:+.4f} [{lo:+.4f}, {hi:+.4f}], no worse in {no_worse} "
+              f"of {n * len(reps)} cells; target {'met' if met else 'not met'}")  # fmt: skip
+        key = f"{rule}_min{m}"
+        out |= {f"{key}_units_ratio": ratios.mean(), f"{key}_worse_mean": mean}
+        out |= {f"{key}_worse_lo": lo, f"{key}_worse_hi": hi, f"{key}_observed_mean": obs.mean()}
+        out |= {f"{key}_target_met": met}
+    out["target_met"] = out[f"{STOP_RULE}_min{args.min}_target_met"]  # the searcher's own rule
+    out["fixed_s_per_seed"] = sum(r["fixed_s"] for r in reps) / len(reps)
+    out["terminator_s_per_seed"] = sum(r["terminator_s"] for r in reps) / len(reps)
     return out
 
 

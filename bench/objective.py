@@ -29,6 +29,8 @@ from raysweep.storage import open_store
 
 SPEC = Path(__file__).parent.parent / "search_spaces" / "quickstart.yaml"
 OBJECTIVES = ("residual", "anderson_darling")
+NEAR = ("random_label", "salun", "bad_teacher", "euk")
+SHOWN = ("setting", "residual", "feasible", "indistinguishable", "n")
 
 
 def sweep(objective: str, store: str) -> pd.DataFrame:
@@ -71,6 +73,15 @@ def probe_cost(df: pd.DataFrame) -> dict:
     }
 
 
+def line(c: dict) -> str:
+    """One cell under both objectives, as one line of bench/results.md."""
+    return "; ".join(
+        f"{label}: {c[f'{o}_setting']}, r {float(c[f'{o}_residual']):.3f}, indistinguishable "
+        f"{float(c[f'{o}_indistinguishable']):.0f}/{float(c[f'{o}_n']):.0f}"
+        for label, o in (("|r|", "residual"), ("AD", "ad"))
+    )
+
+
 def main() -> dict:
     tables, out = {}, {}
     for objective in OBJECTIVES:
@@ -87,11 +98,8 @@ def main() -> dict:
         x, y = a.loc[key], b.loc[key]
         cells.append(
             {"method": key[0], "budget": key[1], "same_winner": x["setting"] == y["setting"]}
-            | {
-                f"residual_{k}": x[k]
-                for k in ("setting", "residual", "feasible", "indistinguishable")
-            }
-            | {f"ad_{k}": y[k] for k in ("setting", "residual", "feasible", "indistinguishable")}
+            | {f"residual_{k}": x[k] for k in SHOWN}
+            | {f"ad_{k}": y[k] for k in SHOWN}
         )
         print(
             f"{key[0]:>13} {key[1]:4} | |r|: r {x['residual']:6.3f} indist {x['indistinguishable']:.0f}"
@@ -107,6 +115,12 @@ def main() -> dict:
         "indistinguishable_runs_anderson_darling": indist["anderson_darling"],
         "confirm_runs": int(a["n"].sum()),
         "null_alpha": float(a["null_alpha"].dropna().iloc[0]),
+        # the cells whose winner changed, and the four methods that come close by r
+        **{
+            f"{c['method']}@{c['budget']:g}": line(c)
+            for c in cells
+            if not c["same_winner"] or c["method"] in NEAR
+        },
         "per_cell": cells,
     }
     return out

@@ -1,10 +1,12 @@
 """Throughput of every unlearner as a ratio to plain `gd`: budget units spent per wall second.
 
-The budget prices work in units (one example's forward+backward; a forward alone is 1/3). If it
-prices each method like gd, the method spends units at gd's rate and its ratio is near 1.
-Above 1, a method is charged faster than it computes (euk/cfk: every pass over the cached
-suffix features is charged a full unit); below 1, its work costs more wall time than its units
-say (ssd: one-row Fisher passes; l1_sparse: a parameter-sized penalty each step).
+The budget prices work in units: one example's forward+backward through the whole model, and
+any other pass (a frozen teacher's forward, euk/cfk's featurising prefix and last-k-blocks
+steps, newton's products) its FLOPs over a unit's, counted per model on meta tensors
+(`budget.counted_cost`). FLOPs are not seconds: a method whose passes run at gd's FLOP rate has
+a ratio near 1. Above 1, its counted FLOPs run faster than gd's; below 1, its work costs more
+wall time than its FLOPs say (ssd: one-row Fisher passes; l1_sparse: a parameter-sized penalty
+each step; the counter sees only matrix products and convolutions).
 
 Small CNN on digits-shaped tensors (1x16x16, 10 classes), one thread (one trial per CPU), the
 methods interleaved in each repetition so drift on a shared machine hits all of them alike.

@@ -39,6 +39,7 @@ RUN = Path(__file__).parent.parent / "runs"  # <storage> of the README's quickst
 METHODS = ("random_label", "salun", "bad_teacher", "euk")
 SEEDS = (3, 4, 5, 6, 7)  # fresh: the run tuned on 0 and confirmed on 1, 2
 THREADS = (1, 2)
+FLAGS = ("indist", "faster_retain", "faster_poisons")  # a run's verdicts
 
 
 def settings(store, name: str) -> tuple:
@@ -88,10 +89,9 @@ def summary(runs: pd.DataFrame, alpha: float) -> dict:
         faster_retain=runs["relearn_gap_retain_lo"] > 0,
         faster_poisons=runs["relearn_gap_poisons_lo"] > 0,
     )
-    flags = ["indist", "faster_retain", "faster_poisons"]
-    by_threads = runs.pivot(index="seed", columns="threads", values=[*flags, "residual"])
+    by_threads = runs.pivot(index="seed", columns="threads", values=[*FLAGS, "residual"])
     one, two = THREADS
-    differ = {f: int((by_threads[f][one] != by_threads[f][two]).sum()) for f in flags}
+    differ = {f: int((by_threads[f][one] != by_threads[f][two]).sum()) for f in FLAGS}
     out = {"n": len(runs), "feasible": int(runs["feasible"].sum())}
     out |= {"indistinguishable": int(runs["indist"].sum())}
     out |= {"r_mean": float(runs["residual"].mean()), "r_min": float(runs["residual"].min())}
@@ -109,6 +109,24 @@ def summary(runs: pd.DataFrame, alpha: float) -> dict:
         (by_threads["residual"][one] - by_threads["residual"][two]).abs().max()
     )}  # fmt: skip
     return out
+
+
+def line(s: dict) -> str:
+    """One cell's summary as one line of bench/results.md."""
+    gaps = ", ".join(
+        f"({tag}) {s[f'relearn_gap_{p}']:.2f} [{s[f'relearn_gap_{p}_ci'][0]:.2f}, "
+        f"{s[f'relearn_gap_{p}_ci'][1]:.2f}] faster on {s[f'relearn_faster_{p}']}/{s['n']}"
+        for tag, p in (("a", "retain"), ("b", "poisons"))
+    )
+    differ = "/".join(str(s[f"seeds_{f}_differs_across_threads"]) for f in FLAGS)
+    return (
+        f"indistinguishable {s['indistinguishable']}/{s['n']} (feasible {s['feasible']}), "
+        f"r {s['r_mean']:.2f} [{s['r_min']:.2f}, {s['r_max']:.2f}], poisons below/above the 1 % "
+        f"points {s['low_tail_mean']:.1f}/{s['high_tail_mean']:.1f} (max {s['low_tail_max']}/"
+        f"{s['high_tail_max']}; 1.5 expected), relearn_gap {gaps}; seeds whose verdicts "
+        f"(indistinguishable/a/b) differ between 1 and 2 threads {differ}, r by <= "
+        f"{s['r_max_diff_across_threads']:.3f}"
+    )
 
 
 def main() -> dict:
@@ -140,6 +158,7 @@ def main() -> dict:
         "probe_wall_share": float(
             ran["relearn_wall_s"].sum() / (ran["relearn_wall_s"] + ran["wall_s"]).sum()
         ),
+        **{cell: line(s) for cell, s in per_cell.items()},
         "per_cell": per_cell,
     }
 

@@ -40,6 +40,7 @@ def _check_time(spec) -> None:
 
     from . import plan
     from .footprint import bound
+    from .preflight import this_machine
     from .train import train
 
     try:
@@ -49,6 +50,8 @@ def _check_time(spec) -> None:
     if spec.resources.get("gpu", 0):
         fastest = f"{FASTEST_TFLOPS:,} TFLOP/s per GPU, faster than any"
         rate = plan.measured(p) or plan.from_tflops(p, FASTEST_TFLOPS, 1.0, fastest)
+    elif p.footprint.peak > this_machine().memory:
+        return  # not built here to be timed: preflight.check_machine refuses it in one line
     else:
         rate = plan.calibrate(p, examples=64, device=torch.device("cpu"))
     units = sum(p.seed_units.values()) + max(b for _, b in spec.cells()) * p.c_train

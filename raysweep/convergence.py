@@ -19,6 +19,13 @@ trial has nothing before it and is not converged.
 searcher.CellSearcher): how many more trials, none of them improving the best, before the rule
 can call the cell converged. Those trials are needed whatever they return, so that many may run
 at once without one being wasted.
+
+`patience_needed` is the stricter rule that stops an adaptive sweep's cell (searcher.CellSearcher):
+a cell is **settled** when it is converged and its best was set in the first half of its trials
+(no improvement at all, however small, over the last floor(n / 2)): each new best buys the
+search as many trials again as it took to find it. `converged` says more trials would not move
+the best by more than a run can tell apart; `settled` adds that the search has stopped finding
+better settings at all. A settled cell is converged; not the other way round.
 """
 
 from __future__ import annotations
@@ -30,20 +37,35 @@ import pandas as pd
 CELL = ["attack", "method", "budget"]
 
 
-def best_so_far(df: pd.DataFrame) -> pd.DataFrame:
-    """Each ok tuning trial with its cell's running minimum objective, in trial order."""
-    ok = df[(df["phase"] == "tune") & (df["status"] == "ok")].sort_values([*CELL, "trial_number"])
-    out = ok[[*CELL, "trial_number", "objective"]].copy()
-    out["best_so_far"] = out.groupby(CELL)["objective"].cummin()
-    return out.reset_index(drop=True)
-
-
 def _candidates(ok: pd.DataFrame, attack: str, method: str, budget: float) -> pd.DataFrame:
     """The ok tuning rows the cell's best is chosen from, each with `step`: its rank among its
     own cell's ok trials (the module docstring's trial i)."""
     rows = ok[(ok["attack"] == attack) & (ok["method"] == method) & (ok["budget"] <= budget)]
     rows = rows.sort_values(["budget", "trial_number"])
     return rows.assign(step=rows.groupby("budget").cumcount())
+
+
+def _per_step(rows: pd.DataFrame) -> pd.DataFrame:
+    """Trial i of a cell (the module docstring), from its `_candidates` rows: `objective`, the
+    lowest among the candidate cells' i-th ok trials, and `feasible`, whether any of them is."""
+    steps = rows.assign(feasible=rows["feasible"].eq(True)).groupby("step")  # None: not feasible
+    return steps.agg(objective=("objective", "min"), feasible=("feasible", "any"))
+
+
+def best_so_far(df: pd.DataFrame) -> pd.DataFrame:
+    """Each cell's best objective against its trials, as the table reads it (the module
+    docstring, the rule `convergence` applies): one row per cell and trial i (`n`, from 1) with
+    `objective` (trial i's lowest), `best_so_far` (the running minimum) and `feasible` (whether a
+    feasible trial is among those so far; if not, the best is a penalty, 10 + a shortfall)."""
+    ok = df[(df["phase"] == "tune") & (df["status"] == "ok")]
+    columns = [*CELL, "n", "objective", "best_so_far", "feasible"]
+    curves = []
+    for key in sorted(ok.groupby(CELL).groups):
+        steps = _per_step(_candidates(ok, *key)).reset_index(drop=True)
+        curves.append(steps.assign(**dict(zip(CELL, key)), n=steps.index + 1,
+                                   best_so_far=steps["objective"].cummin(),
+                                   feasible=steps["feasible"].cummax())[columns])  # fmt: skip
+    return pd.concat(curves, ignore_index=True) if curves else pd.DataFrame(columns=columns)
 
 
 def _noise(best: pd.Series, confirm: pd.DataFrame) -> float:
@@ -75,15 +97,29 @@ def needed(objectives: list[float], threshold: float) -> float:
     return n - len(objectives)
 
 
+def patience_needed(objectives: list[float], threshold: float) -> float:
+    """More ok trials, none improving the best, before a cell whose ok trials returned
+    `objectives` is settled (the module docstring): what `needed` asks, and enough that the
+    trial which set the best lies in the first half. Settled at n trials iff the best was set
+    by trial j (0-based) < ceil(n / 2), i.e. n >= 2 j + 1."""
+    more = needed(objectives, threshold)
+    if not objectives or math.isinf(more):
+        return more
+    running = pd.Series(objectives).cummin()
+    best_at = int((running == running.iloc[-1]).to_numpy().argmax())
+    return max(more, 2 * best_at + 1 - len(objectives))
+
+
 def convergence(df: pd.DataFrame) -> pd.DataFrame:
     """Per cell: trials, final best, best after the first two thirds, improvement, threshold,
-    converged (see the module docstring for the rule)."""
+    converged (see the module docstring for the rule), and the trials each rule still needs
+    (`needed`: converged; `patience_needed`: settled)."""
     ok = df[(df["phase"] == "tune") & (df["status"] == "ok")]
     confirm = df[(df["phase"] == "confirm") & (df["status"] == "ok")]
     out = []
     for key in sorted(ok.groupby(CELL).groups):
         rows = _candidates(ok, *key)
-        per_step = rows.groupby("step")["objective"].min()  # trial i's best new objective
+        per_step = _per_step(rows)["objective"]  # trial i's best new objective
         n = len(per_step)
         head = per_step.iloc[: n - math.ceil(n / 3)]
         best, before = per_step.min(), head.min() if len(head) else math.inf
@@ -93,11 +129,13 @@ def convergence(df: pd.DataFrame) -> pd.DataFrame:
         improved = before - best
         done = bool(improved <= threshold)
         more = needed(list(per_step), threshold)
+        patience = patience_needed(list(per_step), threshold)
         out.append(dict(zip(CELL, key)) | {"trials": n, "best": best, "best_before": before,
                     "improvement": improved, "threshold": threshold, "converged": done,
-                    "needed": more})  # fmt: skip
+                    "needed": more, "patience_needed": patience})  # fmt: skip
     return pd.DataFrame(out, columns=[*CELL, "trials", "best", "best_before", "improvement",
-                                      "threshold", "converged", "needed"])  # fmt: skip
+                                      "threshold", "converged", "needed",
+                                      "patience_needed"])  # fmt: skip
 
 
 def finished(df: pd.DataFrame, cells: list[tuple[str, float]], low: int, high: int) -> bool:

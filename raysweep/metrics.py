@@ -16,6 +16,7 @@ import copy
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
@@ -192,11 +193,25 @@ def _splits(probe: Probe) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     return {"val": (probe.x_val, probe.y_val), "test": (probe.x_test, probe.y_test)}
 
 
-def backdoor_hits(model: nn.Module, probe: Probe, x: torch.Tensor, y: torch.Tensor):
-    """Per row of (x, y) whose true class is not y_adv (those would count as successes without
-    any backdoor): 1 if the triggered row is classified as y_adv."""
+def triggered(probe: Probe, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The rows of (x, y) a backdoor is judged on, with its trigger: those whose true class is
+    not y_adv (they would count as successes without any backdoor). One selection for the
+    success rate (`backdoor_hits`) and the oracles' margins (`MARGINS`)."""
     p = probe.poisoned
-    return (logits(model, p.triggered(x[y != p.y_adv])).argmax(1) == p.y_adv).double()
+    return p.triggered(x[y != p.y_adv])
+
+
+def text_triggered(probe: Probe, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """`triggered` for text: the trigger sentence inserted into each review not of class y_adv."""
+    p = probe.poisoned
+    # The same positions for every model measured: a fixed generator, not the trial's.
+    return insert_trigger(x[y != p.y_adv], p.trigger_ids, torch.Generator().manual_seed(0))
+
+
+def backdoor_hits(model: nn.Module, probe: Probe, x: torch.Tensor, y: torch.Tensor):
+    """Per row of (x, y) whose true class is not y_adv: 1 if the triggered row (`triggered`) is
+    classified as y_adv."""
+    return (logits(model, triggered(probe, x, y)).argmax(1) == probe.poisoned.y_adv).double()
 
 
 def backdoor(model: nn.Module, probe: Probe) -> dict[str, float]:
@@ -211,11 +226,8 @@ def backdoor(model: nn.Module, probe: Probe) -> dict[str, float]:
 
 def text_backdoor_hits(model: nn.Module, probe: Probe, x: torch.Tensor, y: torch.Tensor):
     """`backdoor_hits` for text: 1 per review of (x, y) not of class y_adv whose copy with the
-    trigger sentence inserted is classified as y_adv."""
-    p = probe.poisoned
-    # The same positions for every model measured: a fixed generator, not the trial's.
-    xt = insert_trigger(x[y != p.y_adv], p.trigger_ids, torch.Generator().manual_seed(0))
-    return (logits(model, xt).argmax(1) == p.y_adv).double()
+    trigger sentence inserted (`text_triggered`) is classified as y_adv."""
+    return (logits(model, text_triggered(probe, x, y)).argmax(1) == probe.poisoned.y_adv).double()
 
 
 def text_backdoor(model: nn.Module, probe: Probe) -> dict[str, float]:
@@ -532,19 +544,10 @@ def _against(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor
     return log_odds_against(logits(model, x).double(), y)
 
 
-def _triggered_margins(model: nn.Module, probe: Probe) -> torch.Tensor:
-    p = probe.poisoned
-    keep = probe.y_test != p.y_adv  # the rows `backdoor_hits` counts
-    return _toward(model, p.triggered(probe.x_test[keep]), p.y_adv)
-
-
-def _text_triggered_margins(model: nn.Module, probe: Probe) -> torch.Tensor:
-    p = probe.poisoned
-    # The rows and insert positions `text_backdoor_hits` uses (its fixed generator).
-    x = insert_trigger(
-        probe.x_test[probe.y_test != p.y_adv], p.trigger_ids, torch.Generator().manual_seed(0)
-    )
-    return _toward(model, x, p.y_adv)
+def _triggered_margins(model: nn.Module, probe: Probe, rows: Callable) -> torch.Tensor:
+    """Toward y_adv on the triggered test rows the success rate counts (`rows`: `triggered` or
+    `text_triggered`, the hits' own selection)."""
+    return _toward(model, rows(probe, probe.x_test, probe.y_test), probe.poisoned.y_adv)
 
 
 MARGINS = {
@@ -553,9 +556,9 @@ MARGINS = {
         model, probe.x_test[probe.poisoned.target_idx], probe.poisoned.y_adv
     ),
     "gradient_canceling": lambda model, probe: _against(model, probe.x_test, probe.y_test),
-    "backdoor": _triggered_margins,
+    "backdoor": partial(_triggered_margins, rows=triggered),
     "label_flip": lambda model, probe: _against(model, probe.x_test, probe.y_test),
-    "text_backdoor": _text_triggered_margins,
+    "text_backdoor": partial(_triggered_margins, rows=text_triggered),
 }
 
 

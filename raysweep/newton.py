@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .budget import Meter, flops, meta_copy
+from .budget import Meter, counted_cost
 from .domains import NonNegFloat, PosInt
 from .models import split_head
 from .steps import Pair, features, subset
@@ -55,18 +56,29 @@ def newton(
         head.bias.copy_(theta[:, -1])
 
 
-def newton_row_cost(model: nn.Module, x1: torch.Tensor, passes: int) -> float:
-    """Units one retain row costs `newton`: the prefix's forward once, then `passes` pairs of
-    products with the layer's weights (a gradient is a forward and a backward product, each
-    Hessian-vector product one more pair), over one row's forward+backward through the model.
-    FLOPs as torch counts them, on meta copies of the model and the row (nothing computes)."""
-    meta = meta_copy(model).train()
-    x = torch.empty_like(x1[:1], device="meta")
-    y = torch.zeros(1, dtype=torch.long, device="meta")
-    unit = flops(lambda: F.cross_entropy(meta(x), y).backward())
+def newton_row_cost(model: nn.Module, x: torch.Tensor, passes: int) -> float:
+    """Units one retain row (like `x`'s) costs `newton`: the prefix's forward once, then `passes`
+    pairs of products with the layer's weights (a gradient is a forward and a backward product,
+    each Hessian-vector product one more pair), counted by `budget.counted_cost`."""
+    return counted_cost(model, x, ("newton", passes), partial(_newton_pass, passes=passes))
+
+
+def _newton_pass(
+    meta: nn.Module, x: torch.Tensor, y: torch.Tensor, passes: int
+) -> Callable[[], object]:
+    """`newton`'s work on rows `x` (a `budget.Pass`): the featurisation, then per pass phi's
+    product with theta and back, shaped as in `newton_steps` (the bias as a weight on 1)."""
     prefix, head = split_head(meta)
-    product = 2 * head.out_features * (head.in_features + 1)
-    return (flops(lambda: prefix(x)) + 2 * passes * product) / unit
+
+    @torch.no_grad()
+    def run() -> None:
+        phi = prefix.eval()(x).flatten(1)
+        phi = torch.cat([phi, torch.ones_like(phi[:, :1])], 1)
+        theta = torch.cat([head.weight, head.bias[:, None]], 1)
+        for _ in range(passes):  # counted, not kept: meta tensors hold no values
+            (phi @ theta.T).T @ phi
+
+    return run
 
 
 @torch.no_grad()

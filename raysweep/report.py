@@ -10,6 +10,7 @@ which are computed on the poisons themselves and belong to no evaluation split.
 from __future__ import annotations
 
 import io
+import json
 
 import pandas as pd
 from matplotlib.figure import Figure
@@ -48,6 +49,20 @@ def open_run(run_dir: str) -> tuple[Store, str, pd.DataFrame]:
             "of a `raysweep run`"
         )
     return store, experiment, df
+
+
+def trials_max(store: Store, experiment: str) -> int | None:
+    """The max of the experiment's `trials_per_cell` where it is a range (what the table's
+    `stopped` column needs), from the spec it was started with; None for a fixed count or where
+    spec.json is missing (the table then has no `stopped` column)."""
+    rel = f"{experiment}/spec.json"
+    if not store.exists(rel):
+        return None
+    try:
+        n = json.loads(store.read(rel))["spec"]["trials_per_cell"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise ReportError(f"{store.path(rel)}: not a recorded spec ({type(e).__name__})") from None
+    return n["max"] if isinstance(n, dict) else None
 
 
 def _pm(mean: float, std: float) -> str:
@@ -160,7 +175,11 @@ def markdown_table(table: pd.DataFrame) -> str:
     """Just the table: one line per reference and per cell; a cell's numbers are mean ± std over
     its feasible runs, and its `feasible` column says how many of the n runs those are."""
     cols = ["attack", "method", "budget", "from budget", "n", "attack worked", "feasible"]
-    cols += ["converged", "r", "r 95% CI", "indistinguishable from never trained"]
+    # `stopped` only where trials_per_cell is a range (results.table got its max): with a fixed
+    # count every cell stops at it, and the column would say nothing.
+    ranged = bool(table["stopped"].fillna("").astype(str).str.len().any())
+    cols += ["converged", *(["stopped"] if ranged else [])]
+    cols += ["r", "r 95% CI", "indistinguishable from never trained"]
     cols += ["relearns faster than retrain (retain / poisons)", "against retrain oracles"]
     cols += [HEADERS[k] for k in HEADERS if k != "residual"] + ["setting"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
@@ -172,7 +191,9 @@ def markdown_table(table: pd.DataFrame) -> str:
         stats = [_pm(row[k], row[f"{k}_std"]) for k in HEADERS]
         setting = "" if pd.isna(row["setting"]) else row["setting"]
         cells = [row["attack"], row["method"], budget, start, str(row["n"])]
-        cells += [_count(row["attack_ok"], row["n"]), feasible, converged, stats[0]]
+        cells += [_count(row["attack_ok"], row["n"]), feasible, converged]
+        cells += [("" if ref else row["stopped"])] if ranged else []
+        cells += [stats[0]]
         cells += [_interval(row), _indistinguishable(row), _relearns(row), _oracles(row)]
         lines.append("| " + " | ".join([*cells, *stats[1:], setting]) + " |")
     warnings = results.attack_warnings(table) + results.feasibility_warnings(table)
@@ -202,8 +223,8 @@ def write(run_dir: str, out: str | None = None) -> tuple[str, list[str]]:
 
     Returns the Markdown table and the paths written.
     """
-    _, experiment, df = open_run(run_dir)
-    table = results.table(df)
+    store, experiment, df = open_run(run_dir)
+    table = results.table(df, trials_max(store, experiment))
     md = markdown(table, experiment, df)
     dest = open_store(out or f"{run_dir.rstrip('/')}/report")
     files = {

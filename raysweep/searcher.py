@@ -115,6 +115,13 @@ def observe(study: optuna.Study, trial: optuna.Trial) -> int:
     return study.get_trials(deepcopy=False)[-1].number  # the driver is the only writer
 
 
+# The rules that can stop a cell of a `trials_per_cell` range -> the column of
+# `convergence.convergence` saying how many more trials each needs (0: the cell may stop).
+# "converged": the table's rule; "patience": settled, converged and its best set in the first half of
+# its trials (convergence.patience_needed). Compared in bench/adaptive.py.
+STOP_RULES = {"converged": "needed", "patience": "patience_needed"}
+STOP_RULE = "converged"
+
 # What convergence.py reads of a row.
 RULE_COLUMNS = ("phase", "status", "attack", "method", "budget", "cell", "trial_number",
                 "objective", "resolution", "tuned_trial", "feasible")  # fmt: skip
@@ -139,8 +146,10 @@ class CellSearcher(Searcher):
         done: dict[str, set[int]],
         sync: Callable[[], None] = lambda: None,
         rows: pd.DataFrame | None = None,
+        rule: str = STOP_RULE,
     ):
         super().__init__(metric="objective", mode="min")
+        self.rule = STOP_RULES[rule]  # the convergence() column a cell must bring to 0
         self.spec = spec
         self.studies = studies
         self.sync = sync  # makes the journal durable (object stores): after every ask and tell
@@ -161,7 +170,8 @@ class CellSearcher(Searcher):
         if self.low == self.high:  # a fixed budget: the rule decides nothing
             return dict.fromkeys(self.runs, 0)
         rows = pd.DataFrame(self.rows, columns=list(RULE_COLUMNS))
-        by_cell = {cell_name(r.method, r.budget): r.needed for r in convergence(rows).itertuples()}
+        table = convergence(rows)
+        by_cell = dict(zip(map(cell_name, table["method"], table["budget"]), table[self.rule]))
         # The rule weighs an improvement against r's resolution; an infeasible best (objective
         # 10 + accuracy shortfall) has no r, so a cell without a feasible row yet is not done:
         # on `quickstart` at {min: 4, max: 16} these cells were most of what stopping lost

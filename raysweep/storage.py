@@ -96,18 +96,21 @@ class Store:
         checkpoints, poisons, the journal's upload, the lease) stops the sweep the same way.
         """
         final = self.path(rel)
+        parent, name = final.rsplit("/", 1)
+        tmp = f"{parent}/.tmp-{uuid.uuid4().hex}-{name}"
         try:
             if not self.local:
                 with self.fs.open_output_stream(final) as f:
                     f.write(data)
                 return
-            parent, name = final.rsplit("/", 1)
             self.fs.create_dir(parent, recursive=True)
-            tmp = f"{parent}/.tmp-{uuid.uuid4().hex}-{name}"
             with self.fs.open_output_stream(tmp) as f:
                 f.write(data)
             self.fs.move(tmp, final)
         except OSError as e:  # pyarrow raises OSError for local and object-store failures alike
+            if self.local:
+                with contextlib.suppress(OSError):  # the temporary of a refused rename, if any
+                    self.fs.delete_file(tmp)
             raise write_failed(final, e) from None
 
     def delete(self, rel: str) -> None:

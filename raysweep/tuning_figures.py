@@ -1,6 +1,6 @@
 """The report's tuning figures, from a run's Parquet rows only: every trial's (r, accuracy)
-with each method's Pareto front, and how each cell's best converged over its trials (marked
-not converged by the table's rule, `convergence.py`)."""
+with each method's Pareto front, and how each cell's best converged over its trials (the curve
+and the not-converged mark both by the table's rule, `convergence.py`)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
+from .convergence import CELL, best_so_far
 from .plotstyle import LINES, POISONED, RETRAIN, finish, grid, handle, ordered, pct, style
 
 R_MAX = 1.5  # the Pareto panels' |r| axis: past it a method did worse than doing nothing
@@ -86,49 +87,46 @@ def pareto(table: pd.DataFrame, df: pd.DataFrame) -> Figure:
     return finish(fig, title, handles, ncols=5)
 
 
-def best_so_far(cell: pd.DataFrame) -> pd.DataFrame:
-    """A cell's trials in order (`n` from 1) with `best`, the lowest |r| on val so far among its
-    feasible trials (NaN before the first); failed and infeasible trials count as trials."""
-    cell = cell.sort_values("trial_number")
-    usable = (cell["status"] == "ok") & cell["feasible"].fillna(False).astype(bool)
-    r = cell["residual_val"].abs().where(usable)
-    best = r.cummin().ffill()  # cummin leaves NaN where r is NaN
-    return pd.DataFrame({"n": np.arange(1, len(cell) + 1), "r": r, "best": best})
-
-
 def convergence(table: pd.DataFrame, df: pd.DataFrame) -> Figure:
-    """Per cell, the best feasible |r| on val so far against the trials run: one panel per
-    method, one line per budget; crosses on top are infeasible or failed trials, and a hollow
-    circle ends the line of a cell the table marks not converged (`convergence.py`'s rule)."""
+    """Per cell, its best objective on val so far against its trials, exactly as the table's
+    `converged` rule reads it (`convergence.best_so_far`: a cell's trials are its own and its
+    smaller budgets', since its best may come from those): one panel per method, one line per
+    budget, drawn from the first trial that brought a feasible one; crosses on top are the cell's
+    own infeasible trials, and a hollow circle ends the line of a cell the table marks not
+    converged."""
     tuned = df[df["phase"] == "tune"]
+    ok = tuned[tuned["status"] == "ok"].sort_values("trial_number")
+    curves = best_so_far(df).groupby(CELL)
     cells = table[table["source"] != "reference"]
-    flags = cells.set_index(["attack", "method", "budget"])["converged"].astype(bool)
+    flags = cells.set_index(CELL)["converged"].astype(bool)
     methods, budgets = ordered(tuned["method"]), sorted(tuned["budget"].unique(), reverse=True)
     dash = {b: LINES[i % len(LINES)] for i, b in enumerate(budgets)}  # solid: largest budget
     fig, axes = grid(len(methods), sharex=True, sharey=True)
     top = 1.25
     for ax, method in zip(axes, methods):
         colour = style(method)["color"]
-        for budget in budgets:
-            cell = tuned[(tuned["method"] == method) & (tuned["budget"] == budget)]
-            if not len(cell):
+        for key, s in curves:
+            if key[1] != method:
                 continue
-            s = best_so_far(cell)
-            # steps: each trial's best holds until the next; the last one for half a trial
-            x = np.append(s["n"], len(s) + 0.5)
-            y = np.append(s["best"].clip(upper=top), s["best"].clip(upper=top).iloc[-1])
-            ax.plot(x, y, color=colour, ls=dash[budget], drawstyle="steps-post")
-            bad = s["r"].isna()
-            ax.plot(s["n"][bad], np.full(bad.sum(), top), ls="", marker="x", ms=4, color=colour)
-            if not flags.get((cell["attack"].iloc[0], method, budget), False):
+            # steps: each trial's best holds until the next; the last one for half a trial.
+            # Before a feasible trial the best is a penalty (10 + shortfall): not drawn.
+            best = s["best_so_far"].where(s["feasible"]).clip(upper=top).to_numpy(float)
+            x, y = np.append(s["n"], len(s) + 0.5), np.append(best, best[-1])
+            ax.plot(x, y, color=colour, ls=dash[key[2]], drawstyle="steps-post")
+            own = ok[(ok["attack"] == key[0]) & (ok["method"] == method) & (ok["budget"] == key[2])]
+            bad = np.flatnonzero(~own["feasible"].eq(True).to_numpy()) + 1  # its i-th ok trial
+            ax.plot(bad, np.full(len(bad), top), ls="", marker="x", ms=4, color=colour)
+            if not flags.get(key, False):
                 end = top if np.isnan(y[-1]) else y[-1]  # no feasible trial: drawn on top
                 ax.plot(x[-1], end, ls="", marker="o", mfc="white", ms=6, color=colour)
-        ax.set_title(method, fontsize=8, color=colour)
+        failed = int(((tuned["method"] == method) & (tuned["status"] != "ok")).sum())
+        ax.set_title(method + (f" ({failed} failed, not counted)" if failed else ""), fontsize=8,
+                     color=colour)  # fmt: skip
         ax.set_ylim(0, top * 1.06)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.tick_params(labelsize=7)
-    fig.supxlabel("trials run in the cell (its Optuna study)", fontsize=9)
-    fig.supylabel("best feasible |r| on val so far", fontsize=9)
+    fig.supxlabel("trials i: the cell's i-th ok trial and its smaller budgets' i-th", fontsize=9)
+    fig.supylabel("best objective on val so far (|r| by default)", fontsize=9)
     not_converged = int((~flags).sum())
     title = (
         f"Tuning convergence: {not_converged} of {len(flags)} cells not converged (their best "
@@ -136,9 +134,7 @@ def convergence(table: pd.DataFrame, df: pd.DataFrame) -> Figure:
         "trials might help there"
     )
     handles = [Line2D([], [], color="black", ls=dash[b], label=f"budget {pct(b)}") for b in budgets]
-    handles.append(
-        Line2D([], [], color="black", ls="", marker="x", label="infeasible or failed trial")
-    )
+    handles.append(Line2D([], [], color="black", ls="", marker="x", label="infeasible trial"))
     handles.append(
         Line2D([], [], color="black", ls="", marker="o", mfc="white", label="not converged")
     )

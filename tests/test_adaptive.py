@@ -12,8 +12,16 @@ from conftest import TINY_SPEC, sweep_in_process
 from ray.tune.search import Searcher
 
 from raysweep import sweep
-from raysweep.convergence import convergence, finished
-from raysweep.searcher import CellSearcher, objective_key, open_studies, reconcile, runs
+from raysweep.convergence import convergence, finished, needed, patience_needed
+from raysweep.searcher import (
+    STOP_RULE,
+    STOP_RULES,
+    CellSearcher,
+    objective_key,
+    open_studies,
+    reconcile,
+    runs,
+)
 from raysweep.spec import SpecError, trials_range, validate
 from raysweep.storage import open_store
 
@@ -28,11 +36,13 @@ SPEC = {
 }
 
 
-def _drive(spec, store, objective, parallel: int = 1) -> dict[str, list[float]]:
+def _drive(
+    spec, store, objective, parallel: int = 1, rule: str = STOP_RULE
+) -> dict[str, list[float]]:
     """Run the searcher on made-up results (`objective(cell, number)`), `parallel` in flight;
     return each cell's objectives in the order told."""
     studies = open_studies(spec, store)
-    searcher = CellSearcher(spec, studies, reconcile(spec, store, studies))
+    searcher = CellSearcher(spec, studies, reconcile(spec, store, studies), rule=rule)
     told: dict[str, list[float]] = {}
     live, i, finished_ = [], 0, False
     while live or not finished_:
@@ -59,15 +69,17 @@ def _drive(spec, store, objective, parallel: int = 1) -> dict[str, list[float]]:
     return told
 
 
+@pytest.mark.parametrize("rule", STOP_RULES)
 @pytest.mark.parametrize("parallel", [1, 3])
-def test_min_for_every_cell_and_never_beyond_max(tmp_path, parallel):
+def test_min_for_every_cell_and_never_beyond_max(tmp_path, parallel, rule):
     spec = validate(copy.deepcopy(SPEC))
     low, high = trials_range(spec)
 
     # euk-b0.05 is never feasible (10 + shortfall: no r, so not done however flat: at max);
-    # ngd-b0.05, a smaller cell, improves up to its 4th run (index 3), which the rule wants in
-    # the first two thirds: 6 runs (6 - ceil(6/3) = 4 > 3), and its lead runs on for it; every
-    # other cell returns one value (converged at min).
+    # ngd-b0.05, a smaller cell, improves up to its 4th run (index 3), which the table's rule
+    # wants in the first two thirds: 6 runs (6 - ceil(6/3) = 4 > 3), patience in the first
+    # half: 7 (2 * 3 + 1), and its lead runs on for it; every other cell returns one value
+    # (converged and settled at min).
     def objective(cell, n):
         if cell == "euk-b0.05":
             return 10.5
@@ -75,13 +87,14 @@ def test_min_for_every_cell_and_never_beyond_max(tmp_path, parallel):
             return 5.0 - min(n, low)
         return 1.0
 
-    told = _drive(spec, open_store(str(tmp_path)), objective, parallel)
+    told = _drive(spec, open_store(str(tmp_path)), objective, parallel, rule)
     counts = {c: len(v) for c, v in told.items()}
     assert set(counts) == {f"{m}-b{b:g}" for m, b in spec.cells()}
     assert all(low <= n <= high for n in counts.values()), counts
     assert counts["euk-b0.05"] == high
     assert counts["euk-b0.1"] == low
-    assert counts["ngd-b0.05"] == counts["ngd-b0.1"] == 6  # none in flight past the answer
+    expected = {"converged": 6, "patience": 7}[rule]  # none in flight past the answer
+    assert counts["ngd-b0.05"] == counts["ngd-b0.1"] == expected
 
 
 def test_a_plain_int_is_a_fixed_budget(tmp_path):
@@ -109,6 +122,47 @@ def test_needed_agrees_with_the_rule():
         more = objectives + [max(objectives)] * int(row.needed)
         again = rows.iloc[[0] * len(more)].assign(objective=more, trial_number=range(len(more)))
         assert convergence(again)["converged"].item(), (objectives, row.needed)
+
+
+def test_patience_needed_agrees_with_its_rule():
+    """patience_needed == 0 exactly where a cell is converged and its best was set in the first
+    half of its trials (written out here from the definition, not from the function); settled
+    implies converged; `patience_needed` more non-improving trials settle it, one fewer does not."""
+    import math
+    import random
+
+    rng = random.Random(1)
+    for _ in range(300):
+        objectives = [rng.choice([1.0, 0.5, 0.45, 0.2, 0.1]) for _ in range(rng.randint(1, 12))]
+        threshold = rng.choice([0.0, 0.06, 0.15, math.nan])
+        n, more = len(objectives), patience_needed(objectives, threshold)
+        best_at = objectives.index(min(objectives))
+        converged = needed(objectives, threshold) == 0
+        assert (more == 0) == (converged and best_at < math.ceil(n / 2)), (objectives, threshold)
+        assert more >= needed(objectives, threshold)  # stricter: settled => converged
+        if math.isinf(more):
+            assert math.isnan(threshold)
+            continue
+        flat = [max(objectives)] * int(more)
+        assert patience_needed(objectives + flat, threshold) == 0, (objectives, threshold)
+        if more:
+            assert patience_needed(objectives + flat[1:], threshold) > 0, (objectives, threshold)
+
+
+def test_patience_runs_on_where_the_search_still_improves_below_noise(tmp_path):
+    """A cell whose best keeps improving, each time by less than the noise (0.1), is converged
+    by the table's rule at min; patience gives it trials until its best was set in the first
+    half: improvements up to run index 2 -> 5 runs (2 * 2 + 1), within [min, max] = [3, 7]."""
+    spec = validate(copy.deepcopy(SPEC))
+
+    def objective(cell, n):
+        return 1.0 - 0.01 * min(n, 2) if cell == "euk-b0.1" else 1.0
+
+    for rule, expected in (("converged", 3), ("patience", 5)):
+        told = _drive(spec, open_store(str(tmp_path / rule)), objective, 3, rule)
+        counts = {c: len(v) for c, v in told.items()}
+        assert counts.pop("euk-b0.1") == expected, (rule, told["euk-b0.1"])
+        assert set(counts.values()) == {3}, counts  # the flat cells stop at min either way
 
 
 def test_spec_refuses_a_bad_range():

@@ -486,8 +486,9 @@ def test_a_refused_row_write_stops_a_real_sweep_and_resume_completes_it(tmp_path
     assert "raysweep run SPEC --resume" in errors[0]
     for path in blocked:
         path.rmdir()  # the fault removed
-    rows = lambda: {p.name: p.read_bytes() for p in Path(store.path("slow/results")).glob("[!.]*")}
-    before = rows()  # not the hidden temporary files of the refused renames
+    rows = lambda: {p.name: p.read_bytes() for p in Path(store.path("slow/results")).glob("*")}
+    before = rows()
+    assert not list(Path(store.path("slow/results")).glob(".tmp-*"))  # the refused ones removed
     assert n <= len(before) < 24, "the fault should land mid-sweep"
 
     resumed = _raysweep(*args, "--resume", log=log)

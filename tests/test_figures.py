@@ -11,6 +11,7 @@ import pytest
 from matplotlib.image import imread
 
 from raysweep import figures, plotstyle, report, results, tuning_figures
+from raysweep.convergence import convergence
 from raysweep.unlearners import UNLEARNERS
 
 
@@ -90,18 +91,79 @@ def test_each_gaussian_panel_gives_the_z_and_n_of_its_pooled_scores(rows):
             assert text == "no feasible run"
 
 
-def test_convergence_is_the_running_minimum_of_feasible_r_on_val(rows):
-    _, df = rows
-    tuned = df[df["phase"] == "tune"]
-    for _, cell in tuned.groupby("cell"):
-        got = tuning_figures.best_so_far(cell)
-        cell = cell.sort_values("trial_number")
-        want, best = [], np.nan
-        for r, ok, feasible in zip(cell["residual_val"], cell["status"], cell["feasible"]):
-            if ok == "ok" and feasible:
-                best = abs(r) if np.isnan(best) else min(best, abs(r))
-            want.append(best)
-        np.testing.assert_allclose(got["best"].to_numpy(float), want)
+def _drawn_convergence(fig) -> dict:
+    """Per panel (method), its budget lines as drawn: [(linestyle, y of the steps, hollow end?)].
+    A cell draws its steps, then its crosses, then a hollow circle if any: read in that order."""
+    out = {}
+    for ax in fig.axes:
+        if not ax.get_visible():
+            continue
+        lines = []
+        for ln in ax.lines:
+            if ln.get_drawstyle() == "steps-post":
+                y = np.asarray(ln.get_ydata(), float)
+                lines.append([ln.get_linestyle(), y[:-1], False, np.nan_to_num(y[-1], nan=1.25)])
+            elif ln.get_marker() == "o":  # ends the line before it, on top with no feasible trial
+                assert ln.get_ydata()[0] == lines[-1][3] and not lines[-1][2]
+                lines[-1][2] = True
+        out[ax.get_title().split(" (")[0]] = [tuple(line[:3]) for line in lines]
+    return out
+
+
+def _best_so_far_by_pandas(df, method, budget) -> np.ndarray:
+    """README's curve in plain pandas: trial i is the i-th ok trial of the cell and of each of its
+    method's smaller budgets, the best so far is the lowest objective up to i (not drawn before a
+    feasible trial; clipped at the figure's top, 1.25)."""
+    tune = df[(df.phase == "tune") & (df.status == "ok")].sort_values("trial_number")
+    rows = tune[(tune.method == method) & (tune.budget <= budget)]
+    step = rows.groupby("budget").cumcount()
+    best = rows.objective.groupby(step).min().sort_index().cummin()
+    seen = rows.feasible.eq(True).groupby(step).any().sort_index().cummax()
+    return best.where(seen).clip(upper=1.25).to_numpy(float)
+
+
+def _check_convergence_figure(table, df) -> dict:
+    """Every line of the convergence figure is README's best so far, and a hollow circle ends it
+    exactly where the table says not converged; returns the lines drawn."""
+    fig = tuning_figures.convergence(table, df)
+    drawn = _drawn_convergence(fig)
+    cells = table[table.source != "reference"]
+    budgets = sorted(cells.budget.unique(), reverse=True)
+    for method, lines in drawn.items():
+        mine = cells[cells.method == method].sort_values("budget")
+        assert len(lines) == len(mine)
+        for (ls, y, marked), cell in zip(lines, mine.itertuples()):
+            assert ls == plotstyle.LINES[budgets.index(cell.budget)]
+            np.testing.assert_allclose(y, _best_so_far_by_pandas(df, method, cell.budget))
+            assert marked == (not cell.converged), (method, cell.budget)
+    return drawn
+
+
+def test_convergence_draws_the_best_so_far_the_tables_flag_reads(rows):
+    table, df = rows
+    drawn = _check_convergence_figure(table, df)
+    assert sum(len(lines) for lines in drawn.values()) == (table.source != "reference").sum()
+
+
+def test_convergence_line_of_a_cell_chosen_from_a_smaller_budget_shows_that_budgets_gain():
+    """Issue 28's case: the 10 % cell's own trials are flat, its 5 % cell found a better setting
+    late. The table reads the 10 % cell's best as that row, so not converged; its line must drop
+    there too (drawn from its own trials alone it stayed flat beside a "not converged" mark)."""
+    rows = []
+    for budget, objectives in [(0.05, [10.3, 0.9, 0.8, 0.85, 0.9, 0.1]), (0.1, [0.7] * 6)]:
+        rows += [
+            {"phase": "tune", "status": "ok", "attack": "gaussian", "method": "bad_teacher",
+             "budget": budget, "cell": f"bad_teacher-b{budget:g}", "trial_number": i,
+             "objective": o, "feasible": o < 10, "resolution": 0.05, "tuned_trial": None}
+            for i, o in enumerate(objectives)
+        ]  # fmt: skip
+    df = pd.DataFrame(rows)
+    table = convergence(df).assign(source="tuned")
+    assert not table.converged.any()
+    drawn = _check_convergence_figure(table, df)["bad_teacher"]
+    (_, small, _), (_, large, _) = drawn  # by budget, ascending
+    np.testing.assert_allclose(small, [np.nan, 0.9, 0.8, 0.8, 0.8, 0.1])
+    np.testing.assert_allclose(large, [0.7, 0.7, 0.7, 0.7, 0.7, 0.1])
 
 
 def test_attack_check_draws_each_seeds_criterion_and_verdict(rows):

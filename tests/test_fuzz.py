@@ -166,12 +166,27 @@ def _at(tree, path):
     return tree
 
 
+# Declared keys (spec.DOMAINS) no shipped spec writes, with their default: the path mutations
+# below never reach them, so "optional" adds one at or past its domain's edge.
+OPTIONAL = {"confirm.oracles": 2}
+
+
 @st.composite
 def _tree_mutation(draw, tree: dict) -> str:
-    """Change the spec in place: a parameter at or past its domain's edge, a value replaced or
-    transformed, a key deleted, an unknown key added."""
-    kinds = ["edge", "edge", "replace", "any", "transform", "delete", "add"]
+    """Change the spec in place: a parameter at or past its domain's edge, an optional key added
+    at or past its edge, a value replaced or transformed, a key deleted, an unknown key added."""
+    kinds = ["edge", "edge", "optional", "replace", "any", "transform", "delete", "add"]
     kind = draw(st.sampled_from(kinds))
+    if kind == "optional":
+        key = draw(st.sampled_from(sorted(OPTIONAL)))
+        *where, name = key.split(".")
+        parent = tree
+        for k in where:  # a section a previous mutation replaced by a non-mapping stays so
+            parent = parent.get(k) if isinstance(parent, dict) else None
+        if isinstance(parent, dict):
+            dom = DOMAINS[key]
+            parent[name] = draw(st.sampled_from(_edges(dom, OPTIONAL[key]) + _outside(dom)))
+        return kind
     sections = _sections(tree)
     if kind == "edge" and sections:
         where = draw(st.sampled_from(sorted(sections)))
@@ -292,6 +307,8 @@ def _assert_valid(spec) -> None:
         distributions(method, space)  # Optuna's own checks: low < high, log with low > 0
     top = [(b, "budgets") for b in raw["budgets"]]
     top += [(s, "confirm.seeds") for s in raw["confirm"]["seeds"]]
+    if "oracles" in raw["confirm"]:
+        top += [(raw["confirm"]["oracles"], "confirm.oracles")]
     top += [(raw[k], k) for k in ("trials_per_cell", "delta", "seed", "sampler")]
     top += [(raw["forget"]["known_fraction"], "forget.known_fraction")]
     top += [(v, f"resources.{k}") for k, v in raw["resources"].items()]
@@ -318,6 +335,7 @@ def test_mutated_specs_are_refused_in_one_line_or_valid(shipped):
             path.write_bytes(blob)
             rc, out, err = _validate(path)
             seen["generated"] += 1
+            seen["with oracles"] += b"oracles:" in blob  # the optional key, fuzzed
             if rc == 2:
                 seen["refused"] += 1
                 assert not out and err.startswith(f"error: {path}: ") and err.count("\n") == 1, err

@@ -86,7 +86,7 @@ def test_a_sweep_whose_every_trial_failed_exits_nonzero(tmp_path, capsys, monkey
     rows = pd.DataFrame(
         {"status": ["failed"] * 3, "error": [error, error, "ValueError: other\nmore lines"]}
     )
-    monkeypatch.setattr(sweep, "run", lambda *a, **k: rows)
+    monkeypatch.setattr(sweep, "run_recorded", lambda *a, **k: (rows, sweep.Record()))
     monkeypatch.setattr(results, "table", lambda df: pytest.fail("no table of failed rows"))
     spec = _spec_file(tmp_path)
     args = argparse.Namespace(

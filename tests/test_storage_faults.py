@@ -307,3 +307,13 @@ def test_a_plan_past_the_time_limit_is_refused_before_ray(tmp_path, tiny_spec_di
     with mock.patch.object(sweep, "run_recorded", side_effect=AssertionError("it started")):
         assert cli.main(["run", str(path), "--storage", str(tmp_path / "store")]) == 2
     assert not (tmp_path / "store").exists()
+
+
+def test_a_refused_rename_is_one_line_and_leaves_no_temporary(tmp_path):
+    """A directory where a row is renamed refuses even root: one line, and the hidden
+    temporary written first is removed (readers skip it, but it would stay for good)."""
+    store = open_store(str(tmp_path))
+    (tmp_path / "x" / "row.parquet").mkdir(parents=True)
+    with pytest.raises(WriteFailed, match=r"x/row.parquet: cannot be written \(IsADirectoryError"):
+        store.write("x/row.parquet", b"row")
+    assert sorted(p.name for p in (tmp_path / "x").iterdir()) == ["row.parquet"]
