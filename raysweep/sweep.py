@@ -280,17 +280,9 @@ def confirm(spec: Spec, storage: str, slots: int) -> list[dict]:
     return fit(tuner)
 
 
-def run(
-    spec: Spec,
-    storage: str,
-    address: str | None = None,
-    num_cpus: int | None = None,
-    resume: bool | None = None,
-    max_concurrent: int | None = None,
-) -> pd.DataFrame:
-    """Run (or continue) every cell's study to `trials_per_cell` trials, confirm; return the rows
-    (`run_recorded`, without its record)."""
-    return run_recorded(spec, storage, address, num_cpus, resume, max_concurrent)[0]
+def run(spec: Spec, storage: str, **options) -> pd.DataFrame:
+    """`run_recorded` (same options), returning the rows alone."""
+    return run_recorded(spec, storage, **options)[0]
 
 
 def run_recorded(

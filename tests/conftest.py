@@ -54,6 +54,17 @@ def gen():
     return torch.Generator().manual_seed(0)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for the module: two on a 2-core machine shared with other jobs run
+    many times slower. Modules that unlearn many small models opt in with
+    `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def local_ray():
     """A local Ray on loopback with 2 CPUs, shared by the integration tests of this session."""

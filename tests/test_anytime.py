@@ -28,12 +28,7 @@ STOPS = (50.0, 110.0)  # units: batches of 64 straddle both, so both split a bat
 CAP = 200.0
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -36,12 +36,7 @@ KWARGS = {"ssd": {"alpha": 1.0}, "scrub": {"batch_size": 8}, "bad_teacher": {"ba
 OVERCHARGED = {"neggrad_plus", "newton"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
