@@ -65,9 +65,6 @@ def markdown(report: dict) -> str:
 def main(names: list[str]) -> None:
     torch.set_num_threads(1)  # trials run one thread each; measure the same way
     report = {"machine": machine(), "results": {}}
-    previous = HERE / "results.json"
-    if names and previous.is_file():  # a subset re-run replaces only its own entries
-        report["results"] = json.loads(previous.read_text())["results"]
     for name in names or BENCHMARKS:
         t = time.perf_counter()
         try:
@@ -77,10 +74,27 @@ def main(names: list[str]) -> None:
             res = {"error": f"{type(e).__name__}: {e}"}
         res["_seconds"] = time.perf_counter() - t
         res["_date"] = report["machine"]["date"]
-        report["results"][name] = res
-    (HERE / "results.json").write_text(json.dumps(report, indent=1, default=str))
-    (HERE / "results.md").write_text(markdown(report))
+        report = save(name, res, report["machine"], whole=not names)
     print("\n" + markdown(report))
+
+
+def save(name: str, res: dict, machine: dict, whole: bool) -> dict:
+    """Merge one benchmark's result into results.json/md as soon as it ends, read just before
+    writing: a subset re-run replaces only its own entries, and two re-runs of different entries
+    at once (each minutes long) do not drop each other's. A whole run drops entries of
+    benchmarks that no longer exist."""
+    path = HERE / "results.json"
+    report = {"machine": machine, "results": {}}
+    if path.is_file():
+        report["results"] = json.loads(path.read_text())["results"]
+    if whole:
+        report["results"] = {k: v for k, v in report["results"].items() if k in BENCHMARKS}
+    report["results"][name] = res
+    tmp = path.with_suffix(".json.tmp")  # then rename: a reader never sees half a file
+    tmp.write_text(json.dumps(report, indent=1, default=str))
+    tmp.replace(path)
+    (HERE / "results.md").write_text(markdown(report))
+    return report
 
 
 if __name__ == "__main__":
