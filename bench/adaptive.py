@@ -19,7 +19,8 @@ infeasible). Over sampler seeds, as bench/anytime.py reads it: the mean over cel
 (fixed against itself with the next sampler seed). Target: >= 2x fewer units and a mean no
 larger than the noise floor's upper bound. No confirm phase: the rule's noise is the
 resolution, as while tuning. `--keep DIR` keeps the fixed sweeps' rows (and checkpoints) so
-that another run compares rules on the same runs without re-running them.
+that another run compares rules on the same runs without re-running them (`make bench`:
+BENCH_ADAPTIVE_KEEP=DIR).
 
     .venv/bin/python -m bench adaptive    (or: PYTHONPATH=. python -m bench.adaptive --repeats 5)
 """
@@ -30,6 +31,7 @@ import argparse
 import copy
 import json
 import math
+import os
 import sys
 import tempfile
 import time
@@ -231,8 +233,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--also", default="4,6", help="other mins, read off the same fixed runs")
     p.add_argument("--methods", default=None, help="comma-separated (default: the quickstart's)")
     p.add_argument("--first-seed", type=int, default=0, help="sampler seeds from this one")
-    p.add_argument("--keep", default=None, help="folder keeping the fixed sweeps' rows and "
-                   "checkpoints between runs (default: none, everything re-run)")  # fmt: skip
+    kept = "folder keeping the fixed sweeps' rows and checkpoints between runs"
+    kept += " (default: $BENCH_ADAPTIVE_KEEP, else none: everything re-run)"
+    p.add_argument("--keep", default=os.environ.get("BENCH_ADAPTIVE_KEEP"), help=kept)
     args = p.parse_args(argv or [])  # `make bench` calls main() with its own sys.argv
     torch.set_num_threads(1)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -278,6 +281,7 @@ def main(argv: list[str] | None = None) -> dict:
         out |= {f"{key}_target_met": met}
     out["target_met"] = out[f"{STOP_RULE}_min{args.min}_target_met"]  # the searcher's own rule
     out["fixed_s_per_seed"] = sum(r["fixed_s"] for r in reps) / len(reps)
+    out["fixed_rows_kept"] = bool(args.keep)  # then fixed_s is reading them, not running
     out["terminator_s_per_seed"] = sum(r["terminator_s"] for r in reps) / len(reps)
     return out
 

@@ -12,13 +12,15 @@ each lead their own runs. Every cell thus observes as many settings as its lead 
 prefix method spends them at its largest budget, a PER_BUDGET method at each budget.
 
 How many: `trials_per_cell` n runs n per lead. A range {min, max} runs `min` per lead, then more
-only for a lead one of whose cells is not converged by the table's rule (convergence.py, on the
-rows so far) or has no feasible row yet, until all its cells are converged or it ran `max`. A prefix method's lead thus
-runs on while any of its smaller cells is not converged: each run is that cell's next setting
-too, and stopping the lead would leave the cell short of both `converged` and `at max`, the two
-ends the table states. Past `min`, a lead has at most as many runs in flight as the rule needs
-at least (`convergence.needed`), so parallel trials never run past an answer already known.
-(The comparison with `optuna.terminator` on the same cells: bench/adaptive.py.)
+only for a lead one of whose cells is not settled (convergence.STOP_RULE, "patience": converged
+by the table's rule and its best set in the first half of its trials; convergence.py, on the rows
+so far) or has no feasible row yet, until all its cells are settled or it ran `max`. Settled
+implies the table's `converged`, so the table's `stopped` reads converged / at max either way.
+A prefix method's lead thus runs on while any of its smaller cells is not settled: each run is
+that cell's next setting too. Past `min`, a lead has at most as many runs in flight as the rule
+needs at least (`convergence.patience_needed`), so parallel trials never run past an answer
+already known. (The rules, against each other and against `optuna.terminator` on the same
+cells: bench/adaptive.py.)
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from ray.tune.search import Searcher
 
 from . import results
 from .cluster import open_journal
-from .convergence import convergence, needed
+from .convergence import STOP_RULE, STOP_RULES, convergence, needed
 from .spec import Spec, distributions, trials_range
 from .storage import Store
 from .trial import derive_seed
@@ -114,13 +116,6 @@ def observe(study: optuna.Study, trial: optuna.Trial) -> int:
     )
     return study.get_trials(deepcopy=False)[-1].number  # the driver is the only writer
 
-
-# The rules that can stop a cell of a `trials_per_cell` range -> the column of
-# `convergence.convergence` saying how many more trials each needs (0: the cell may stop).
-# "converged": the table's rule; "patience": settled, converged and its best set in the first half of
-# its trials (convergence.patience_needed). Compared in bench/adaptive.py.
-STOP_RULES = {"converged": "needed", "patience": "patience_needed"}
-STOP_RULE = "converged"
 
 # What convergence.py reads of a row.
 RULE_COLUMNS = ("phase", "status", "attack", "method", "budget", "cell", "trial_number",

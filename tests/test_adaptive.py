@@ -1,6 +1,6 @@
 """`trials_per_cell: {min, max}`: every cell observes at least min settings, none more than max,
-past min only cells the convergence rule calls not converged get more, and a resumed sweep
-continues the allocation without re-running a trial (searcher.CellSearcher, in-process)."""
+past min only cells the stopping rule (convergence.STOP_RULE) calls not settled get more, and a
+resumed sweep continues the allocation without re-running a trial (searcher.CellSearcher)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ import pytest
 from conftest import TINY_SPEC, sweep_in_process
 from ray.tune.search import Searcher
 
-from raysweep import sweep
+from raysweep import report, results, sweep
+from raysweep.cluster import record_spec
 from raysweep.convergence import convergence, finished, needed, patience_needed
 from raysweep.searcher import (
     STOP_RULE,
@@ -201,6 +202,15 @@ def test_resume_continues_the_allocation_without_repeating_a_trial(tmp_path):
     tuned = again[again["phase"] == "tune"]
     assert not tuned.duplicated(["cell", "trial_number"]).any()
     assert tuned.groupby("cell").size().between(low, high).all()
+    # The report's table says why each cell stopped (the range from the run's spec.json); a
+    # table without a range has no such column.
+    record_spec(spec, store)
+    md, _ = report.write(f"{tmp_path}/{spec.name}", str(tmp_path / "report"))
+    lines = [line.split(" | ") for line in md.splitlines() if line.startswith("| gaussian |")]
+    header = next(line for line in md.splitlines() if line.startswith("| attack |")).split(" | ")
+    stopped = [line[header.index("stopped")] for line in lines if line[2]]  # cells, not references
+    assert len(stopped) == len(spec.cells()) and set(stopped) <= {"converged", "at max"}, stopped
+    assert " stopped " not in report.markdown_table(results.table(again))
 
 
 @pytest.mark.integration
