@@ -441,8 +441,8 @@ def _objective(src: str, spec: Spec) -> None:
 
 def trials_range(spec: Spec) -> tuple[int, int]:
     """(min, max) settings each cell observes: a plain int n is (n, n), today's fixed budget.
-    Between the two, a cell gets trials only while convergence.py's rule says it is not
-    converged (searcher.CellSearcher)."""
+    Between the two, a cell gets trials only while it is not settled by convergence.STOP_RULE
+    (searcher.CellSearcher)."""
     n = spec.raw["trials_per_cell"]
     return (n["min"], n["max"]) if isinstance(n, dict) else (n, n)
 

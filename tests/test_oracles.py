@@ -155,6 +155,7 @@ def test_oracle_rows_and_the_default_rows(tmp_path):
     assert table.loc["poisoned", "oracle_inside"] == 0  # r = 1, far above the oracles' band
     assert "K = 3: r in band" in report.markdown_table(results.table(oracled))
     assert results.table(plain)["oracles"].isna().all()
+    assert "against retrain oracles" not in report.markdown_table(results.table(plain))
     varying = {"spec_hash", "wall_s", "started_at", "finished_at", "relearn_wall_s", "versions"}
     same = [c for c in plain.columns if c not in varying and c not in oracle_cols]
     key = ["phase", "cell", "trial_number"]
