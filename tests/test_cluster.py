@@ -325,15 +325,20 @@ def test_failed_trials_are_rows_and_study_failures(local_ray, tmp_path, tiny_spe
 # ---------------------------------------------------------------- resume
 
 
+def _start_slow(tmp_path, **overrides):
+    """`raysweep run` of the SLOW spec (with `overrides`) started in the background:
+    (spec, store, the run's CLI args, its log, the driver process)."""
+    spec_path = _spec_file(tmp_path, **SLOW | overrides)
+    spec = validate(yaml.safe_load(spec_path.read_text()), "slow")
+    storage, log = str(tmp_path / "s"), tmp_path / "log"
+    args = ("run", str(spec_path), "--storage", storage, "--num-cpus", "2")
+    return spec, open_store(storage), args, log, _raysweep(*args, log=log, wait=False)
+
+
 @pytest.mark.integration
 def test_driver_killed_then_resume(tmp_path):
     """SIGKILL the driver mid-sweep; `run` refuses to start over, `run --resume` finishes it."""
-    spec_path = _spec_file(tmp_path, **SLOW)
-    spec = validate(yaml.safe_load(spec_path.read_text()), "slow")
-    storage, log = str(tmp_path / "s"), tmp_path / "log"
-    store = open_store(storage)
-    args = ("run", str(spec_path), "--storage", storage, "--num-cpus", "2")
-    driver = _raysweep(*args, log=log, wait=False)
+    spec, store, args, log, driver = _start_slow(tmp_path)
     try:
         _wait_rows(store, "slow", 2, driver, log)
         os.kill(driver.pid, signal.SIGKILL)
@@ -459,12 +464,7 @@ def test_a_refused_row_write_stops_a_real_sweep_and_resume_completes_it(tmp_path
     where each will be renamed: refused even to root): `raysweep run` stops with exit 2 and one
     line naming the path and the cause; once they are removed, `--resume` completes every
     planned trial exactly once, every row written before the fault byte for byte unchanged."""
-    spec_path = _spec_file(tmp_path, **SLOW | {"trials_per_cell": 24})
-    spec = validate(yaml.safe_load(spec_path.read_text()), "slow")
-    storage, log = str(tmp_path / "s"), tmp_path / "log"
-    store = open_store(storage)
-    args = ("run", str(spec_path), "--storage", storage, "--num-cpus", "2")
-    driver = _raysweep(*args, log=log, wait=False)
+    spec, store, args, log, driver = _start_slow(tmp_path, trials_per_cell=24)
     try:
         n = _wait_rows(store, "slow", 2, driver, log)
         cell = cell_name("gd", 1.0)
