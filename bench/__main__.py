@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from raysweep.results import versions
+from raysweep.analysis.results import versions
 
 # Order: quick in-process ratios first, then the Ray sweeps. gpu skips itself without CUDA.
 BENCHMARKS = [

@@ -45,8 +45,11 @@ import yaml
 from optuna.terminator import RegretBoundEvaluator, StaticErrorEvaluator, Terminator
 from ray.tune.search import Searcher
 
-from raysweep.results import best_per_cell
-from raysweep.searcher import (
+from raysweep.analysis.results import best_per_cell
+from raysweep.base.storage import open_store
+from raysweep.experiment.spec import Spec, distributions, trials_range, validate
+from raysweep.experiment.trial import derive_seed, run_trial
+from raysweep.runner.searcher import (
     STOP_RULE,
     STOP_RULES,
     CellSearcher,
@@ -56,9 +59,6 @@ from raysweep.searcher import (
     objective_key,
     runs,
 )
-from raysweep.spec import Spec, distributions, trials_range, validate
-from raysweep.storage import open_store
-from raysweep.trial import derive_seed, run_trial
 
 # The same reading as bench/anytime.py: mean over cells x seeds, t-interval over the seeds.
 from .anytime import mean_ci

@@ -40,11 +40,11 @@ import pandas as pd
 import torch
 from scipy import stats
 
-from raysweep.results import best_per_cell
-from raysweep.searcher import cell_name, make_sampler, observe
-from raysweep.spec import Spec, distributions, validate
-from raysweep.storage import open_store
-from raysweep.trial import derive_seed, prepare, run_trial
+from raysweep.analysis.results import best_per_cell
+from raysweep.base.storage import open_store
+from raysweep.experiment.spec import Spec, distributions, validate
+from raysweep.experiment.trial import derive_seed, prepare, run_trial
+from raysweep.runner.searcher import cell_name, make_sampler, observe
 
 BUDGETS = [0.02, 0.04, 0.06, 0.08, 0.10]  # the paper's grid (DESIGN section 3)
 # tpe_vs_random's setting: a small digits MLP whose spaces have a feasible boundary to find.

@@ -42,13 +42,13 @@ import time
 
 import torch
 
-from raysweep import crafting
-from raysweep.attacks import ATTACKS
-from raysweep.data import cifar10, digits
-from raysweep.metrics import accuracy, logits
-from raysweep.models import MODELS, Frozen, extractor_model, seeded, split_head
-from raysweep.train import train
-from raysweep.trial import moved
+from raysweep.experiment.metrics import accuracy, logits
+from raysweep.experiment.trial import moved
+from raysweep.poisoning import crafting
+from raysweep.poisoning.attacks import ATTACKS
+from raysweep.science.data import cifar10, digits
+from raysweep.science.models import MODELS, Frozen, extractor_model, seeded, split_head
+from raysweep.science.train import train
 
 
 def victim(

@@ -1,4 +1,4 @@
-"""Autoscaling: cluster.yaml's node types simulated on this machine (raysweep.loopback's
+"""Autoscaling: cluster.yaml's node types simulated on this machine (raysweep.runner.loopback's
 AutoscalingCluster: Ray's fake multi-node provider, autoscaler v2 as `ray up` runs it).
 
 Sweeps of 0.25-GPU trials on logical GPUs (torch sees no CUDA: they compute on the CPU):
@@ -21,9 +21,10 @@ from pathlib import Path
 
 import yaml
 
-from raysweep import checkpoints, results
-from raysweep.loopback import AutoscalingCluster, peak_trials
-from raysweep.storage import open_store
+from raysweep.analysis import results
+from raysweep.base.storage import open_store
+from raysweep.experiment import checkpoints
+from raysweep.runner.loopback import AutoscalingCluster, peak_trials
 
 REPO = Path(__file__).resolve().parents[1]
 IDLE_TIMEOUT_S = 5.0

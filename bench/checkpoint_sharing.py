@@ -5,10 +5,10 @@ from __future__ import annotations
 import tempfile
 import time
 
-from raysweep.checkpoints import train_count
-from raysweep.spec import load
-from raysweep.storage import open_store
-from raysweep.trial import prepare, run_trial
+from raysweep.base.storage import open_store
+from raysweep.experiment.checkpoints import train_count
+from raysweep.experiment.spec import load
+from raysweep.experiment.trial import prepare, run_trial
 
 
 def _trials(spec, roots: list[str]) -> tuple[float, int]:

@@ -9,9 +9,9 @@ import time
 
 import torch
 
-from raysweep.budget import forward_cost
-from raysweep.models import MODELS
-from raysweep.steps import last_costs
+from raysweep.science.budget import forward_cost
+from raysweep.science.models import MODELS
+from raysweep.unlearning.steps import last_costs
 
 # (model kind, input shape, classes, config): the model of a shipped spec of each kind.
 SPECS = {

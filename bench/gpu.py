@@ -21,15 +21,16 @@ import time
 
 import torch
 
-from raysweep import data, plan
-from raysweep.budget import Meter
-from raysweep.metrics import gaussian_scores
-from raysweep.models import resnet18, seeded
-from raysweep.spec import load, validate
-from raysweep.storage import open_store
-from raysweep.train import train
-from raysweep.trial import prepare, run_trial
-from raysweep.unlearners import gd
+from raysweep.base.storage import open_store
+from raysweep.experiment.metrics import gaussian_scores
+from raysweep.experiment.spec import load, validate
+from raysweep.experiment.trial import prepare, run_trial
+from raysweep.runner import plan
+from raysweep.science import data
+from raysweep.science.budget import Meter
+from raysweep.science.models import resnet18, seeded
+from raysweep.science.train import train
+from raysweep.unlearning.unlearners import gd
 
 PAPER = ("search_spaces/cifar10_resnet18_gaussian.yaml", "search_spaces/imdb_gpt2_gaussian.yaml")
 

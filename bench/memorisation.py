@@ -22,10 +22,10 @@ import argparse
 import torch
 
 from bench.attack_success import summarise, victim
-from raysweep import crafting
-from raysweep.attacks import label_flip
-from raysweep.data import digits
-from raysweep.metrics import accuracy
+from raysweep.experiment.metrics import accuracy
+from raysweep.poisoning import crafting
+from raysweep.poisoning.attacks import label_flip
+from raysweep.science.data import digits
 
 
 def measure(split, seed: int, n: int, eps: float, **train_kw) -> dict[str, float]:

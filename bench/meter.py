@@ -7,9 +7,9 @@ import copy
 import torch
 import torch.nn.functional as F
 
-from raysweep.budget import Meter, batches
-from raysweep.models import cnn, seeded
-from raysweep.unlearners import gd
+from raysweep.science.budget import Meter, batches
+from raysweep.science.models import cnn, seeded
+from raysweep.unlearning.unlearners import gd
 
 from .common import interleaved, median
 

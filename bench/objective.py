@@ -23,9 +23,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from raysweep import results
-from raysweep.spec import load
-from raysweep.storage import open_store
+from raysweep.analysis import results
+from raysweep.base.storage import open_store
+from raysweep.experiment.spec import load
 
 SPEC = Path(__file__).parent.parent / "search_spaces" / "quickstart.yaml"
 OBJECTIVES = ("residual", "anderson_darling")

@@ -1,6 +1,6 @@
 """Scaling: the same sweep on two loopback nodes of 1 CPU each vs one node of 1 CPU.
 
-Both runs use one real multi-node Ray cluster (raysweep.loopback): first with only the head,
+Both runs use one real multi-node Ray cluster (raysweep.runner.loopback): first with only the head,
 then after a worker node joins. Checkpoints are trained in a warm-up run before either, so
 the ratio is about spreading trials, not about who trains them. Ideal: 2.0.
 """
@@ -16,9 +16,9 @@ import time
 
 import yaml
 
-from raysweep import results
-from raysweep.loopback import LoopbackCluster
-from raysweep.storage import open_store
+from raysweep.analysis import results
+from raysweep.base.storage import open_store
+from raysweep.runner.loopback import LoopbackCluster
 
 from .sweep_efficiency import SPEC
 

@@ -33,9 +33,9 @@ from math import nan
 
 import torch
 
-from raysweep.spec import load, validate
-from raysweep.storage import open_store
-from raysweep.trial import prepare
+from raysweep.base.storage import open_store
+from raysweep.experiment.spec import load, validate
+from raysweep.experiment.trial import prepare
 
 # The clean test accuracy each offline quickstart states in its comment.
 FLOORS = {"quickstart": 0.95, "quickstart_text": 0.6, "quickstart_linear": 0.95}

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from raysweep.metrics import as_float64, batch_input_gradients, input_gradients
-from raysweep.models import cnn, seeded
+from raysweep.experiment.metrics import as_float64, batch_input_gradients, input_gradients
+from raysweep.science.models import cnn, seeded
 
 from .common import interleaved, median
 

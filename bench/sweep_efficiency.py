@@ -13,8 +13,8 @@ import time
 
 import ray
 
-from raysweep import sweep
-from raysweep.spec import validate
+from raysweep.experiment.spec import validate
+from raysweep.runner import sweep
 
 SPEC = {
     "name": "bench-efficiency",

@@ -23,10 +23,10 @@ import numpy as np
 import optuna
 import torch
 
-from raysweep.searcher import cell_name, make_sampler
-from raysweep.spec import Spec, distributions, validate
-from raysweep.storage import open_store
-from raysweep.trial import derive_seed, run_trial
+from raysweep.base.storage import open_store
+from raysweep.experiment.spec import Spec, distributions, validate
+from raysweep.experiment.trial import derive_seed, run_trial
+from raysweep.runner.searcher import cell_name, make_sampler
 
 # The quickstart's spaces on a smaller model, with a landscape worth searching: a feasible
 # boundary (too high an lr or noise breaks the utility constraint) just past the lowest r.

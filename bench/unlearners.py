@@ -20,9 +20,9 @@ import copy
 
 import torch
 
-from raysweep.budget import Meter
-from raysweep.models import cnn, seeded
-from raysweep.unlearners import UNLEARNERS
+from raysweep.science.budget import Meter
+from raysweep.science.models import cnn, seeded
+from raysweep.unlearning.unlearners import UNLEARNERS
 
 from .common import interleaved, median
 

@@ -28,12 +28,12 @@ import pandas as pd
 import torch
 from scipy.stats import t as student
 
-from raysweep import results
-from raysweep.metrics import Z_AT_FPR, Z_HIGH
-from raysweep.spec import validate
-from raysweep.storage import open_store
-from raysweep.sweep import tuned_settings
-from raysweep.trial import run_trial
+from raysweep.analysis import results
+from raysweep.base.storage import open_store
+from raysweep.experiment.metrics import Z_AT_FPR, Z_HIGH
+from raysweep.experiment.spec import validate
+from raysweep.experiment.trial import run_trial
+from raysweep.runner.sweep import tuned_settings
 
 RUN = Path(__file__).parent.parent / "runs"  # <storage> of the README's quickstart run
 METHODS = ("random_label", "salun", "bad_teacher", "euk")

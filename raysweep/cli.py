@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .spec import SpecError, load, trials_range
+from raysweep.experiment.spec import SpecError, load, trials_range
 
 
 def _validate(args) -> int:
@@ -38,10 +38,10 @@ def _check_time(spec) -> None:
     second for small models), or for a GPU trial as above."""
     import torch
 
-    from . import plan
-    from .footprint import bound
-    from .preflight import this_machine
-    from .train import train
+    from raysweep.experiment.footprint import bound
+    from raysweep.runner import plan
+    from raysweep.runner.preflight import this_machine
+    from raysweep.science.train import train
 
     try:
         p = plan.make(spec)
@@ -69,8 +69,10 @@ def _run(args) -> int:
     spec = load(args.spec)  # fails here, before Ray starts, on any spec problem
     # Imported by the commands that need them, not for a cycle: Ray, Optuna and pandas would
     # double `raysweep validate`'s start-up (about 4 s to 9 s).
-    from . import report, results, sweep, tracking
-    from .cluster import RunStateError
+    from raysweep.analysis import results
+    from raysweep.reporting import report, tracking
+    from raysweep.runner import sweep
+    from raysweep.runner.cluster import RunStateError
 
     _check_time(spec)  # before Ray starts or anything is written
     try:
@@ -120,8 +122,8 @@ def _run(args) -> int:
 
 def _repair(args) -> int:
     spec = load(args.spec)
-    from . import sweep
-    from .cluster import RunStateError
+    from raysweep.runner import sweep
+    from raysweep.runner.cluster import RunStateError
 
     try:
         print(sweep.repair(spec, args.storage))
@@ -133,7 +135,7 @@ def _repair(args) -> int:
 
 def _plan(args) -> int:
     spec = load(args.spec)
-    from . import plan
+    from raysweep.runner import plan
 
     p = plan.make(spec, args.storage)
     rate = plan.measured(p)
@@ -161,7 +163,7 @@ def _plan(args) -> int:
 
 
 def _report(args) -> int:
-    from . import report
+    from raysweep.reporting import report
 
     try:
         md, paths = report.write(args.run_dir, args.out)
@@ -174,7 +176,7 @@ def _report(args) -> int:
 
 
 def _doctor(args) -> int:
-    from . import doctor
+    from raysweep.runner import doctor
 
     return doctor.main(address=args.address, storage=args.storage)
 
@@ -183,7 +185,8 @@ def _mechanism(args) -> int:
     spec = load(args.spec)
     import torch
 
-    from . import mechanism, mechanism_figures
+    from raysweep.mechanism import figures as mechanism_figures
+    from raysweep.mechanism import study as mechanism
 
     torch.set_num_threads(max(1, int(spec.resources["cpu"])))  # as the sweep runs one trial
 

@@ -70,7 +70,7 @@ def local_ray():
     """A local Ray on loopback with 2 CPUs, shared by the integration tests of this session."""
     import ray
 
-    from raysweep.sweep import start_ray
+    from raysweep.runner.sweep import start_ray
 
     start_ray(None, num_cpus=2)
     yield ray
@@ -107,9 +107,10 @@ def sweep_in_process(spec, storage: str):
     """The sweep's own searcher, trial and confirm code, without Ray: tuning, then confirmation."""
     from ray.tune.search import Searcher
 
-    from raysweep import results, sweep
-    from raysweep.searcher import CellSearcher, open_studies, reconcile
-    from raysweep.storage import open_store
+    from raysweep.analysis import results
+    from raysweep.base.storage import open_store
+    from raysweep.runner import sweep
+    from raysweep.runner.searcher import CellSearcher, open_studies, reconcile
 
     store = open_store(storage)
     studies = open_studies(spec, store)
@@ -130,7 +131,7 @@ def sweep_in_process(spec, storage: str):
 def finished_run(tmp_path_factory):
     """RUN_DIR of a finished tiny run (4 cells x 2 trials, confirmed on seeds 1 and 2), with its
     Optuna journal; shared by the report, MLflow and dashboard tests. Treat it as read-only."""
-    from raysweep.spec import validate
+    from raysweep.experiment.spec import validate
 
     spec = validate({**TINY_SPEC, "confirm": {"seeds": [1, 2]}})
     storage = str(tmp_path_factory.mktemp("run"))

@@ -11,10 +11,14 @@ import pytest
 from conftest import TINY_SPEC, sweep_in_process
 from ray.tune.search import Searcher
 
-from raysweep import report, results, sweep
-from raysweep.cluster import record_spec
-from raysweep.convergence import convergence, finished, needed, patience_needed
-from raysweep.searcher import (
+from raysweep.analysis import results
+from raysweep.analysis.convergence import convergence, finished, needed, patience_needed
+from raysweep.base.storage import open_store
+from raysweep.experiment.spec import SpecError, trials_range, validate
+from raysweep.reporting import report
+from raysweep.runner import sweep
+from raysweep.runner.cluster import record_spec
+from raysweep.runner.searcher import (
     STOP_RULE,
     STOP_RULES,
     CellSearcher,
@@ -23,8 +27,6 @@ from raysweep.searcher import (
     reconcile,
     runs,
 )
-from raysweep.spec import SpecError, trials_range, validate
-from raysweep.storage import open_store
 
 # ngd is a prefix method: its 0.1 cell leads, its 0.05 cell observes; euk leads each budget.
 SPEC = {
@@ -217,7 +219,7 @@ def test_resume_continues_the_allocation_without_repeating_a_trial(tmp_path):
 def test_ray_sweep_ends_when_every_cell_is_done_and_confirms(local_ray, tmp_path):
     """Through Ray Tune: the searcher's FINISHED ends the Tuner before `num_samples` (each
     lead's max), confirm runs, and the table says how each cell stopped."""
-    from raysweep import results
+    from raysweep.analysis import results
 
     raw = {**copy.deepcopy(TINY_SPEC), "trials_per_cell": {"min": 2, "max": 5}}
     spec = validate(raw | {"confirm": {"seeds": [1, 2]}})

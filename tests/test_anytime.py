@@ -13,14 +13,15 @@ import pytest
 import torch
 from conftest import sweep_in_process
 
-from raysweep import results, sweep
-from raysweep import unlearners as U
-from raysweep.budget import Meter, metered
-from raysweep.models import MODELS, seeded
-from raysweep.searcher import CellSearcher, open_studies, reconcile
-from raysweep.spec import validate
-from raysweep.storage import open_store
-from raysweep.trial import run_trial
+from raysweep.analysis import results
+from raysweep.base.storage import open_store
+from raysweep.experiment.spec import validate
+from raysweep.experiment.trial import run_trial
+from raysweep.runner import sweep
+from raysweep.runner.searcher import CellSearcher, open_studies, reconcile
+from raysweep.science.budget import Meter, metered
+from raysweep.science.models import MODELS, seeded
+from raysweep.unlearning import unlearners as U
 
 SHAPE, CLASSES = (3, 16, 16), 10
 ANYTIME = sorted(set(U.UNLEARNERS) - U.PER_BUDGET)

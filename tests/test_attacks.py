@@ -8,13 +8,15 @@ from dataclasses import fields
 import pytest
 import torch
 
-from raysweep import checkpoints, crafting, metrics, results
-from raysweep.attacks import ATTACKS
-from raysweep.data import digits
-from raysweep.metrics import ATTACK_OK, EFFECTS, Probe, measure
-from raysweep.models import chunked, cnn, seeded
-from raysweep.poisoned import from_tensors, to_tensors
-from raysweep.train import augment
+from raysweep.analysis import results
+from raysweep.experiment import checkpoints, metrics
+from raysweep.experiment.metrics import ATTACK_OK, EFFECTS, Probe, measure
+from raysweep.poisoning import crafting
+from raysweep.poisoning.attacks import ATTACKS
+from raysweep.poisoning.poisoned import from_tensors, to_tensors
+from raysweep.science.data import digits
+from raysweep.science.models import chunked, cnn, seeded
+from raysweep.science.train import augment
 
 # Settings that keep every attack under a few seconds on a CPU (crafting runs, barely).
 FAST = {
@@ -315,14 +317,14 @@ def test_attack_ok_is_the_effect_gap_on_val():
 
 
 def _spec(tiny_spec_dict, attack: dict):
-    from raysweep.spec import validate
+    from raysweep.experiment.spec import validate
 
     return validate({**tiny_spec_dict, "attack": attack}, "<test>")
 
 
 def test_poisons_are_crafted_once_per_store_and_reloaded(tiny_spec_dict, tmp_path, monkeypatch):
-    from raysweep import trial
-    from raysweep.storage import open_store
+    from raysweep.base.storage import open_store
+    from raysweep.experiment import trial
 
     calls = []
     real = ATTACKS["label_flip"]
@@ -354,8 +356,8 @@ def test_poisons_are_crafted_once_per_store_and_reloaded(tiny_spec_dict, tmp_pat
 
 
 def test_trial_rows_carry_effects_residual_and_attack_ok(tiny_spec_dict, tmp_path):
-    from raysweep.storage import open_store
-    from raysweep.trial import run_trial
+    from raysweep.base.storage import open_store
+    from raysweep.experiment.trial import run_trial
 
     store = open_store(str(tmp_path))
     attack = {"name": "backdoor", "n": 40, "y_adv": 2, "patch": 3}

@@ -1,5 +1,5 @@
 """An autoscaling cluster simulated on this machine: cluster.yaml's node types on Ray's fake
-multi-node provider (raysweep.loopback.AutoscalingCluster), autoscaler v2 as `ray up` runs it.
+multi-node provider (raysweep.runner.loopback.AutoscalingCluster), autoscaler v2 as `ray up` runs it.
 
 GPU workers start from zero when a sweep asks for them, pack `gpu: 0.25` trials four to a
 logical GPU, are released when idle, and one reclaimed mid-sweep (terminated through the
@@ -29,11 +29,12 @@ from test_cluster import (
     _wait_rows,
 )
 
-from raysweep import checkpoints, results
-from raysweep.loopback import AutoscalingCluster, peak_trials
-from raysweep.searcher import open_studies
-from raysweep.spec import validate
-from raysweep.storage import open_store
+from raysweep.analysis import results
+from raysweep.base.storage import open_store
+from raysweep.experiment import checkpoints
+from raysweep.experiment.spec import validate
+from raysweep.runner.loopback import AutoscalingCluster, peak_trials
+from raysweep.runner.searcher import open_studies
 
 REPO = Path(__file__).resolve().parents[1]
 IDLE_TIMEOUT_S = 5.0

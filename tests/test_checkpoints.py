@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from raysweep.checkpoints import CorruptCheckpoint, ensure, key_of, load, train_count
-from raysweep.storage import open_store
+from raysweep.base.storage import open_store
+from raysweep.experiment.checkpoints import CorruptCheckpoint, ensure, key_of, load, train_count
 
 CONFIG = {"role": "poisoned", "seed": 0, "model": {"name": "linear"}}
 
@@ -54,9 +54,9 @@ def test_keys_change_with_the_data_itself(tiny_spec_dict):
     """Same spec, different data (e.g. another CIFAR-10 copy under the same root): other keys."""
     import dataclasses
 
-    from raysweep.data import digits
-    from raysweep.spec import validate
-    from raysweep.trial import checkpoint_config
+    from raysweep.experiment.spec import validate
+    from raysweep.experiment.trial import checkpoint_config
+    from raysweep.science.data import digits
 
     spec, split = validate(tiny_spec_dict, "<test>"), digits(size=8)
     other = dataclasses.replace(split, source="0" * 16)

@@ -26,11 +26,13 @@ import pytest
 import yaml
 from conftest import TINY_SPEC
 
-from raysweep import checkpoints, preflight, results, sweep
-from raysweep.loopback import LoopbackCluster
-from raysweep.searcher import cell_name, open_studies
-from raysweep.spec import validate
-from raysweep.storage import LEASES_DIR, open_store
+from raysweep.analysis import results
+from raysweep.base.storage import LEASES_DIR, open_store
+from raysweep.experiment import checkpoints
+from raysweep.experiment.spec import validate
+from raysweep.runner import preflight, sweep
+from raysweep.runner.loopback import LoopbackCluster
+from raysweep.runner.searcher import cell_name, open_studies
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -251,7 +253,7 @@ def test_local_ray_sends_nothing_off_the_machine(tmp_path, report_url):
     env = {k: v for k, v in _env().items() if k != "RAY_USAGE_STATS_ENABLED"}
     env["RAY_USAGE_STATS_REPORT_URL"] = url  # where Ray would send its reports
     code = (
-        "import sys, ray; from raysweep.cluster import start_ray; start_ray(None, num_cpus=1); "
+        "import sys, ray; from raysweep.runner.cluster import start_ray; start_ray(None, num_cpus=1); "
         "print(ray.get_runtime_context().gcs_address, flush=True); sys.stdin.read()"
     )
     log = open(tmp_path / "log", "w")
@@ -371,7 +373,8 @@ def test_driver_killed_then_resume(tmp_path):
 # a process of its own started without the mark.
 FAKE_DRIVER = """
 import os, subprocess, sys, time
-from raysweep import cluster, reaper
+from raysweep.runner import cluster
+from raysweep.runner import reaper
 env = dict(os.environ, **{reaper.ENV: cluster.reap_with_driver()})
 nap = [sys.executable, "-c", "import time; time.sleep(300)"]
 spawn = "import subprocess, time; subprocess.Popen(%r, env={}); time.sleep(300)" % (nap,)

@@ -11,10 +11,11 @@ import pandas as pd
 import pytest
 from conftest import sweep_in_process
 
-from raysweep import report, results
-from raysweep.convergence import best_so_far, convergence
-from raysweep.spec import validate
-from raysweep.trial import infeasible_reason
+from raysweep.analysis import results
+from raysweep.analysis.convergence import best_so_far, convergence
+from raysweep.experiment.spec import validate
+from raysweep.experiment.trial import infeasible_reason
+from raysweep.reporting import report
 
 
 def flag_by_pandas(df: pd.DataFrame) -> dict[tuple, bool]:

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torchvision.datasets import CIFAR10
 
-from raysweep.data import cifar10, digest, digits, split_indices
+from raysweep.science.data import cifar10, digest, digits, split_indices
 
 
 def test_split_indices_are_a_deterministic_partition():

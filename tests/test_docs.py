@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from raysweep import results
+from raysweep.analysis import results
 
 README = (Path(__file__).parent.parent / "README.md").read_text()
 

@@ -10,9 +10,10 @@ import pandas as pd
 import pytest
 from matplotlib.image import imread
 
-from raysweep import figures, plotstyle, report, results, tuning_figures
-from raysweep.convergence import convergence
-from raysweep.unlearners import UNLEARNERS
+from raysweep.analysis import results
+from raysweep.analysis.convergence import convergence
+from raysweep.reporting import figures, plotstyle, report, tuning_figures
+from raysweep.unlearning.unlearners import UNLEARNERS
 
 
 @pytest.fixture(scope="module")

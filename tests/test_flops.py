@@ -14,10 +14,10 @@ import torch.nn.functional as F
 from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
 
-from raysweep import data
-from raysweep.budget import Meter, forward_cost
-from raysweep.models import MODELS, seeded
-from raysweep.unlearners import UNLEARNERS
+from raysweep.science import data
+from raysweep.science.budget import Meter, forward_cost
+from raysweep.science.models import MODELS, seeded
+from raysweep.unlearning.unlearners import UNLEARNERS
 
 CLASSES = 10
 # Small configs of each model kind: the real code paths (convolutions + BatchNorm, residual

@@ -10,10 +10,10 @@ import pytest
 import torch
 from conftest import TINY_SPEC
 
-from raysweep import footprint
-from raysweep.data import DATASETS
-from raysweep.models import MODELS
-from raysweep.spec import validate
+from raysweep.experiment import footprint
+from raysweep.experiment.spec import validate
+from raysweep.science.data import DATASETS
+from raysweep.science.models import MODELS
 
 TEXT = {
     "dataset": {"name": "synthetic_imdb", "n_train": 200, "n_test": 50, "max_len": 16},

@@ -28,14 +28,14 @@ from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 
 from raysweep import cli
-from raysweep.attacks import ATTACKS
-from raysweep.data import DATASETS
-from raysweep.models import MODELS
-from raysweep.spec import DOMAINS, distributions, domain, keyword_params, load, validate
-from raysweep.storage import open_store
-from raysweep.train import train
-from raysweep.trial import run_trial
-from raysweep.unlearners import UNLEARNERS
+from raysweep.base.storage import open_store
+from raysweep.experiment.spec import DOMAINS, distributions, domain, keyword_params, load, validate
+from raysweep.experiment.trial import run_trial
+from raysweep.poisoning.attacks import ATTACKS
+from raysweep.science.data import DATASETS
+from raysweep.science.models import MODELS
+from raysweep.science.train import train
+from raysweep.unlearning.unlearners import UNLEARNERS
 
 pydantic = pytest.importorskip("pydantic")
 

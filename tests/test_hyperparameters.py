@@ -18,12 +18,13 @@ import pytest
 from conftest import TINY_SPEC, sweep_in_process
 from ray.tune.search import Searcher
 
-from raysweep import results, sweep
-from raysweep.domains import PosFloat, PosInt
-from raysweep.searcher import CellSearcher, open_studies, reconcile
-from raysweep.spec import SpecError, distributions, load, validate
-from raysweep.storage import open_store
-from raysweep.unlearners import UNLEARNERS
+from raysweep.analysis import results
+from raysweep.base.domains import PosFloat, PosInt
+from raysweep.base.storage import open_store
+from raysweep.experiment.spec import SpecError, distributions, load, validate
+from raysweep.runner import sweep
+from raysweep.runner.searcher import CellSearcher, open_studies, reconcile
+from raysweep.unlearning.unlearners import UNLEARNERS
 
 SPECS = sorted((Path(__file__).parents[1] / "search_spaces").glob("*.yaml"))
 NGD = {"lr": {"low": 1e-5, "high": 0.3, "log": True}, "sigma2": {"low": 1e-8, "high": 1e-5}}

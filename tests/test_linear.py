@@ -11,13 +11,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from raysweep import data
-from raysweep import unlearners as U
-from raysweep.attacks import gaussian
-from raysweep.budget import Meter
-from raysweep.checkpoints import made_count
-from raysweep.extractor import frozen as frozen_extractor
-from raysweep.models import (
+from raysweep.base.storage import open_store
+from raysweep.experiment.checkpoints import made_count
+from raysweep.experiment.extractor import frozen as frozen_extractor
+from raysweep.experiment.spec import load, validate
+from raysweep.experiment.trial import build_model, extractor_state, prepare, run_trial
+from raysweep.poisoning.attacks import gaussian
+from raysweep.science import data
+from raysweep.science.budget import Meter
+from raysweep.science.models import (
     Frozen,
     carry_noise,
     linear,
@@ -27,12 +29,10 @@ from raysweep.models import (
     split_head,
     trainable,
 )
-from raysweep.newton import newton, newton_row_cost
-from raysweep.spec import load, validate
-from raysweep.steps import features
-from raysweep.storage import open_store
-from raysweep.train import train
-from raysweep.trial import build_model, extractor_state, prepare, run_trial
+from raysweep.science.train import train
+from raysweep.unlearning import unlearners as U
+from raysweep.unlearning.newton import newton, newton_row_cost
+from raysweep.unlearning.steps import features
 
 SHAPE = (1, 8, 8)
 

@@ -8,14 +8,14 @@ import functools
 import pytest
 import torch
 
-from raysweep import crafting
-from raysweep.attacks import ATTACKS
-from raysweep.data import digits
-from raysweep.metrics import logits
-from raysweep.models import Frozen, mlp, seeded, split_head
-from raysweep.spec import validate
-from raysweep.storage import open_store
-from raysweep.train import train
+from raysweep.base.storage import open_store
+from raysweep.experiment.metrics import logits
+from raysweep.experiment.spec import validate
+from raysweep.poisoning import crafting
+from raysweep.poisoning.attacks import ATTACKS
+from raysweep.science.data import digits
+from raysweep.science.models import Frozen, mlp, seeded, split_head
+from raysweep.science.train import train
 
 FAST = {
     "gradient_matching": {"n": 10, "eps": 16 / 255, "n_targets": 2, "steps": 6, "shift": 0},
@@ -79,7 +79,7 @@ def test_surrogate_on_an_extractor_is_a_trained_linear_head():
 
 
 def test_trial_hands_a_linear_models_extractor_to_the_attack(tiny_spec_dict, tmp_path, monkeypatch):
-    from raysweep import trial
+    from raysweep.experiment import trial
 
     seen = []
     real = ATTACKS["gradient_matching"]

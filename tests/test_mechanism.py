@@ -9,9 +9,11 @@ import pytest
 import torch
 import yaml
 
-from raysweep import cli, mechanism, mechanism_figures
-from raysweep.spec import SpecError, validate
-from raysweep.storage import open_store
+from raysweep import cli
+from raysweep.base.storage import open_store
+from raysweep.experiment.spec import SpecError, validate
+from raysweep.mechanism import figures as mechanism_figures
+from raysweep.mechanism import study as mechanism
 
 SPEC = "search_spaces/quickstart_linear.yaml"
 SEEDS = [0, 1, 2]

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from raysweep import budget
-from raysweep.budget import Meter, forward_cost, metered
-from raysweep.models import MODELS
+from raysweep.science import budget
+from raysweep.science.budget import Meter, forward_cost, metered
+from raysweep.science.models import MODELS
 
 
 def test_meter_caps_and_truncates_last_batch():

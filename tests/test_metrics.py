@@ -10,8 +10,9 @@ import torch
 import torch.nn.functional as F
 from scipy.stats import binom, kstest
 
-from raysweep import metrics
-from raysweep.metrics import (
+from raysweep.base.storage import open_store
+from raysweep.experiment import metrics
+from raysweep.experiment.metrics import (
     Probe,
     gaussian_scores,
     input_gradients,
@@ -21,10 +22,9 @@ from raysweep.metrics import (
     resolution,
     summarise_scores,
 )
-from raysweep.models import mlp, seeded
-from raysweep.spec import load
-from raysweep.storage import open_store
-from raysweep.trial import prepare
+from raysweep.experiment.spec import load
+from raysweep.experiment.trial import prepare
+from raysweep.science.models import mlp, seeded
 
 
 def _trained_mlp(gen):

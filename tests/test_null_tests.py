@@ -14,8 +14,9 @@ import pytest
 import torch
 from scipy.stats import binom
 
-from raysweep import metrics, results
-from raysweep.metrics import (
+from raysweep.analysis import results
+from raysweep.experiment import metrics
+from raysweep.experiment.metrics import (
     MIN_PAIRED,
     NULL_TESTS,
     null_tests,

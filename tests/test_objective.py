@@ -13,11 +13,11 @@ import pytest
 from scipy.integrate import quad
 from scipy.stats import binom, norm
 
-from raysweep.metrics import OBJECTIVES, anderson_darling
-from raysweep.spec import validate
-from raysweep.specfile import SpecError
-from raysweep.storage import open_store
-from raysweep.trial import run_trial
+from raysweep.base.specfile import SpecError
+from raysweep.base.storage import open_store
+from raysweep.experiment.metrics import OBJECTIVES, anderson_darling
+from raysweep.experiment.spec import validate
+from raysweep.experiment.trial import run_trial
 
 N, DRAWS = 150, 400  # the quickstart's poisons; seeded draws per check
 # Asymptotic upper 1 % point of n A^2 for a fully specified null (Anderson & Darling 1954,

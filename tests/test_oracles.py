@@ -14,10 +14,12 @@ import pytest
 from conftest import TINY_SPEC, sweep_in_process
 from torch import nn
 
-from raysweep import checkpoints, report, results, trial
-from raysweep.metrics import EFFECTS, margins, oracle_band, oracle_test, paired_residual
-from raysweep.spec import SpecError, load, validate
-from raysweep.storage import open_store
+from raysweep.analysis import results
+from raysweep.base.storage import open_store
+from raysweep.experiment import checkpoints, trial
+from raysweep.experiment.metrics import EFFECTS, margins, oracle_band, oracle_test, paired_residual
+from raysweep.experiment.spec import SpecError, load, validate
+from raysweep.reporting import report
 
 # 19 reference oracles: the least p they allow is 1 / 20, so the test can reject at 0.05. Six
 # more models trained the same way (5 held-out oracles and the retrain reference) are judged

@@ -17,11 +17,12 @@ import pytest
 import torch
 from conftest import TINY_SPEC, sweep_in_process
 
-from raysweep import checkpoints, plan
-from raysweep.metrics import measure
-from raysweep.spec import load, validate
-from raysweep.storage import open_store
-from raysweep.trial import _loaded, prepare
+from raysweep.base.storage import open_store
+from raysweep.experiment import checkpoints
+from raysweep.experiment.metrics import measure
+from raysweep.experiment.spec import load, validate
+from raysweep.experiment.trial import _loaded, prepare
+from raysweep.runner import plan
 
 CONFIRM = {"confirm": {"seeds": [1, 2]}}
 # Three offline specs whose runs differ in what they make: anytime sharing and PER_BUDGET
@@ -211,6 +212,6 @@ def test_docs_plans_are_current():
     doc, summary = plan.paper_plans()
     root = Path(__file__).parents[1]
     assert (root / "docs" / "plans.md").read_text() == doc, (
-        "python -m raysweep.plan > docs/plans.md"
+        "python -m raysweep.runner.plan > docs/plans.md"
     )
     assert summary.replace("](#", "](docs/plans.md#") in (root / "README.md").read_text()

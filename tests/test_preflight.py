@@ -19,11 +19,13 @@ from conftest import TINY_SPEC
 from ray.tune.search import Searcher
 from torch import nn
 
-from raysweep import checkpoints, cluster, preflight, results, sweep
+from raysweep.analysis import results
+from raysweep.base.storage import LEASES_DIR, CorruptStorage, open_store
 from raysweep.cli import main
-from raysweep.searcher import CellSearcher, open_studies, reconcile
-from raysweep.spec import load
-from raysweep.storage import LEASES_DIR, CorruptStorage, open_store
+from raysweep.experiment import checkpoints
+from raysweep.experiment.spec import load
+from raysweep.runner import cluster, preflight, sweep
+from raysweep.runner.searcher import CellSearcher, open_studies, reconcile
 
 SMALL = {"budgets": [0.1], "trials_per_cell": 1, "methods": {"gd": {"lr": 0.01}}}
 

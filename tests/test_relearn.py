@@ -17,10 +17,10 @@ import pytest
 import torch
 from conftest import TINY_SPEC
 
-from raysweep import relearn, trial
-from raysweep.spec import validate
-from raysweep.storage import open_store
-from raysweep.train import train
+from raysweep.base.storage import open_store
+from raysweep.experiment import relearn, trial
+from raysweep.experiment.spec import validate
+from raysweep.science.train import train
 
 # 150 poisons, as the quickstart has: 135 scored by the poisons probe, enough to resolve a gap.
 SPEC = {**copy.deepcopy(TINY_SPEC), "attack": {"name": "gaussian", "n": 150, "eps": 2.0}}
@@ -136,7 +136,7 @@ def test_confirm_rows_carry_the_probe_and_tuning_rows_do_not(finished_run):
 def test_table_counts_the_runs_that_relearn_faster(finished_run):
     import pandas as pd
 
-    from raysweep import results
+    from raysweep.analysis import results
 
     df = pd.read_parquet(f"{finished_run}/results")
     table = results.table(df)

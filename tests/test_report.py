@@ -10,11 +10,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from raysweep import report, results, tuning_figures
+from raysweep.analysis import results
+from raysweep.analysis.convergence import convergence
 from raysweep.cli import main
-from raysweep.convergence import convergence
-from raysweep.metrics import Z_AT_FPR
-from raysweep.progress import Progress, cell_key
+from raysweep.experiment.metrics import Z_AT_FPR
+from raysweep.reporting import report, tuning_figures
+from raysweep.runner.progress import Progress, cell_key
 
 STATS = {
     "residual": "residual",

@@ -12,9 +12,10 @@ import pandas as pd
 import pytest
 import yaml
 
-from raysweep import cli, preflight
+from raysweep import cli
 from raysweep.cli import main
-from raysweep.spec import load
+from raysweep.experiment.spec import load
+from raysweep.runner import preflight
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = yaml.safe_load((ROOT / "search_spaces/quickstart.yaml").read_text())
@@ -80,7 +81,8 @@ def test_every_shipped_spec_fits_a_machine_one_can_rent():
 
 
 def test_a_sweep_whose_every_trial_failed_exits_nonzero(tmp_path, capsys, monkeypatch):
-    from raysweep import results, sweep
+    from raysweep.analysis import results
+    from raysweep.runner import sweep
 
     error = "RuntimeError: DefaultCPUAllocator: not enough memory: you tried to allocate 4 GB"
     rows = pd.DataFrame(

@@ -12,8 +12,8 @@ from typing import Literal
 import pytest
 import yaml
 
-from raysweep.domains import base, describe, refusal
-from raysweep.spec import SpecError, domain, keyword_params, load, validate
+from raysweep.base.domains import base, describe, refusal
+from raysweep.experiment.spec import SpecError, domain, keyword_params, load, validate
 
 SPECS = sorted(Path(__file__).parent.parent.glob("search_spaces/*.yaml"))
 
@@ -133,11 +133,11 @@ def test_paper_scale_specs_repeat_as_the_paper_does(path):
 
 
 def _every_parameter():
-    from raysweep.attacks import ATTACKS
-    from raysweep.data import DATASETS
-    from raysweep.models import MODELS
-    from raysweep.train import train
-    from raysweep.unlearners import UNLEARNERS
+    from raysweep.poisoning.attacks import ATTACKS
+    from raysweep.science.data import DATASETS
+    from raysweep.science.models import MODELS
+    from raysweep.science.train import train
+    from raysweep.unlearning.unlearners import UNLEARNERS
 
     fns = [("train", train)]
     for table in (DATASETS, MODELS, ATTACKS, UNLEARNERS):

@@ -21,10 +21,9 @@ import pytest
 import torch
 from torch import nn
 
-from raysweep import checkpoints, cluster, preflight, results, storage
-from raysweep.searcher import open_studies
-from raysweep.spec import validate
-from raysweep.storage import (
+from raysweep.analysis import results
+from raysweep.base import storage
+from raysweep.base.storage import (
     LEASES_DIR,
     CorruptStorage,
     LeaseHeld,
@@ -32,6 +31,10 @@ from raysweep.storage import (
     driver_lease,
     open_store,
 )
+from raysweep.experiment import checkpoints
+from raysweep.experiment.spec import validate
+from raysweep.runner import cluster, preflight
+from raysweep.runner.searcher import open_studies
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -216,7 +219,7 @@ def test_a_second_driver_is_refused_naming_the_first(store):
 def test_a_dead_drivers_flock_is_taken_over(tmp_path):
     """A driver killed while it holds a local lease: the kernel frees its flock at once."""
     code = (
-        "import sys, time; from raysweep.storage import driver_lease, open_store\n"
+        "import sys, time; from raysweep.base.storage import driver_lease, open_store\n"
         f"with driver_lease(open_store({str(tmp_path)!r}), 'tiny'):\n"
         "    print('held', flush=True); time.sleep(120)"
     )
@@ -271,8 +274,8 @@ def test_object_store_lock_serialises_ray_workers(local_ray, s3_server):
 
     @local_ray.remote(num_cpus=1)
     def ask(uri: str) -> float:
-        from raysweep import checkpoints
-        from raysweep.storage import open_store
+        from raysweep.base.storage import open_store
+        from raysweep.experiment import checkpoints
 
         def build():
             time.sleep(1.0)

@@ -21,10 +21,13 @@ import pytest
 from fsspec.implementations.arrow import ArrowFSWrapper
 from ray.tune.search import Searcher
 
-from raysweep import cli, cluster, preflight, results, sweep, trial
-from raysweep.searcher import CellSearcher, open_studies, reconcile
-from raysweep.spec import SpecError, validate
-from raysweep.storage import CorruptStorage, Store, WriteFailed, driver_lease, open_store
+from raysweep import cli
+from raysweep.analysis import results
+from raysweep.base.storage import CorruptStorage, Store, WriteFailed, driver_lease, open_store
+from raysweep.experiment import trial
+from raysweep.experiment.spec import SpecError, validate
+from raysweep.runner import cluster, preflight, sweep
+from raysweep.runner.searcher import CellSearcher, open_studies, reconcile
 
 
 @pytest.fixture(params=["local", "s3"])

@@ -5,11 +5,12 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from raysweep import cluster, results, sweep
-from raysweep.checkpoints import train_count
-from raysweep.spec import validate
-from raysweep.storage import open_store
-from raysweep.trial import run_trial
+from raysweep.analysis import results
+from raysweep.base.storage import open_store
+from raysweep.experiment.checkpoints import train_count
+from raysweep.experiment.spec import validate
+from raysweep.experiment.trial import run_trial
+from raysweep.runner import cluster, sweep
 
 
 def test_trial_runs_without_ray(tmp_path, tiny_spec_dict):

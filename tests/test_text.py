@@ -11,14 +11,14 @@ import pytest
 import torch
 from scipy.stats import kstest
 
-from raysweep import data, gpt2
-from raysweep.attacks import gaussian, text_backdoor
-from raysweep.budget import Meter
-from raysweep.metrics import gaussian_scores, input_gradients, summarise_scores
-from raysweep.models import blocks, carry_noise, noise_shape, noise_space, seeded
-from raysweep.spec import load
-from raysweep.train import train
-from raysweep.unlearners import UNLEARNERS
+from raysweep.experiment.metrics import gaussian_scores, input_gradients, summarise_scores
+from raysweep.experiment.spec import load
+from raysweep.poisoning.attacks import gaussian, text_backdoor
+from raysweep.science import data, gpt2
+from raysweep.science.budget import Meter
+from raysweep.science.models import blocks, carry_noise, noise_shape, noise_space, seeded
+from raysweep.science.train import train
+from raysweep.unlearning.unlearners import UNLEARNERS
 
 T = 48  # tokens per review: long enough that many reviews end in padding
 TINY = {"n_layer": 2, "n_embd": 32, "n_head": 2, "dropout": 0.0}
@@ -230,8 +230,8 @@ def test_text_specs_validate():
 def test_quickstart_text_poisoned_shows_poison_and_retrain_does_not(tmp_path):
     """The text quickstart's science at its real settings: detectable poison, clean retrain, r
     resolved. The thresholds are bench/science.py's, which every seed 0-4 x 1, 2 threads met."""
-    from raysweep.storage import open_store
-    from raysweep.trial import prepare
+    from raysweep.base.storage import open_store
+    from raysweep.experiment.trial import prepare
 
     spec = load("search_spaces/quickstart_text.yaml")
     setup = prepare(json.dumps(spec.raw, sort_keys=True), open_store(str(tmp_path)).uri, spec.seed)

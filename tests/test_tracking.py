@@ -13,7 +13,7 @@ import pytest
 import yaml
 from conftest import TINY_SPEC
 
-from raysweep import results
+from raysweep.analysis import results
 from raysweep.cli import main
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from raysweep.models import cnn, seeded
-from raysweep.train import train
+from raysweep.science.models import cnn, seeded
+from raysweep.science.train import train
 
 
 def _fit(x, y, **kw):

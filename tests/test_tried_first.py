@@ -7,10 +7,10 @@ import optuna
 import pytest
 import yaml
 
-from raysweep.progress import cell_key
-from raysweep.searcher import CellSearcher, cell_name, open_studies
-from raysweep.spec import SpecError, load, validate
-from raysweep.storage import open_store
+from raysweep.base.storage import open_store
+from raysweep.experiment.spec import SpecError, load, validate
+from raysweep.runner.progress import cell_key
+from raysweep.runner.searcher import CellSearcher, cell_name, open_studies
 
 FIRST = {"gd": [{"lr": 1e-3}, {"lr": 1e-2}], "ga": [{"lr": 5e-6}]}
 

@@ -17,12 +17,13 @@ import torch
 from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 
-from raysweep import results, sweep
-from raysweep.data import DATASETS
-from raysweep.searcher import cell_name
-from raysweep.spec import SpecError, distributions, validate
-from raysweep.storage import open_store
-from raysweep.trial import prepare
+from raysweep.analysis import results
+from raysweep.base.storage import open_store
+from raysweep.experiment.spec import SpecError, distributions, validate
+from raysweep.experiment.trial import prepare
+from raysweep.runner import sweep
+from raysweep.runner.searcher import cell_name
+from raysweep.science.data import DATASETS
 
 # ---------------------------------------------------------------- confirm settings in the spec
 

@@ -10,13 +10,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from raysweep import steps
-from raysweep import unlearners as U
-from raysweep.budget import Meter
-from raysweep.models import MODELS, blocks, seeded
-from raysweep.spec import validate
-from raysweep.storage import open_store
-from raysweep.trial import prepare, run_trial
+from raysweep.base.storage import open_store
+from raysweep.experiment.spec import validate
+from raysweep.experiment.trial import prepare, run_trial
+from raysweep.science.budget import Meter
+from raysweep.science.models import MODELS, blocks, seeded
+from raysweep.unlearning import steps
+from raysweep.unlearning import unlearners as U
 
 SHAPE, CLASSES = (3, 16, 16), 10
 MODEL_KWARGS = {"mlp": {"width": 32}, "cnn": {"width": 8}, "resnet18": {"width": 8}}

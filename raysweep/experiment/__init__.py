@@ -1,0 +1,1 @@
+"""One trial of the experiment: the spec it runs, stored checkpoints, the metrics and the trial function itself."""

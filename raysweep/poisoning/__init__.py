@@ -1,0 +1,1 @@
+"""Data poisoning: the attacks, the crafting they need, and the poisoned train set they return."""

@@ -1,0 +1,82 @@
+"""`Poisoned`, the corrupted train set every attack in attacks.py returns, and its storage as
+tensors (the trial crafts poisons once per store and loads them everywhere else)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+
+from raysweep.science.data import Split
+
+
+@dataclass(frozen=True)
+class Poisoned:
+    """The corrupted train set S_corr and what the attack's metric needs.
+
+    `x`, `y` are S_corr (same length and order as the clean train set); `poison_idx` are the rows
+    the attack changed (inputs, labels or both; no other row differs from the clean train set).
+    Attack-specific fields, empty for the other attacks:
+      - `noise`, `eps`: the Gaussian attack's per-row noise (row i belongs to `poison_idx[i]`) and
+        its standard deviation;
+      - `y_adv`: the class a targeted or backdoor attack steers inputs into;
+      - `target_idx`: rows of the *test* split the targeted attack wants classified as `y_adv`;
+      - `trigger`, `trigger_mask`: the backdoor patch, (C, H, W) standardised values and a
+        (1, H, W) mask that is 1 where the patch replaces the input (see `triggered`).
+      - `trigger_ids`: the text backdoor's trigger token ids (with `y_adv`).
+    """
+
+    x: torch.Tensor
+    y: torch.Tensor
+    poison_idx: torch.Tensor
+    noise: torch.Tensor | None = None
+    eps: float = 0.0
+    y_adv: int | None = None
+    target_idx: torch.Tensor | None = None
+    trigger: torch.Tensor | None = None
+    trigger_mask: torch.Tensor | None = None
+    trigger_ids: torch.Tensor | None = None
+
+    def without_poisons(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """S_corr minus every poisoned row: what the retrain reference is trained on."""
+        keep = torch.ones(len(self.y), dtype=torch.bool, device=self.y.device)
+        keep[self.poison_idx] = False
+        return self.x[keep], self.y[keep]
+
+    def triggered(self, x: torch.Tensor) -> torch.Tensor:
+        """Inputs `x` with the backdoor patch pasted in."""
+        return x * (1 - self.trigger_mask) + self.trigger * self.trigger_mask
+
+
+# Saving and loading, so that crafted poisons are computed once and shared (see trial.py). Only
+# the poisoned rows are stored: the rest of S_corr is the clean train set.
+_ROWS = ("x", "y")
+
+
+def to_tensors(poisoned: Poisoned, split: Split) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, scalars) that `from_tensors(split, ...)` turns back into `poisoned`."""
+    idx = poisoned.poison_idx
+    changed = (poisoned.x != split.x_train).flatten(1).any(1) | (poisoned.y != split.y_train)
+    changed[idx] = False
+    if changed.any():
+        raise ValueError(
+            f"attack changed rows outside poison_idx: {changed.nonzero()[:5].tolist()}"
+        )
+    tensors, scalars = {}, {}
+    for f in fields(poisoned):
+        value = getattr(poisoned, f.name)
+        if f.name in _ROWS:
+            tensors[f.name] = value[idx].contiguous()
+        elif isinstance(value, torch.Tensor):
+            tensors[f.name] = value.contiguous()
+        elif value is not None:
+            scalars[f.name] = value
+    return tensors, scalars
+
+
+def from_tensors(split: Split, tensors: dict[str, torch.Tensor], scalars: dict) -> Poisoned:
+    idx = tensors["poison_idx"]
+    x, y = split.x_train.clone(), split.y_train.clone()
+    x[idx], y[idx] = tensors["x"], tensors["y"]
+    rest = {k: v for k, v in tensors.items() if k not in (*_ROWS, "poison_idx")}
+    return Poisoned(x, y, idx, **rest, **scalars)
