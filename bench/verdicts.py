@@ -7,7 +7,7 @@ For each seed and thread count (torch.set_num_threads in this process, 1 then 2)
 the poisoned model and its retrain reference are trained from scratch under that thread count,
 then every cell's tuned setting (sweep.tuned_settings: the journal's parameters, bit for bit) is
 run with `run_trial(..., relearn=True)`, as a confirm row is. Per method x budget: runs feasible
-and indistinguishable (metrics.null_tests at the run's table alpha), the tails (poisons below
+and indistinguishable (stats.null_tests at the run's table alpha), the tails (poisons below
 Phi^-1(0.01) and above Phi^-1(0.99), 1.5 expected each of 150), r, each relearning probe's gap
 (mean over runs, a 95 % t-interval over runs, and runs whose own interval is above 0), and
 whether the two thread counts give the same verdicts seed by seed.
@@ -30,10 +30,10 @@ from scipy.stats import t as student
 
 from raysweep.analysis import results
 from raysweep.base.storage import open_store
-from raysweep.experiment.metrics import Z_AT_FPR, Z_HIGH
 from raysweep.experiment.spec import validate
 from raysweep.experiment.trial import run_trial
 from raysweep.runner.sweep import tuned_settings
+from raysweep.science.stats import Z_AT_FPR, Z_HIGH
 
 RUN = Path(__file__).parent.parent / "runs"  # <storage> of the README's quickstart run
 METHODS = ("random_label", "salun", "bad_teacher", "euk")

@@ -8,12 +8,21 @@ from __future__ import annotations
 import argparse
 import sys
 
-from raysweep.experiment.spec import SpecError, load, trials_range
+from raysweep.base.specfile import SpecError
+
+
+def load(path: str):
+    """The spec at `path`, validated (experiment.spec.load). Imported here, not at the top:
+    validation binds the spec to the registries and so loads torch, which `raysweep report`
+    never needs (tests/test_report.py checks that it never loads)."""
+    from raysweep.experiment.spec import load as validated
+
+    return validated(path)
 
 
 def _validate(args) -> int:
     spec = load(args.spec)
-    low, high = trials_range(spec)
+    low, high = spec.trials_range()
     cells = len(spec.cells())
     n = f"{cells * low}" if low == high else f"{cells * low}-{cells * high}"  # a range: min-max
     print(f"{args.spec}: ok ({cells} cells, {n} trials, spec hash {spec.hash})")
@@ -38,16 +47,14 @@ def _check_time(spec) -> None:
     second for small models), or for a GPU trial as above."""
     import torch
 
-    from raysweep.experiment.footprint import bound
     from raysweep.runner import plan
     from raysweep.runner.preflight import this_machine
-    from raysweep.science.train import train
 
     try:
         p = plan.make(spec)
     except (ValueError, AssertionError, RuntimeError):
         return  # a model that cannot be built for its inputs: preflight.check_fits says why
-    if spec.resources.get("gpu", 0):
+    if spec.resources.gpu:
         fastest = f"{FASTEST_TFLOPS:,} TFLOP/s per GPU, faster than any"
         rate = plan.measured(p) or plan.from_tflops(p, FASTEST_TFLOPS, 1.0, fastest)
     elif p.footprint.peak > this_machine().memory:
@@ -58,7 +65,7 @@ def _check_time(spec) -> None:
     days = units / rate.train / 86400
     if days > MAX_SERIAL_DAYS:
         raise SpecError(
-            f"{spec.source}: train.epochs: {bound(train, spec.train)['epochs']}: one seed's "
+            f"{spec.source}: train.epochs: {spec.train.epochs}: one seed's "
             f"trainings and one run take {days:,.0f} days at {rate.train:,.0f} examples/s "
             f"({rate.source}) before any trial reports; allowed: at most {MAX_SERIAL_DAYS} days "
             "(`raysweep plan SPEC --calibrate` shows the whole plan)"
@@ -70,8 +77,8 @@ def _run(args) -> int:
     # Imported by the commands that need them, not for a cycle: Ray, Optuna and pandas would
     # double `raysweep validate`'s start-up (about 4 s to 9 s).
     from raysweep.analysis import results
-    from raysweep.reporting import report, tracking
-    from raysweep.runner import sweep
+    from raysweep.reporting import report
+    from raysweep.runner import sweep, tracking
     from raysweep.runner.cluster import RunStateError
 
     _check_time(spec)  # before Ray starts or anything is written
@@ -110,7 +117,7 @@ def _run(args) -> int:
         )
         return 1
     if len(df):
-        table = results.table(df, trials_range(spec)[1])
+        table = results.table(df, spec.trials_range()[1])
         print(report.markdown_table(table))
         print(
             f"\n{report.not_converged_line(table)} `raysweep run SPEC --resume` with a larger "
@@ -151,7 +158,7 @@ def _plan(args) -> int:
         if slots == 0:
             print(plan.render(p))
             print(
-                f"error: {args.spec}: resources: {spec.resources} does not fit a worker of "
+                f"error: {args.spec}: resources: {spec.raw['resources']} does not fit a worker of "
                 f"{args.worker_cpus:g} CPUs and {args.worker_gpus:g} GPUs",
                 file=sys.stderr,
             )
@@ -188,7 +195,7 @@ def _mechanism(args) -> int:
     from raysweep.mechanism import figures as mechanism_figures
     from raysweep.mechanism import study as mechanism
 
-    torch.set_num_threads(max(1, int(spec.resources["cpu"])))  # as the sweep runs one trial
+    torch.set_num_threads(max(1, int(spec.resources.cpu)))  # as the sweep runs one trial
 
     seeds = args.seeds if args.seeds is not None else [spec.seed + i for i in range(5)]
     df = mechanism.study(spec, args.storage, seeds)

@@ -114,8 +114,8 @@ def sweep_in_process(spec, storage: str):
 
     store = open_store(storage)
     studies = open_studies(spec, store)
-    done = reconcile(spec, store, studies)
-    searcher = CellSearcher(spec, studies, done, rows=results.read(store, spec.name))
+    df = results.read(store, spec.name)
+    searcher = CellSearcher(spec, studies, reconcile(studies, df), rows=df)
     i = 0
     while (config := searcher.suggest(f"t{i}")) != Searcher.FINISHED:
         rows = sweep.execute(spec, store, config)  # a row per budget the run was measured at

@@ -45,7 +45,9 @@ def _drive(
     """Run the searcher on made-up results (`objective(cell, number)`), `parallel` in flight;
     return each cell's objectives in the order told."""
     studies = open_studies(spec, store)
-    searcher = CellSearcher(spec, studies, reconcile(spec, store, studies), rule=rule)
+    searcher = CellSearcher(
+        spec, studies, reconcile(studies, results.read(store, spec.name)), rule=rule
+    )
     told: dict[str, list[float]] = {}
     live, i, finished_ = [], 0, False
     while live or not finished_:
@@ -182,7 +184,7 @@ def test_resume_continues_the_allocation_without_repeating_a_trial(tmp_path):
     low, high = trials_range(spec)
     store = open_store(str(tmp_path))
     studies = open_studies(spec, store)
-    searcher = CellSearcher(spec, studies, reconcile(spec, store, studies))
+    searcher = CellSearcher(spec, studies, reconcile(studies, results.read(store, spec.name)))
     for i in range(3):
         config = searcher.suggest(f"t{i}")
         searcher.on_trial_complete(f"t{i}", sweep.reported(sweep.execute(spec, store, config)))

@@ -187,7 +187,7 @@ def test_an_interrupted_run_fails_in_every_cell_and_is_planned_again(anytime_spe
     spec, store = anytime_spec, open_store(str(tmp_path))
     CellSearcher(spec, open_studies(spec, store), {}).suggest("t")  # the driver dies here
     studies = open_studies(spec, store)
-    searcher = CellSearcher(spec, studies, reconcile(spec, store, studies))
+    searcher = CellSearcher(spec, studies, reconcile(studies, results.read(store, spec.name)))
     for cell in ("gd-b0.02", "gd-b0.05", "gd-b0.1"):
         assert [t.state.name for t in studies[cell].trials] == ["FAIL"]
     config = searcher.suggest("t")

@@ -10,10 +10,11 @@ import torch
 
 from raysweep.analysis import results
 from raysweep.experiment import checkpoints, metrics
-from raysweep.experiment.metrics import ATTACK_OK, EFFECTS, Probe, measure
+from raysweep.experiment.metrics import UNITS, Probe, measure
 from raysweep.poisoning import crafting
 from raysweep.poisoning.attacks import ATTACKS
 from raysweep.poisoning.poisoned import from_tensors, to_tensors
+from raysweep.poisoning.records import ACCURACY_GAP, RECORDS
 from raysweep.science.data import digits
 from raysweep.science.models import chunked, cnn, seeded
 from raysweep.science.train import augment
@@ -268,7 +269,7 @@ def _probe(p) -> Probe:
 def test_every_attack_has_an_effect_a_check_and_recorded_columns(attack):
     model = seeded(lambda: cnn(split().input_shape, 10, width=4), torch.Generator())
     m, units = measure(model, _probe(poisoned(attack)), attack)
-    assert attack in EFFECTS and attack in ATTACK_OK
+    assert RECORDS[attack].units in UNITS
     for part in ("val", "test"):
         k = f"effect_{part}"
         assert isinstance(m[k], float) and m[k] == m[k]  # finite, not NaN
@@ -276,8 +277,8 @@ def test_every_attack_has_an_effect_a_check_and_recorded_columns(attack):
         assert units[part].dtype == torch.float64 and len(units[part]) > 0
         assert m[k] == pytest.approx(units[part].nanmean().item(), abs=1e-12)
     # Every metric lands in a Parquet column: nothing measured is silently dropped.
-    assert set(m) <= set(results.METRICS)
-    assert isinstance(ATTACK_OK[attack](m, m), bool)
+    assert set(m) <= set(results.MEASURED)
+    assert isinstance(RECORDS[attack].check.worked(m, m), bool)
 
 
 class Fixed(torch.nn.Module):
@@ -309,11 +310,11 @@ def test_effect_metrics_measure_what_they_claim():
 
 
 def test_attack_ok_is_the_effect_gap_on_val():
-    ok, gap = ATTACK_OK["label_flip"], metrics.MIN_EFFECT["label_flip"]
+    ok, gap = RECORDS["label_flip"].check.worked, ACCURACY_GAP
     retrain = {"effect_val": 0.02}
     assert ok({"effect_val": 0.02 + gap + 1e-9}, retrain)
     assert not ok({"effect_val": 0.02 + gap / 2}, retrain)
-    assert not ATTACK_OK["backdoor"]({"effect_val": 0.9}, {"effect_val": 0.6})
+    assert not RECORDS["backdoor"].check.worked({"effect_val": 0.9}, {"effect_val": 0.6})
 
 
 def _spec(tiny_spec_dict, attack: dict):
@@ -334,7 +335,8 @@ def test_poisons_are_crafted_once_per_store_and_reloaded(tiny_spec_dict, tmp_pat
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setitem(ATTACKS, "label_flip", counting)
+    # ATTACKS reads the record's crafting function from attacks.py at each access
+    monkeypatch.setattr("raysweep.poisoning.attacks.label_flip", counting)
     spec = _spec(tiny_spec_dict, {"name": "label_flip", "n": 40})
     store, s = open_store(str(tmp_path)), digits(size=16)
     a = trial.poison(spec, store, s, seed=3)

@@ -1,4 +1,5 @@
-"""README's optuna-dashboard command, run as written over a finished run's journal, on loopback:
+"""The docs' optuna-dashboard command (docs/reports.md), run as written over a finished run's
+journal, on loopback:
 every cell's study is there, through the dashboard's own HTTP API."""
 
 from __future__ import annotations
@@ -16,12 +17,12 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-README = (Path(__file__).parent.parent / "README.md").read_text()
+README = (Path(__file__).parent.parent / "docs" / "reports.md").read_text()
 BIN = Path(sys.executable).parent
 
 
 def readme_command() -> str:
-    """The one optuna-dashboard command line in README's instructions."""
+    """The one optuna-dashboard command line in the docs' instructions (docs/reports.md)."""
     lines = [ln for ln in README.splitlines() if ln.startswith(".venv/bin/optuna-dashboard ")]
     assert len(lines) == 1, lines
     return lines[0]
@@ -40,7 +41,7 @@ def get(url: str):
 
 @pytest.fixture
 def dashboard(finished_run, tmp_path):
-    """The README command with the run's journal and a free port: the dashboard's URL."""
+    """The docs' command with the run's journal and a free port: the dashboard's URL."""
     if not (BIN / "optuna-dashboard").exists():
         pytest.skip("optuna-dashboard is not installed (`make test` installs it: dev extra)")
     port = free_port()

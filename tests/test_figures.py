@@ -36,6 +36,15 @@ def test_every_method_has_its_own_look_in_every_figure():
     assert plotstyle.ordered(["ssd", "gd", "cfk"]) == ["gd", "cfk", "ssd"]
 
 
+def test_plotstyle_knows_the_unlearners_without_importing_them():
+    # The report orders and colours methods from plotstyle.METHODS, not the UNLEARNERS table
+    # (torch): the table's first entries, in its order, so no method's look moves; a method
+    # added since gets a look from its name until it is listed, never another method's.
+    assert list(UNLEARNERS)[: len(plotstyle.METHODS)] == list(plotstyle.METHODS)
+    late = plotstyle.style("an_unlisted_method")
+    assert late not in [plotstyle.style(m) for m in plotstyle.METHODS]
+
+
 def test_figures_fit_a_readme_and_keep_grids_to_four_columns(rows):
     table, df = rows
     for name, fn in report.FIGURES.items():

@@ -55,7 +55,7 @@ def test_parameters_and_rows_match_real_tensors(name, spec):
     assert fp.params == real
     trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     assert fp.grads == trainable
-    assert fp.optimizer == trainable * (2 if spec.train.get("optimizer") == "adamw" else 1)
+    assert fp.optimizer == trainable * (2 if spec.train.optimizer == "adamw" else 1)
     assert (rows.n_train, rows.n_val, rows.n_test) == tuple(
         len(t) for t in (split.y_train, split.y_val, split.y_test)
     )
@@ -84,7 +84,7 @@ def _saved_on_cpu(net, x, y) -> int:
 def test_activations_match_a_real_cpu_step(name):
     spec = _spec(**TEXT) if name == "text" else _spec(model=MODELS_SMALL[name])
     split, model = _real(spec)
-    batch = spec.train["batch_size"]
+    batch = spec.train.batch_size
     x, y = split.x_train[:batch].clone(), split.y_train[:batch].clone()  # a batch is a copy
     real = _saved_on_cpu(model.train(), x, y)
     counted = footprint.trial(spec).activations

@@ -23,6 +23,7 @@ from raysweep.base.domains import PosFloat, PosInt
 from raysweep.base.storage import open_store
 from raysweep.experiment.spec import SpecError, distributions, load, validate
 from raysweep.runner import sweep
+from raysweep.runner.rows import hyperparameter_types, params_of, schema, write_row
 from raysweep.runner.searcher import CellSearcher, open_studies, reconcile
 from raysweep.unlearning.unlearners import UNLEARNERS
 
@@ -63,8 +64,8 @@ def _issue_spec(gd: dict, gd_first: bool) -> dict:
 @pytest.mark.parametrize("gd", [{"lr": 1}, {"lr": {"choices": [1, 0.01]}}])
 def test_columns_are_typed_by_what_every_method_declares_in_any_order(gd):
     a, b = (validate(_issue_spec(gd, first)) for first in (False, True))
-    assert results.hyperparameter_types(a) == results.hyperparameter_types(b)
-    assert results.hyperparameter_types(a)["hp_lr"] == pa.float64()
+    assert hyperparameter_types(a) == hyperparameter_types(b)
+    assert hyperparameter_types(a)["hp_lr"] == pa.float64()
     assert a.hash == b.hash  # listing order is no change: a resume accepts either
     # The int literal runs as the float its parameter takes, and is recorded as one.
     dists, fixed = distributions("gd", gd)
@@ -75,7 +76,7 @@ def test_columns_are_typed_by_what_every_method_declares_in_any_order(gd):
 def test_a_spec_whose_kinds_agree_keeps_its_hash_and_column_types():
     spec = load(SPECS[0])
     assert spec.hash == validate(spec.raw, str(SPECS[0])).hash
-    assert all(t in (pa.float64(), pa.int64()) for t in results.hyperparameter_types(spec).values())
+    assert all(t in (pa.float64(), pa.int64()) for t in hyperparameter_types(spec).values())
 
 
 def _fake(**annotations):
@@ -145,9 +146,9 @@ def test_mixed_or_ambiguous_kinds_are_refused_in_one_line(kinds, methods, messag
 
 def test_int_and_float_share_a_float_column_and_read_back_as_each_takes_them(kinds):
     spec = validate({**kinds, "methods": {"int_steps": {"steps": 1.5}, "ga": {"steps": 7}}})
-    assert results.hyperparameter_types(spec)["hp_steps"] == pa.float64()
+    assert hyperparameter_types(spec)["hp_steps"] == pa.float64()
     row = {"method": "ga", "hp_steps": 7.0}
-    assert same_setting(results.params_of(spec, row), {"steps": 7})
+    assert same_setting(params_of(spec, row), {"steps": 7})
 
 
 @pytest.mark.parametrize(
@@ -182,12 +183,12 @@ def test_a_row_with_every_kind_reads_back_equal(kinds, tmp_path):
     setting = {"k": True, "steps": 2**53, "lr": 2.9e-5, "mode": "b", "batch_size": 2**62 + 1}
     row = {"experiment": spec.name, "phase": "tune", "cell": "every_kind-b0.1", "trial_number": 0}
     row |= {"method": "every_kind"} | {f"hp_{k}": v for k, v in setting.items()}
-    results.write_row(store, spec, row)
+    write_row(store, spec, row)
     back = results.read(store, spec.name).to_dict("records")[0]
     batch_size = setting.pop("batch_size")  # gd's: a column every_kind's rows need not fill
-    assert same_setting(results.params_of(spec, back), setting)  # as every_kind takes them
+    assert same_setting(params_of(spec, back), setting)  # as every_kind takes them
     assert same(hp(back)["batch_size"], batch_size) and same(hp(back)["steps"], 2.0**53)
-    types = results.hyperparameter_types(spec)
+    types = hyperparameter_types(spec)
     assert types == {"hp_batch_size": pa.int64(), "hp_k": pa.bool_(), "hp_lr": pa.float64(),
                      "hp_mode": pa.string(), "hp_steps": pa.float64()}  # fmt: skip
 
@@ -202,7 +203,7 @@ def test_writing_a_value_its_column_would_change_is_refused(kinds, tmp_path, col
     spec = validate({**kinds, "methods": {**methods, "int_steps": {"steps": 0.5}}})
     row = {"experiment": spec.name, "phase": "tune", "cell": "c", "trial_number": 0, column: value}
     with pytest.raises(ValueError, match=f"^{column}: "):
-        results.write_row(open_store(str(tmp_path)), spec, row)
+        write_row(open_store(str(tmp_path)), spec, row)
     assert not list(tmp_path.rglob("*.parquet"))
 
 
@@ -210,11 +211,11 @@ def test_rows_typed_by_a_literal_before_still_read(tmp_path, tiny_spec_dict):
     """An experiment whose hp_lr was int64 (the last method's `lr: 1`) reads with the new rows."""
     spec = validate(tiny_spec_dict)
     store = open_store(str(tmp_path))
-    schema = results.schema(spec)
+    current = schema(spec)
     for number, value, t in ((0, 1, pa.int64()), (1, 0.5, pa.float64())):
         row = {"experiment": spec.name, "phase": "tune", "cell": "gd-b0.1"}
         row |= {"trial_number": number, "method": "gd", "hp_lr": value}
-        old = schema.set(schema.get_field_index("hp_lr"), pa.field("hp_lr", t))
+        old = current.set(current.get_field_index("hp_lr"), pa.field("hp_lr", t))
         buf = io.BytesIO()
         pq.write_table(pa.Table.from_pylist([row], schema=old), buf)
         store.write(results.row_name(spec.name, "tune", "gd-b0.1", number), buf.getvalue())
@@ -244,9 +245,9 @@ def test_every_shipped_spec_records_and_confirms_the_setting_run(path, tmp_path,
     spec = validate({**loaded.raw, "confirm": {"seeds": [loaded.seed + 1]}}, str(path))
     store = open_store(str(tmp_path))
     studies = open_studies(spec, store)
-    searcher = CellSearcher(spec, studies, reconcile(spec, store, studies))
+    searcher = CellSearcher(spec, studies, reconcile(studies, results.read(store, spec.name)))
     # Enough runs per lead for its tried_first settings and a sampled one after them.
-    per_lead = 1 + max((len(v) for v in spec.raw.get("tried_first", {}).values()), default=0)
+    per_lead = 1 + max((len(v) for v in spec.tried_first.values()), default=0)
     ran = {}  # (cell, trial_number) -> the setting its run received
     for i in range(per_lead * len(searcher.runs)):
         if (config := searcher.suggest(f"t{i}")) == Searcher.FINISHED:
@@ -265,7 +266,7 @@ def test_every_shipped_spec_records_and_confirms_the_setting_run(path, tmp_path,
         setting = ran[
             row["cell"], row["tuned_trial"] if row["phase"] == "confirm" else row["trial_number"]
         ]
-        assert same_setting(results.params_of(spec, row), setting)
+        assert same_setting(params_of(spec, row), setting)
         assert {k: float(v) for k, v in hp(row).items()} == {
             k: float(v) for k, v in setting.items()
         }

@@ -1,4 +1,4 @@
-"""The per-poison tests of the exact null (metrics.null_tests) and the rule for degenerate rows.
+"""The per-poison tests of the exact null (stats.null_tests) and the rule for degenerate rows.
 
 Size and power are measured here, not assumed: seeded draws of score sets the size of the
 quickstart's (150 poisons), read at alpha = 0.01.
@@ -16,15 +16,8 @@ from scipy.stats import binom
 
 from raysweep.analysis import results
 from raysweep.experiment import metrics
-from raysweep.experiment.metrics import (
-    MIN_PAIRED,
-    NULL_TESTS,
-    null_tests,
-    paired_residual,
-    residual,
-    residual_interval,
-    tail_log10p,
-)
+from raysweep.experiment.metrics import MIN_PAIRED, paired_residual, residual, residual_interval
+from raysweep.science.stats import NULL_TESTS, null_tests, tail_log10p
 
 N, DRAWS, ALPHA = 150, 400, 0.01
 # A test of size <= alpha rejects Binomial(DRAWS, alpha) of the draws or fewer; allow up to that

@@ -17,7 +17,13 @@ from torch import nn
 from raysweep.analysis import results
 from raysweep.base.storage import open_store
 from raysweep.experiment import checkpoints, trial
-from raysweep.experiment.metrics import EFFECTS, margins, oracle_band, oracle_test, paired_residual
+from raysweep.experiment.metrics import (
+    effect_units,
+    margins,
+    oracle_band,
+    oracle_test,
+    paired_residual,
+)
 from raysweep.experiment.spec import SpecError, load, validate
 from raysweep.reporting import report
 
@@ -55,7 +61,7 @@ def judged(raw: dict, store) -> list[dict]:
             for j in range(K + HELD)
         ]
         models = [trial._loaded(spec, setup.split, setup.poisoned, s) for s in states]
-        units = [EFFECTS[attack](m, setup.probe)["test"].double().cpu() for m in models]
+        units = [effect_units(m, setup.probe, attack)["test"].double().cpu() for m in models]
         before, retrain = setup.before_units["test"], setup.retrain_units["test"]
         retrain_model = trial._loaded(spec, setup.split, setup.poisoned, setup.retrain_state)
         poisoned_model = trial._loaded(spec, setup.split, setup.poisoned, setup.poisoned_state)
@@ -172,4 +178,4 @@ def test_oracles_key_is_checked():
     raw["confirm"] = {"seeds": [1], "oracle": 3}
     with pytest.raises(SpecError, match="did you mean 'oracles'"):
         validate(copy.deepcopy(raw), "s.yaml")
-    assert "oracles" not in validate(copy.deepcopy(TINY_SPEC)).confirm  # no default written
+    assert "oracles" not in validate(copy.deepcopy(TINY_SPEC)).raw["confirm"]  # none written

@@ -101,7 +101,7 @@ def test_plan_predicts_what_a_finished_run_recorded(name, tmp_path):
         json.loads(store.read(f"checkpoints/{key}/meta.json"))["config"]["role"] for key in keys
     ]
     oracles = sum(role.startswith("retrain_oracle") for role in roles)
-    k = spec.confirm.get("oracles", 0)
+    k = spec.confirm.oracles
     assert after.counts.trainings.get("retrain oracles", 0) == oracles == 2 * k
     if k:  # K on every confirm row; null on tuning rows, judged against the one retrain model
         assert (confirmed["oracles"] == k).all() and tuned["oracles"].isna().all()
@@ -208,10 +208,11 @@ def test_gpu_bench_writes_the_throughput_plan_reads(tmp_path, monkeypatch):
 
 
 def test_docs_plans_are_current():
-    """docs/plans.md and README's table of it are generated from the code, so they cannot drift."""
+    """docs/plans.md and docs/cluster.md's table of it are generated from the code, so they cannot
+    drift."""
     doc, summary = plan.paper_plans()
     root = Path(__file__).parents[1]
     assert (root / "docs" / "plans.md").read_text() == doc, (
         "python -m raysweep.runner.plan > docs/plans.md"
     )
-    assert summary.replace("](#", "](docs/plans.md#") in (root / "README.md").read_text()
+    assert summary.replace("](#", "](plans.md#") in (root / "docs" / "cluster.md").read_text()

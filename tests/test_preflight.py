@@ -44,7 +44,7 @@ def finished(tmp_path_factory) -> Path:
     store = open_store(str(root / "store"))
     cluster.record_spec(spec, store)
     studies = open_studies(spec, store)
-    searcher = CellSearcher(spec, studies, reconcile(spec, store, studies))
+    searcher = CellSearcher(spec, studies, reconcile(studies, results.read(store, spec.name)))
     while (config := searcher.suggest("t")) != Searcher.FINISHED:
         rows = sweep.execute(spec, store, config)
         assert all(row["status"] == "ok" for row in rows), [row["error"] for row in rows]
@@ -92,7 +92,7 @@ def _keys(copy: Path) -> tuple[str, str]:
 def test_a_healthy_store_passes(copy, capsys):
     """The control: the undamaged copy passes every check and resumes (nothing left to run)."""
     spec, store = load(str(copy / "tiny.yaml")), open_store(str(copy / "store"))
-    preflight.check_storage(spec, store)
+    preflight.check_storage(spec, store, results.read(store, spec.name))
     assert main(["run", str(copy / "tiny.yaml"), "--storage", str(copy / "store"), "--resume"]) == 0
     assert "1/1 tuning trials recorded, 0 to run" in capsys.readouterr().out
 

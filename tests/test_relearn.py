@@ -40,7 +40,7 @@ def second_retrain(spec, setup, seed) -> torch.nn.Module:
     init = trial.generator(seed, "retrain2", "init")
     model = trial.build_model(spec, setup.split, init, setup.poisoned).to(trial.device())
     rows = setup.poisoned.without_poisons()
-    return train(model, *rows, trial.generator(seed, "retrain2"), **spec.train)
+    return train(model, *rows, trial.generator(seed, "retrain2"), **spec.train.kwargs())
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 import os
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import numpy as np
@@ -13,9 +15,9 @@ import pytest
 from raysweep.analysis import results
 from raysweep.analysis.convergence import convergence
 from raysweep.cli import main
-from raysweep.experiment.metrics import Z_AT_FPR
 from raysweep.reporting import report, tuning_figures
 from raysweep.runner.progress import Progress, cell_key
+from raysweep.science.stats import Z_AT_FPR
 
 STATS = {
     "residual": "residual",
@@ -101,6 +103,44 @@ def test_cli_report_prints_the_table_and_fails_cleanly_on_a_wrong_dir(run_dir, t
     assert "| gaussian | ga | 0.1 | " in out and str(tmp_path / "out" / "pareto.png") in out
     assert main(["report", str(tmp_path / "nothing-here")]) == 2
     assert "no Parquet rows" in capsys.readouterr().err
+
+
+# Run as `raysweep report` in a fresh interpreter: any attempt to import torch (caught or not)
+# is recorded and refused, and none may remain loaded at the end.
+NO_TORCH = """
+import sys
+
+tried = []
+
+
+class NoTorch:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "torch":
+            tried.append(name)
+            raise ImportError(f"{name}: the report imported torch")
+
+
+sys.meta_path.insert(0, NoTorch())
+from raysweep.cli import main
+
+rc = main(["report", *sys.argv[1:]])
+loaded = [m for m in sys.modules if m.split(".")[0] == "torch"]
+assert not tried and not loaded, (tried, loaded)
+sys.exit(rc)
+"""
+
+
+def test_cli_report_never_imports_torch_and_writes_the_same_report(run_dir, tmp_path):
+    out = tmp_path / "out"
+    done = subprocess.run(
+        [sys.executable, "-c", NO_TORCH, run_dir, "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    for name in ("report.md", "report.csv"):  # as report.write in this process (with torch)
+        assert (out / name).read_bytes() == open(f"{run_dir}/report/{name}", "rb").read()
 
 
 def test_table_without_confirm_rows_reports_the_tuned_best(run_dir):

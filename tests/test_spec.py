@@ -2,18 +2,25 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import hashlib
+import json
 import subprocess
 import sys
 import time
 import typing
+from dataclasses import fields
 from pathlib import Path
 from typing import Literal
 
 import pytest
 import yaml
 
+from raysweep.base.config import Confirm, Resources, Train, parse
 from raysweep.base.domains import base, describe, refusal
 from raysweep.experiment.spec import SpecError, domain, keyword_params, load, validate
+from raysweep.science.train import train
 
 SPECS = sorted(Path(__file__).parent.parent.glob("search_spaces/*.yaml"))
 
@@ -125,7 +132,7 @@ def test_paper_scale_specs_repeat_as_the_paper_does(path):
     re-run on that many fresh seeds, so the report never shows a selection-biased single run."""
     spec = load(str(path))
     wanted = 8 if spec.dataset["name"] == "cifar10" else 5
-    seeds = spec.confirm["seeds"]
+    seeds = spec.confirm.seeds
     assert len(set(seeds)) >= wanted and spec.seed not in seeds
 
 
@@ -247,7 +254,7 @@ def test_values_outside_their_domain_are_refused_in_one_line(
 
 
 def test_forget_without_known_fraction_gets_the_default(tiny_spec_dict):
-    assert validate({**tiny_spec_dict, "forget": {}}).forget == {"known_fraction": 1.0}
+    assert validate({**tiny_spec_dict, "forget": {}}).raw["forget"] == {"known_fraction": 1.0}
 
 
 QUICKSTART = Path(__file__).parent.parent / "search_spaces/quickstart.yaml"
@@ -303,3 +310,76 @@ def test_paths_that_are_no_spec_file_are_refused_in_one_line(tmp_path):
     assert "cannot read: Too many levels of symbolic links" in _file_error(tmp_path / "loop.yaml")
     assert "is not a regular file" in _file_error("/dev/zero")
     assert "no such file" in _file_error(tmp_path / "missing.yaml")
+
+
+# ---------------------------------------------------------------- the typed Spec (base/config.py)
+
+# A spec as TINY_SPEC was when these hashes were recorded (before the typed Spec): the hash, and
+# the bytes of spec.json's "spec" (json.dumps(raw, indent=1): key order too), of each variant.
+PINNED_SPEC = {
+    "name": "tiny",
+    "dataset": {"name": "digits", "size": 16},
+    "model": {"name": "mlp", "width": 64, "depth": 1},
+    "attack": {"name": "gaussian", "n": 30, "eps": 2.0},
+    "train": {"epochs": 8, "lr": 0.05, "batch_size": 64},
+    "budgets": [0.05, 0.1],
+    "trials_per_cell": 2,
+    "delta": 0.05,
+    "seed": 0,
+    "methods": {
+        "gd": {"lr": {"low": 1e-4, "high": 1e-1, "log": True}},
+        "ga": {"lr": {"low": 1e-6, "high": 1e-3, "log": True}, "steps": 5},
+    },
+}
+
+
+@pytest.mark.parametrize(
+    ("change", "spec_hash", "stored"),
+    [
+        ({}, "784dcd79954e4b21", "292b2ea5513402f9"),
+        ({"confirm": {"oracles": 3, "seeds": [1, 2]}}, "398478b484acf917", "b0217db6b4164abe"),
+        ({"resources": {"cpu": 2}}, "7d8be47a77404028", "65e6d2de417ea52e"),
+        ({"forget": {}}, "784dcd79954e4b21", "cdcbaff2acd1d843"),
+        ({"trials_per_cell": {"min": 2, "max": 5}}, "47e5d041abdca53c", "157d6bb090cd63c8"),
+        ({"train": {}}, "567ff924ab521840", "2eef19c7e13acb73"),
+    ],
+)
+def test_spec_hash_and_stored_spec_are_as_before_the_typed_spec(change, spec_hash, stored):
+    spec = validate(copy.deepcopy(PINNED_SPEC) | copy.deepcopy(change))
+    assert spec.hash == spec_hash
+    assert hashlib.sha256(json.dumps(spec.raw, indent=1).encode()).hexdigest()[:16] == stored
+
+
+def test_train_is_filled_from_the_signature_of_train_once():
+    assert [f.name for f in fields(Train)] == list(keyword_params(train))
+    spec = validate(copy.deepcopy(PINNED_SPEC) | {"train": {"epochs": 3, "precision": "bf16"}})
+    defaults = {n: p.default for n, p in keyword_params(train).items()}
+    assert spec.train == Train(**(defaults | {"epochs": 3, "precision": "bf16"}))
+    assert spec.raw["train"] == {"epochs": 3, "precision": "bf16"}  # as written: checkpoint keys
+
+
+def test_the_specs_own_defaults_fill_the_typed_view_not_the_hashed_data():
+    spec = validate(copy.deepcopy(PINNED_SPEC) | {"resources": {"cpu": 2}})
+    assert spec.resources == Resources(cpu=2, gpu=0) and spec.raw["resources"] == {"cpu": 2}
+    assert spec.confirm == Confirm(seeds=(), oracles=0) and spec.raw["confirm"] == {"seeds": []}
+    assert (spec.objective, spec.tried_first) == ("residual", {})
+    assert "objective" not in spec.raw and "tried_first" not in spec.raw
+    assert spec.trials_range() == (2, 2) and spec.forget.known_fraction == 1.0
+
+
+@pytest.mark.parametrize("path", SPECS, ids=[p.name for p in SPECS])
+def test_a_stored_spec_reads_back_without_the_registries(path):
+    spec = load(path)
+    stored = parse(json.loads(json.dumps(spec.raw, indent=1)), "spec.json")
+    assert stored.hash == spec.hash and stored.train is None
+    assert stored == dataclasses.replace(spec, source="spec.json", train=None)
+
+
+def test_the_typed_spec_imports_no_torch_ray_optuna_or_yaml():
+    code = (
+        "import sys, json; from raysweep.base.config import parse; "
+        f"parse(json.loads({json.dumps(json.dumps(PINNED_SPEC))})); "
+        "print(sorted(m for m in ('torch', 'ray', 'optuna', 'yaml') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr

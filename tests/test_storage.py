@@ -34,6 +34,7 @@ from raysweep.base.storage import (
 from raysweep.experiment import checkpoints
 from raysweep.experiment.spec import validate
 from raysweep.runner import cluster, preflight
+from raysweep.runner.rows import write_row
 from raysweep.runner.searcher import open_studies
 
 
@@ -118,8 +119,8 @@ def test_rows_round_trip(store, tiny_spec_dict):
     spec = validate(tiny_spec_dict, "tiny")
     base = {"experiment": "tiny", "phase": "tune", "cell": "gd-b0.1", "status": "ok"}
     for n in range(3):
-        results.write_row(store, spec, base | {"trial_number": n, "objective": 0.5 + n})
-    results.write_row(store, spec, base | {"trial_number": 1, "objective": 9.0})  # a re-run
+        write_row(store, spec, base | {"trial_number": n, "objective": 0.5 + n})
+    write_row(store, spec, base | {"trial_number": 1, "objective": 9.0})  # a re-run
     df = results.read(store, "tiny")
     assert sorted(df["trial_number"]) == [0, 1, 2]
     assert df.set_index("trial_number")["objective"][1] == 9.0
@@ -130,8 +131,8 @@ def test_damaged_rows_and_journal_are_named(store, tiny_spec_dict):
     """On either backend: a truncated row file and a garbage journal line, named in one line."""
     spec = validate(tiny_spec_dict, "tiny")
     base = {"experiment": "tiny", "phase": "tune", "cell": "gd-b0.1", "status": "ok"}
-    rel = results.write_row(store, spec, base | {"trial_number": 0})
-    results.write_row(store, spec, base | {"trial_number": 1})
+    rel = write_row(store, spec, base | {"trial_number": 0})
+    write_row(store, spec, base | {"trial_number": 1})
     store.write(rel, store.read(rel)[:-20])
     with pytest.raises(CorruptStorage) as damaged:
         results.read(store, "tiny")
@@ -169,21 +170,21 @@ def test_journal_survives_the_driver(store, tiny_spec_dict):
 
 
 def test_check_resume_rules(store, tiny_spec_dict):
-    spec = validate(tiny_spec_dict, "tiny")
-    cluster.check_resume(spec, store, resume=False)  # nothing there: a new run may start
+    spec, rows = validate(tiny_spec_dict, "tiny"), results.read(store, "tiny")  # none yet
+    cluster.check_resume(spec, store, False, rows)  # nothing there: a new run may start
     with pytest.raises(cluster.RunStateError, match="nothing to resume"):
-        cluster.check_resume(spec, store, resume=True)
+        cluster.check_resume(spec, store, True, rows)
     record = {"spec": spec.raw, "spec_hash": spec.hash}
     store.write("tiny/spec.json", json.dumps(record).encode())
     with pytest.raises(cluster.RunStateError, match="already exists .*--resume"):
-        cluster.check_resume(spec, store, resume=False)
-    cluster.check_resume(spec, store, resume=True)
-    cluster.check_resume(spec, store, resume=None)
+        cluster.check_resume(spec, store, False, rows)
+    cluster.check_resume(spec, store, True, rows)
+    cluster.check_resume(spec, store, None, rows)
     more = validate(tiny_spec_dict | {"trials_per_cell": 5}, "tiny")
-    cluster.check_resume(more, store, resume=True)  # more trials: the same experiment, continued
+    cluster.check_resume(more, store, True, rows)  # more trials: the same experiment, continued
     changed = validate(tiny_spec_dict | {"delta": 0.2, "trials_per_cell": 5}, "tiny")
     with pytest.raises(cluster.RunStateError, match="differs in: delta, trials_per_cell"):
-        cluster.check_resume(changed, store, resume=True)
+        cluster.check_resume(changed, store, True, rows)
 
 
 def test_leases_expire_and_pass_on():
@@ -265,6 +266,37 @@ def test_stale_object_store_leases_are_taken_over(s3_server, monkeypatch):
             with pytest.raises(LeaseHeld, match="host other-host, pid 1, since t0.*expires within"):
                 with driver_lease(store, name):
                     pass
+
+
+def test_an_object_store_lease_is_renewed_while_held(s3_server, monkeypatch):
+    """The holder rewrites its lease every LEASE_S / 4, so it outlives LEASE_S while the driver
+    runs (here 0.4 s, held 1.2 s), and removes it when it ends."""
+    monkeypatch.setattr(storage, "SETTLE_S", 0.05)
+    monkeypatch.setattr(storage, "LEASE_S", 0.4)
+    store, rel = open_store(s3_server()), f"{LEASES_DIR}/tiny"
+    with driver_lease(store, "tiny"):
+        first = json.loads(store.read(rel))["expires"]
+        time.sleep(1.2)  # three lease lengths: it would have expired twice without renewal
+        later = json.loads(store.read(rel))["expires"]
+        assert later > first + 0.4, (first, later)
+    assert not store.exists(rel)
+
+
+def test_a_renewer_stops_for_good_once_its_lease_is_lost():
+    """`renew` runs every period while the block runs; once it returns False (another driver
+    took the lease over) it is not called again, and never after the block."""
+    calls = []
+
+    def renew() -> bool:
+        calls.append(time.monotonic())
+        return len(calls) < 2  # the second renewal finds the lease taken over
+
+    with storage._renewing(renew, 0.01, "test"):
+        deadline = time.monotonic() + 30
+        while len(calls) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.2)  # twenty periods more
+    assert len(calls) == 2
 
 
 @pytest.mark.integration

@@ -70,12 +70,13 @@ def drive(spec, store: Store) -> None:
     with mock.patch.object(trial, "open_store", lambda *_, **__: store):
         trial.prepare.cache_clear()
         with driver_lease(store, spec.name):
-            preflight.check_storage(spec, store)
-            cluster.check_resume(spec, store, None)
+            df = results.read(store, spec.name)  # as sweep.run: once, passed along
+            preflight.check_storage(spec, store, df)
+            cluster.check_resume(spec, store, None, df)
             cluster.record_spec(spec, store)
             journal, sync = cluster.open_journal(spec, store)
             studies = open_studies(spec, store, journal)
-            searcher = CellSearcher(spec, studies, reconcile(spec, store, studies), sync)
+            searcher = CellSearcher(spec, studies, reconcile(studies, df), sync)
             sync()
             i = 0
             while (config := searcher.suggest(f"t{i}")) != Searcher.FINISHED:
@@ -156,8 +157,8 @@ def test_fit_names_the_storage_error_a_tune_error_wraps():
         except WriteFailed as e:
             raise RuntimeError("Tune's own error") from e
     except RuntimeError as wrapped:
-        assert str(cluster._storage_cause(wrapped)) == "x/optuna.journal: cannot be written"
-    assert cluster._storage_cause(RuntimeError("no storage")) is None
+        assert str(sweep._storage_cause(wrapped)) == "x/optuna.journal: cannot be written"
+    assert sweep._storage_cause(RuntimeError("no storage")) is None
 
 
 def test_a_lost_journal_is_refused_and_repair_continues(store, spec, tiny_spec_dict):
@@ -165,7 +166,7 @@ def test_a_lost_journal_is_refused_and_repair_continues(store, spec, tiny_spec_d
     rows = files(store, f"{spec.name}/results")
     store.delete(f"{spec.name}/optuna.journal")
     with pytest.raises(CorruptStorage) as refused:
-        preflight.check_storage(spec, store)
+        preflight.check_storage(spec, store, results.read(store, spec.name))
     assert str(refused.value).startswith(f"{store.path('tiny/optuna.journal')}: missing or empty")
     assert "8 of 8 tuning rows" in str(refused.value) and "raysweep repair SPEC" in str(
         refused.value
@@ -191,16 +192,16 @@ def test_rows_and_journal_that_disagree_are_refused(store, spec):
     with pytest.raises(
         CorruptStorage, match="1 trials the journal records as finished have no row"
     ):
-        preflight.check_storage(spec, store)
+        preflight.check_storage(spec, store, results.read(store, spec.name))
     store.write(name, kept)
     other = store.read(f"{spec.name}/optuna.journal").split(b"\n")
     store.write(f"{spec.name}/optuna.journal", b"\n".join(other[:6]) + b"\n")  # an earlier journal
     with pytest.raises(CorruptStorage, match="does not record every row"):
-        preflight.check_storage(spec, store)
+        preflight.check_storage(spec, store, results.read(store, spec.name))
     sweep.repair(spec, store.uri)
     kept_as = [n for n in store.list(spec.name) if n.startswith("optuna.journal.replaced-")]
     assert len(kept_as) == 1  # the replaced journal is kept beside the new one
-    preflight.check_storage(spec, store)
+    preflight.check_storage(spec, store, results.read(store, spec.name))
 
 
 def test_a_start_with_nothing_to_do_writes_nothing(store, spec):
@@ -234,7 +235,7 @@ def test_a_damaged_poison_set_is_named_before_the_run(store, spec):
     data[-1] ^= 1
     store.write(rel, bytes(data))
     with pytest.raises(CorruptStorage) as damaged:
-        preflight.check_storage(spec, store)
+        preflight.check_storage(spec, store, results.read(store, spec.name))
     assert str(damaged.value).startswith(f"{store.path(rel)}: does not match the sha256")
 
 

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import pandas as pd
 import pytest
+import yaml
 
+from raysweep import cli
 from raysweep.analysis import results
 from raysweep.base.storage import open_store
 from raysweep.experiment.checkpoints import train_count
 from raysweep.experiment.spec import validate
 from raysweep.experiment.trial import run_trial
 from raysweep.runner import cluster, sweep
+from raysweep.runner.rows import schema
 
 
 def test_trial_runs_without_ray(tmp_path, tiny_spec_dict):
@@ -29,7 +32,7 @@ def test_sweep_two_cells_two_trials(tmp_path, tiny_spec_dict, local_ray, monkeyp
     df = sweep.run(spec, ".")
     back = pd.read_parquet(tmp_path / "tiny" / "results")
     assert len(back) == len(df) == 4
-    assert set(results.schema(spec).names) == set(back.columns)
+    assert set(schema(spec).names) == set(back.columns)
     assert (back.groupby("cell").size() == 2).all()
     assert (back["status"] == "ok").all(), back["error"].tolist()
     assert back[["cell", "trial_number"]].duplicated().sum() == 0
@@ -41,4 +44,27 @@ def test_sweep_two_cells_two_trials(tmp_path, tiny_spec_dict, local_ray, monkeyp
     # Running the same spec again over its complete experiment adds no rows, and the CLI's
     # plain `run` allows it (so `make quickstart` twice just reprints the table).
     assert len(sweep.run(spec, str(tmp_path))) == 4
-    cluster.check_resume(spec, store, resume=False)
+    cluster.check_resume(spec, store, False, results.read(store, spec.name))
+
+
+@pytest.mark.integration
+def test_a_run_reads_its_rows_once_per_phase(tmp_path, tiny_spec_dict, local_ray, monkeypatch):
+    """`raysweep run` reads results/ (on an object store a LIST and a GET per row) once per
+    phase and passes the rows along: when it starts (preflight, resume rules, the studies), when
+    tuning ends (the confirm plan) and when confirming ends (the run's record, the summary)."""
+    raw = tiny_spec_dict | {"budgets": [0.05], "trials_per_cell": 1, "confirm": {"seeds": [1]}}
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(raw))
+    reads, read = [], results.read
+
+    def counted(store, experiment):
+        df = read(store, experiment)
+        reads.append(len(df))  # how many rows each read found: which phase it was
+        return df
+
+    monkeypatch.setattr(results, "read", counted)
+    run = ["run", str(tmp_path / "tiny.yaml"), "--storage", str(tmp_path / "runs")]
+    assert cli.main(run) == 0
+    assert reads == [0, 2, 4]  # nothing yet; gd's and ga's tuning rows; and their confirm rows
+    reads.clear()
+    assert cli.main(run) == 0  # the same spec over its complete experiment: nothing runs
+    assert reads == [4]

@@ -48,8 +48,8 @@ def test_mlflow_runs_are_the_parquet_rows(finished_run, tmp_path, monkeypatch, c
     runs = {r.info.run_name: r for r in client.search_runs([experiment.experiment_id])}
     # one run per row, names unique (8 tuning rows; confirm rows: one per chosen run and seed)
     assert len(runs) == len(df) and set(df["phase"]) == {"tune", "confirm"}
-    numbers = [c for c, t in results.COLUMNS.items() if t == pa.float64()]
-    numbers += [f"{m}_{k}" for m in results.MODELS_MEASURED for k in results.METRICS]
+    numbers = [c for c, column in results.COLUMNS.items() if column.type == pa.float64()]
+    numbers += list(results.measured_columns())
     for row in df.to_dict("records"):
         run = runs[f"{row['phase']}-{row['cell']}-{row['trial_number']:04d}"]
         params = run.data.params

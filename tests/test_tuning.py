@@ -29,7 +29,7 @@ from raysweep.science.data import DATASETS
 
 
 def test_confirm_defaults_to_no_seeds(tiny_spec_dict):
-    assert validate(tiny_spec_dict).confirm == {"seeds": []}
+    assert validate(tiny_spec_dict).raw["confirm"] == {"seeds": []}
 
 
 @pytest.mark.parametrize(

@@ -8,10 +8,10 @@ re-run of the same trial replaces its row instead of duplicating it.
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import platform
+from dataclasses import dataclass
 from importlib.metadata import version
 
 import numpy as np
@@ -19,16 +19,165 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from raysweep.base.domains import kind
 from raysweep.base.storage import CorruptStorage, Store
-from raysweep.experiment.metrics import MAX_RESOLUTION, NULL_ALPHA, null_tests
-from raysweep.experiment.spec import Spec, domain, hyperparameter_kinds, keyword_params
-from raysweep.unlearning.unlearners import UNLEARNERS
+from raysweep.science.stats import MAX_RESOLUTION, NULL_ALPHA, null_tests
 
 from .convergence import CELL, convergence
 
-# Metrics measured on each of the three models; columns are before_<m>, after_<m>, retrain_<m>.
-METRICS = {
+
+@dataclass(frozen=True)
+class Column:
+    """One column of a row: its Parquet type and what it means (the docs' column reference)."""
+
+    type: pa.DataType
+    doc: str
+
+
+_UTC = pa.timestamp("ms", tz="UTC")
+
+# The columns every row has, in this order; then hp_<name> per hyperparameter of the spec's
+# methods (runner/rows.py types them), the measured metrics per model and the per-poison scores.
+COLUMNS = {
+    "experiment": Column(pa.string(), "the spec's `name`"),
+    "spec_name": Column(pa.string(), "the spec's `name`"),
+    "spec_hash": Column(pa.string(), "hash of the validated spec"),
+    "phase": Column(pa.string(), "`tune` or `confirm` (a best setting re-run on a fresh seed)"),
+    "cell": Column(pa.string(), "`<method>-b<budget>`, also the Optuna study name"),
+    "trial_number": Column(pa.int64(), "the trial's number in its study (confirm rows: the seed)"),
+    "run_of": Column(
+        pa.string(),
+        "the run the row was measured in, `<cell>:<trial_number>` of the run's own (largest-budget) row; a prefix method's run has a row in each of its cells",
+    ),
+    "tuned_trial": Column(
+        pa.int64(), "confirm rows: the tuning trial whose setting they re-run (else null)"
+    ),
+    "attack": Column(pa.string(), "which attack poisoned the model"),
+    "method": Column(pa.string(), "which unlearner ran"),
+    "budget": Column(
+        pa.float64(),
+        "the budget fraction `f` the row stands for (a run's anytime stop: where the meter stopped to measure it)",
+    ),
+    "seed": Column(pa.int64(), "seed of poisons, checkpoints and trial"),
+    "status": Column(pa.string(), "`ok` or `failed`"),
+    "error": Column(pa.string(), "the error of a failed trial"),
+    "poisoned_key": Column(pa.string(), "content hash of the poisoned checkpoint"),
+    "retrain_key": Column(pa.string(), "content hash of the retrain checkpoint"),
+    "attack_ok": Column(
+        pa.bool_(),
+        "the attack worked on the poisoned model, and well enough to resolve r (`resolution` ≤ 0.25)",
+    ),
+    "resolution": Column(
+        pa.float64(),
+        "half-width of the 95 % bootstrap interval of `E_before − E_retrain` (val), relative to it",
+    ),
+    "feasible": Column(
+        pa.bool_(),
+        "on val (tuning): `after_clean_acc_val ≥ retrain_clean_acc_val − δ` and ≤ 5 % degenerate poison scores",
+    ),
+    "feasible_test": Column(pa.bool_(), "the same on test: which seeds the report averages"),
+    "infeasible_reason": Column(pa.string(), "why not feasible (null when feasible)"),
+    "objective": Column(
+        pa.float64(), "what the study minimised (`residual_val`, or `10 + shortfall`)"
+    ),
+    "residual_val": Column(
+        pa.float64(),
+        "`r` on val (tuning), on the poisons all three models score (non-NaN in all three); NaN when fewer than 95 % of them remain",
+    ),
+    "residual": Column(pa.float64(), "`r` on test (reporting), on the same poisons"),
+    "residual_lo": Column(
+        pa.float64(), "lower end of the 95 % paired-bootstrap interval of `residual`"
+    ),
+    "residual_hi": Column(pa.float64(), "upper end of that interval"),
+    "null_ks_log10p": Column(
+        pa.float64(),
+        "log10 p of a one-sample Kolmogorov–Smirnov test of the unlearned model's per-poison Gaussian scores (`after_scores`, non-NaN) against N(0, 1), exact; null for attacks without Gaussian noise, NaN when > 5 % of the scores are degenerate",
+    ),
+    "null_low_log10p": Column(
+        pa.float64(),
+        "log10 exact binomial p of the count of those scores ≤ Φ⁻¹(0.01) against 1 % (one-sided: an excess), summed in log space",
+    ),
+    "null_high_log10p": Column(
+        pa.float64(), "the same for the count ≥ Φ⁻¹(0.99): an overshoot past N(0, 1)"
+    ),
+    "null_retrain_log10p": Column(
+        pa.float64(),
+        "log10 p of a two-sample Kolmogorov–Smirnov test of those scores against `retrain_scores` (conservative: both models score the same noise)",
+    ),
+    "null_log10p": Column(
+        pa.float64(),
+        'the four combined by Bonferroni, `min(0, log10 4 + min of the four)`: the row is rejected at α when any test is at α / 4; the report\'s "indistinguishable from never trained" reads it at 0.01 / (distinct Gaussian cells)',
+    ),
+    "relearn_budget": Column(
+        pa.float64(),
+        "the relearning probe's cap per probe and per model, as a share of C_train (0.02); null on tuning rows",
+    ),
+    "relearn_gap_retain": Column(
+        pa.float64(),
+        "relearning probe (a), confirm rows only: the unlearned and the retrained model are each fine-tuned (SGD lr 0.01, momentum 0.9, batch 64, `relearn_budget` × C_train units, the same batches) on the retain set alone; the unlearned model's attack effect E afterwards minus the retrained model's, on test units (Gaussian: −I on the 90 % of poisons probe (b) does not use). > 0: the poison comes back faster than after retraining",
+    ),
+    "relearn_gap_retain_lo": Column(
+        pa.float64(), "lower end of its 95 % paired-bootstrap interval"
+    ),
+    "relearn_gap_retain_hi": Column(pa.float64(), "upper end of that interval"),
+    "relearn_gap_poisons": Column(
+        pa.float64(),
+        "relearning probe (b): the same, fine-tuned on a random 10 % of the poisoned rows (as trained on, fixed per seed), scored on the other 90 %",
+    ),
+    "relearn_gap_poisons_lo": Column(
+        pa.float64(), "lower end of its 95 % paired-bootstrap interval"
+    ),
+    "relearn_gap_poisons_hi": Column(pa.float64(), "upper end of that interval"),
+    "relearn_wall_s": Column(
+        pa.float64(),
+        "seconds the probe took for this row (the retrained model's probe, once per seed per process, included where it ran); not in `wall_s`",
+    ),
+    "oracles": Column(
+        pa.int64(),
+        "K, the retrain oracles of this row's seed (`confirm: {oracles: K}`): retrain models trained as `retrain_key` was, each from its own initialisation and batch order; null on tuning rows and without the key",
+    ),
+    "oracle_r_lo": Column(
+        pa.float64(),
+        "the least r of the K oracles (each against `before` and the `retrain` reference, on test): where retraining itself lands",
+    ),
+    "oracle_r_hi": Column(
+        pa.float64(),
+        "the greatest r of the K oracles. A model like the oracles falls inside [`oracle_r_lo`, `oracle_r_hi`] with probability (K − 1) / (K + 1)",
+    ),
+    "oracle_outside": Column(
+        pa.float64(),
+        "KLoM-style, per test unit of E (each target, triggered row, clean row for accuracy attacks, poison for Gaussian noise): the share of units where the unlearned model's margin toward the poison's effect (log odds of `y_adv`, log odds against the true class, or −Iᵢ) lies strictly outside the oracles' [min, max]; a model like the oracles expects at most 2 / (K + 1)",
+    ),
+    "oracle_p": Column(
+        pa.float64(),
+        "permutation p of `oracle_outside`: each of the K + 1 models is judged by the same count against the other K, p = share of them at or above the unlearned model's. Exact whatever the dependence between units, and never below 1 / (K + 1): rejecting at 0.05 needs K ≥ 19",
+    ),
+    "before_oracle_outside": Column(
+        pa.float64(),
+        "the poisoned model judged the same way (a control per seed: it should stand out)",
+    ),
+    "before_oracle_p": Column(pa.float64(), "its permutation p"),
+    "retrain_oracle_outside": Column(
+        pa.float64(),
+        "the retrain reference judged the same way (a control per seed: it should not stand out)",
+    ),
+    "retrain_oracle_p": Column(pa.float64(), "its permutation p"),
+    "budget_used": Column(pa.float64(), "fraction of the cap spent"),
+    "budget_units": Column(pa.float64(), "budget units spent"),
+    "wall_s": Column(
+        pa.float64(), "trial wall-clock seconds (an anytime stop's row: since its run started)"
+    ),
+    "started_at": Column(_UTC, "when the trial started (UTC)"),
+    "finished_at": Column(_UTC, "when it finished (UTC)"),
+    "host": Column(pa.string(), "hostname"),
+    "node_id": Column(
+        pa.string(), "Ray node that ran the trial (nodes of one machine or image share a `host`)"
+    ),
+    "versions": Column(pa.string(), "JSON of package versions"),
+}
+
+# What is measured on each of the three models (experiment/metrics.py's METRICS compute them):
+# columns before_<name>, after_<name>, retrain_<name>, all float64.
+MEASURED = {
     "clean_acc_val": "accuracy on the val split (tuning reads this)",
     "clean_acc_test": "accuracy on the test split (reports read this)",
     "retain_acc": "accuracy on the retain set",
@@ -44,94 +193,20 @@ METRICS = {
     "target_adv_rate": "gradient_matching: fraction of its target test rows classified as y_adv",
     "backdoor_asr_val": "backdoor: triggered val rows not of class y_adv classified as y_adv",
     "backdoor_asr_test": "backdoor: the same on test",
-    "effect_val": "the attack's effect E on val (higher = stronger poison; metrics.EFFECTS): "
-    "-gus (gaussian), target_adv_rate (gradient_matching), 1 - clean_acc_val "
-    "(gradient_canceling, label_flip), backdoor_asr_val (backdoor)",
+    "effect_val": "the attack's effect E on val (higher = stronger poison; the mean of the "
+    "attack record's units, metrics.UNITS): -gus (gaussian), target_adv_rate "
+    "(gradient_matching), 1 - clean_acc_val (gradient_canceling, label_flip), backdoor_asr_val "
+    "(backdoor, text_backdoor)",
     "effect_test": "the attack's effect E on test (target_adv_rate is the same on both splits)",
 }
 MODELS_MEASURED = ("before", "after", "retrain")
 # Per-poison Gaussian scores I_i of each model (null for attacks without Gaussian noise).
 SCORES = {f"{m}_scores": pa.list_(pa.float64()) for m in MODELS_MEASURED}
 
-COLUMNS = {
-    "experiment": pa.string(),
-    "spec_name": pa.string(),
-    "spec_hash": pa.string(),
-    "phase": pa.string(),
-    "cell": pa.string(),
-    "trial_number": pa.int64(),
-    "run_of": pa.string(),  # the run the row was measured in: "<cell>:<trial_number>" of its lead
-    "tuned_trial": pa.int64(),  # confirm rows: the tuning trial whose setting they re-run
-    "attack": pa.string(),
-    "method": pa.string(),
-    "budget": pa.float64(),
-    "seed": pa.int64(),
-    "status": pa.string(),
-    "error": pa.string(),
-    "poisoned_key": pa.string(),
-    "retrain_key": pa.string(),
-    "attack_ok": pa.bool_(),
-    "resolution": pa.float64(),  # relative half-width of E_before - E_retrain's 95 % interval
-    "feasible": pa.bool_(),  # on val: what tuning reads
-    "feasible_test": pa.bool_(),  # on test: which runs the report averages
-    "infeasible_reason": pa.string(),
-    "objective": pa.float64(),
-    "residual_val": pa.float64(),
-    "residual": pa.float64(),
-    "residual_lo": pa.float64(),  # 95 % paired-bootstrap interval of `residual`
-    "residual_hi": pa.float64(),
-    # The unlearned model's per-poison Gaussian scores against never having trained on the noise
-    # (metrics.null_tests), as log10 p-values; null for attacks without Gaussian noise.
-    "null_ks_log10p": pa.float64(),  # one-sample KS against N(0, 1)
-    "null_low_log10p": pa.float64(),  # excess of scores <= Phi^-1(0.01), exact binomial
-    "null_high_log10p": pa.float64(),  # excess of scores >= Phi^-1(0.99), exact binomial
-    "null_retrain_log10p": pa.float64(),  # two-sample KS against the retrained model's scores
-    "null_log10p": pa.float64(),  # the four combined: Bonferroni, min p x 4
-    # The relearning probe (relearn.py), on confirm rows; null on tuning rows. The unlearned
-    # model's effect E after a fixed fine-tune minus the retrain reference's after the same one.
-    "relearn_budget": pa.float64(),  # each probe's cap per model, as a share of C_train
-    "relearn_gap_retain": pa.float64(),  # fine-tuned on the retain set alone
-    "relearn_gap_retain_lo": pa.float64(),  # its 95 % paired-bootstrap interval
-    "relearn_gap_retain_hi": pa.float64(),
-    "relearn_gap_poisons": pa.float64(),  # fine-tuned on 10 % of the poisons; scored on the rest
-    "relearn_gap_poisons_lo": pa.float64(),
-    "relearn_gap_poisons_hi": pa.float64(),
-    "relearn_wall_s": pa.float64(),  # seconds the probe took, outside wall_s
-    # Retrain oracles (confirm.oracles; metrics.oracle_test), on confirm rows; null otherwise.
-    "oracles": pa.int64(),  # K: retrain models of this seed, each with its own initialisation
-    "oracle_r_lo": pa.float64(),  # the least r of the K oracles: where retraining itself lands
-    "oracle_r_hi": pa.float64(),  # the greatest
-    "oracle_outside": pa.float64(),  # share of test units outside the oracles' [min, max] margin
-    "oracle_p": pa.float64(),  # permutation p of that share among the K + 1 models, >= 1/(K+1)
-    "before_oracle_outside": pa.float64(),  # the poisoned model judged the same way (a control)
-    "before_oracle_p": pa.float64(),
-    "retrain_oracle_outside": pa.float64(),  # the retrain reference judged the same way
-    "retrain_oracle_p": pa.float64(),
-    "budget_used": pa.float64(),
-    "budget_units": pa.float64(),
-    "wall_s": pa.float64(),
-    "started_at": pa.timestamp("ms", tz="UTC"),
-    "finished_at": pa.timestamp("ms", tz="UTC"),
-    "host": pa.string(),
-    "node_id": pa.string(),  # the Ray node: nodes of one machine or image share a hostname
-    "versions": pa.string(),
-}
 
-
-def hyperparameter_types(spec: Spec) -> dict[str, pa.DataType]:
-    """hp_<name> columns for the union of all methods' hyperparameters in the spec, each typed by
-    what every method naming it declares (spec.hyperparameter_kinds), not by the spec's values."""
-    kinds = hyperparameter_kinds(spec.methods, spec.source)
-    return {f"hp_{name}": _arrow_type(k) for name, k in kinds.items()}
-
-
-def _arrow_type(kind: type) -> pa.DataType:
-    return {bool: pa.bool_(), int: pa.int64(), float: pa.float64(), str: pa.string()}[kind]
-
-
-def schema(spec: Spec) -> pa.Schema:
-    metric_cols = {f"{m}_{k}": pa.float64() for m in MODELS_MEASURED for k in METRICS}
-    return pa.schema({**COLUMNS, **hyperparameter_types(spec), **metric_cols, **SCORES})
+def measured_columns() -> dict[str, pa.DataType]:
+    """<model>_<metric> for every model and measured metric, typed, in the rows' order."""
+    return {f"{m}_{k}": pa.float64() for m in MODELS_MEASURED for k in MEASURED}
 
 
 def versions() -> str:
@@ -141,38 +216,6 @@ def versions() -> str:
 
 def row_name(experiment: str, phase: str, cell: str, number: int) -> str:
     return f"{experiment}/results/{phase}-{cell}-{number:04d}.parquet"
-
-
-def write_row(store: Store, spec: Spec, row: dict) -> str:
-    """Write one trial's row atomically; returns its path relative to the store."""
-    for name, want in hyperparameter_kinds(spec.methods, spec.source).items():
-        _lossless(f"hp_{name}", row.get(f"hp_{name}"), want)
-    table = pa.Table.from_pylist([row], schema=schema(spec))
-    buf = io.BytesIO()
-    pq.write_table(table, buf)
-    name = row_name(row["experiment"], row["phase"], row["cell"], row["trial_number"])
-    store.write(name, buf.getvalue())
-    return name
-
-
-def _lossless(column: str, value, want: type) -> None:
-    """Refuse a hyperparameter that its column would change: pyarrow casts 2.9e-5 into an int64
-    column as 0, silently. Validation gives every value its parameter's kind (spec.py), so this
-    failing is a bug upstream, never a value to convert here."""
-    boolean = isinstance(value, (bool, np.bool_))
-    number = not boolean and isinstance(value, (int, float, np.integer, np.floating))
-    fits = {
-        bool: boolean,
-        int: number and isinstance(value, (int, np.integer)) and -(2**63) <= value < 2**63,
-        float: number and math.isfinite(value) and float(value) == value,
-        str: isinstance(value, str),
-    }[want]
-    if value is not None and not fits:
-        raise ValueError(
-            f"{column}: {value!r} ({type(value).__name__}) would not survive its "
-            f"{_arrow_type(want)} column unchanged; the spec's validation should have given it "
-            "its parameter's kind"
-        )
 
 
 def read(store: Store, experiment: str) -> pd.DataFrame:
@@ -214,23 +257,6 @@ def _first_line(e: Exception) -> str:
     return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
 
 
-def params_of(spec: Spec, row: dict) -> dict:
-    """The hyperparameters a row's trial ran with, typed as its method takes them.
-
-    By the method's own domain, not the column's: an int parameter sharing a float column reads
-    back as the int it was, and Parquet-to-pandas turns an int column with nulls into floats.
-    The confirm phase reads the journal instead (sweep.tuned_settings): the setting as it ran.
-    """
-    fn = UNLEARNERS[row["method"]]
-    params = keyword_params(fn)
-    out = {}
-    for n in spec.methods[row["method"]] or {}:
-        value = row[f"hp_{n}"]
-        null = value is None or (isinstance(value, float) and math.isnan(value))
-        out[n] = None if null else kind(domain(fn, params[n]))(value)
-    return out
-
-
 def best_per_cell(df: pd.DataFrame) -> pd.DataFrame:
     """Each (attack, method, budget) cell's best ok tuning row at or below its budget ("a method
     may stop early"): feasible first, then lowest objective (both from val), then the smallest
@@ -255,13 +281,24 @@ def best_per_cell(df: pd.DataFrame) -> pd.DataFrame:
     return best.sort_values(["attack", "method", "budget"], kind="stable")
 
 
+@dataclass(frozen=True)
+class Reported:
+    """A number the table reports per model as mean ± std over runs (columns <name>, <name>_std):
+    the MEASURED metric it reads (after_<metric> for a cell, before_/retrain_ for the
+    references; MEASURED says what it means), its header in report.md and its decimals."""
+
+    metric: str
+    header: str
+    digits: int = 3
+
+
 # What the table reports per model: test-split accuracy, and the poison scores (computed on the
 # poisons themselves, in no evaluation split) and loss MIA (test rows as non-members).
 REPORTED = {
-    "clean_acc": "clean_acc_test",
-    "gus": "gus",
-    "tpr_at_1fpr": "tpr_at_1fpr",
-    "loss_mia_tpr": "loss_mia_tpr",
+    "clean_acc": Reported("clean_acc_test", "clean acc"),
+    "gus": Reported("gus", "GUS"),
+    "tpr_at_1fpr": Reported("tpr_at_1fpr", "Gaussian MIA TPR@1%FPR"),
+    "loss_mia_tpr": Reported("loss_mia_tpr", "loss MIA TPR@1%FPR"),
 }
 STATS = ("residual", *REPORTED)
 
@@ -457,7 +494,8 @@ def table(df: pd.DataFrame, trials_max: int | None = None) -> pd.DataFrame:
         row |= {"tuned_resolution": best["resolution"]}
         row |= {"setting": _setting(best)}
         row |= _stats(
-            feasible, {"residual": "residual"} | {k: f"after_{c}" for k, c in REPORTED.items()}
+            feasible,
+            {"residual": "residual"} | {k: f"after_{c.metric}" for k, c in REPORTED.items()},
         )
         row |= {
             "residual_lo": feasible["residual_lo"].min(),
@@ -475,7 +513,7 @@ def table(df: pd.DataFrame, trials_max: int | None = None) -> pd.DataFrame:
             ref |= {"seeds": ",".join(map(str, per_seed["seed"]))}
             ref |= {"attack_ok": int(per_seed["attack_ok"].sum())}
             ref |= {"residual": r, "residual_std": 0.0 if len(per_seed) > 1 else float("nan")}
-            ref |= _stats(per_seed, {k: f"{prefix}_{c}" for k, c in REPORTED.items()})
+            ref |= _stats(per_seed, {k: f"{prefix}_{c.metric}" for k, c in REPORTED.items()})
             ref |= {"null": null_log10p(per_seed, prefix)}  # a check: poisoned no, retrain yes
             ref |= oracle_stats(per_seed, f"{prefix}_", r)  # the same check against the oracles
             refs.append(ref)

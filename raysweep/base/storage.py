@@ -20,7 +20,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import pyarrow.fs as pafs
@@ -45,7 +45,7 @@ class CorruptStorage(RunStateError):
 class WriteFailed(CorruptStorage):
     """A write the storage refused (permission, disk full, an object-store error after its
     retries), as one line naming the path, the cause and the fix. A CorruptStorage, so it
-    stops a sweep the way a damaged checkpoint does (cluster.StopOnCorrupt)."""
+    stops a sweep the way a damaged checkpoint does (sweep.StopOnCorrupt)."""
 
 
 # What fixes a refused write; the trials whose writes were lost run again on resume.
@@ -237,21 +237,36 @@ def _lease(name: str, ttl: float = LEASE_S, wait: bool = True) -> Iterator[bool]
             yield False
             return
         time.sleep(POLL_S)
+
+    def renew() -> bool:
+        if not ray.get(table.acquire.remote(name, holder, ttl)):  # stalled past the ttl
+            print(f"warning: lost the lease on {name}; its work may be repeated", flush=True)
+        return True  # and keep asking: a lapsed lease is taken back if nobody else took it
+
+    try:
+        with _renewing(renew, ttl / 4, f"lease-{name}"):
+            yield True
+    finally:
+        ray.get(table.release.remote(name, holder))
+
+
+@contextlib.contextmanager
+def _renewing(renew: Callable[[], bool], every_s: float, name: str) -> Iterator[None]:
+    """Run the block while a daemon thread calls `renew` every `every_s` seconds, until the
+    block ends or `renew` returns False (the lease is lost for good): both kinds of lease."""
     stop = threading.Event()
 
-    def renew():
-        while not stop.wait(ttl / 4):
-            if not ray.get(table.acquire.remote(name, holder, ttl)):  # stalled past the ttl
-                print(f"warning: lost the lease on {name}; its work may be repeated", flush=True)
+    def loop() -> None:
+        while not stop.wait(every_s) and renew():
+            pass
 
-    renewer = threading.Thread(target=renew, name=f"lease-{name}", daemon=True)
+    renewer = threading.Thread(target=loop, name=name, daemon=True)
     renewer.start()
     try:
-        yield True
+        yield
     finally:
         stop.set()
         renewer.join()
-        ray.get(table.release.remote(name, holder))
 
 
 def open_store(uri: str, create: bool = True) -> Store:
@@ -348,22 +363,18 @@ def _object_lease(store: Store, rel: str, me: dict, where: str) -> Iterator[None
     current = _read_lease(store, rel)
     if current.get("holder") != me["holder"]:
         raise _held(where, current, expires=True)
-    stop = threading.Event()
 
-    def renew():
-        while not stop.wait(LEASE_S / 4):
-            if _read_lease(store, rel).get("holder") != me["holder"]:  # stalled past LEASE_S
-                print(f"warning: {where}: another driver took over the lease", flush=True)
-                return
-            _write_lease(store, rel, me)
+    def renew() -> bool:
+        if _read_lease(store, rel).get("holder") != me["holder"]:  # stalled past LEASE_S
+            print(f"warning: {where}: another driver took over the lease", flush=True)
+            return False
+        _write_lease(store, rel, me)
+        return True
 
-    renewer = threading.Thread(target=renew, name=f"lease-{rel}", daemon=True)
-    renewer.start()
     try:
-        yield
+        with _renewing(renew, LEASE_S / 4, f"lease-{rel}"):
+            yield
     finally:
-        stop.set()
-        renewer.join()
         if _read_lease(store, rel).get("holder") == me["holder"]:
             store.delete(rel)
 

@@ -23,10 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from raysweep.base.config import Resources, Train
 from raysweep.poisoning.attacks import ATTACKS
 from raysweep.science.data import DATASETS, split_indices
 from raysweep.science.models import MODELS, Frozen, noise_shape, trainable
-from raysweep.science.train import train
 
 # ---------------------------------------------------------------- the dataset's rows
 
@@ -87,8 +87,8 @@ class Sections(Protocol):
     dataset: Mapping
     model: Mapping
     attack: Mapping
-    train: Mapping
-    resources: Mapping
+    train: Train
+    resources: Resources
 
 
 class Uncountable(ValueError):
@@ -207,12 +207,12 @@ def trial(spec: Sections) -> Footprint:
     net = model(spec, rows)
     params = _nbytes([*net.parameters(), *net.buffers()])
     grads = _nbytes(trainable(net))
-    settings = bound(train, spec.train)
+    settings = spec.train.kwargs()
     moments = 1 if settings["optimizer"] == "sgd" else 2
     # S_corr is a copy of the train rows, and the forget/retain split another one.
     poisoned = 2 * rows.n_train * (row + label) + _noise(spec, net, rows)
     activations = _activations(net, rows, settings)
-    if settings["precision"] == "bf16" and spec.resources.get("gpu", 0) > 0:
+    if settings["precision"] == "bf16" and spec.resources.gpu > 0:
         activations //= 2  # train.autocast: bf16 on CUDA only
     parts = (data, poisoned, params, grads, moments * grads, activations)
     peak = sum(parts) + (COPIES - 1) * params
@@ -277,7 +277,7 @@ def culprit(spec: Sections, fp: Footprint) -> tuple[str, object, str]:
     for part, n in weights.items():
         by_key[KEYS[part]] = by_key.get(KEYS[part], 0) + n
     key = max(by_key, key=by_key.get)
-    value = bound(train, spec.train)["batch_size"] if "." in key else dict(getattr(spec, key))
+    value = spec.train.batch_size if "." in key else dict(getattr(spec, key))
     top = sorted(weights, key=weights.get, reverse=True)[:2]
     named = {"params": f"parameters x{COPIES} copies", "data": "dataset tensors"}
     largest = ", ".join(f"{named.get(p, p)} {show(weights[p])}" for p in top)

@@ -16,21 +16,17 @@ import copy
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy.special import logsumexp
-from scipy.stats import binom, ks_2samp, kstest, kstwo, norm
+from scipy.stats import norm
 from torch import nn
 
-from raysweep.poisoning.attacks import insert_trigger
 from raysweep.poisoning.poisoned import Poisoned
+from raysweep.poisoning.records import RECORDS
 from raysweep.science.models import chunked, noise_space
-
-FPR = 0.01
-Z_AT_FPR = float(norm.ppf(FPR))  # one-sided threshold on I: about -2.326
+from raysweep.science.stats import FPR, MAX_DEGENERATE, Z_AT_FPR, anderson_darling
 
 
 @dataclass(frozen=True)
@@ -194,18 +190,12 @@ def _splits(probe: Probe) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
 
 
 def triggered(probe: Probe, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """The rows of (x, y) a backdoor is judged on, with its trigger: those whose true class is
-    not y_adv (they would count as successes without any backdoor). One selection for the
-    success rate (`backdoor_hits`) and the oracles' margins (`MARGINS`)."""
+    """The rows of (x, y) a backdoor is judged on, with its trigger (a patch, or a sentence for
+    text: Poisoned.triggered): those whose true class is not y_adv (they would count as
+    successes without any backdoor). One selection for the success rate (`backdoor_hits`) and
+    the oracles' margins (`MARGINS`)."""
     p = probe.poisoned
     return p.triggered(x[y != p.y_adv])
-
-
-def text_triggered(probe: Probe, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """`triggered` for text: the trigger sentence inserted into each review not of class y_adv."""
-    p = probe.poisoned
-    # The same positions for every model measured: a fixed generator, not the trial's.
-    return insert_trigger(x[y != p.y_adv], p.trigger_ids, torch.Generator().manual_seed(0))
 
 
 def backdoor_hits(model: nn.Module, probe: Probe, x: torch.Tensor, y: torch.Tensor):
@@ -215,27 +205,12 @@ def backdoor_hits(model: nn.Module, probe: Probe, x: torch.Tensor, y: torch.Tens
 
 
 def backdoor(model: nn.Module, probe: Probe) -> dict[str, float]:
-    """Backdoor attack success rate on triggered val/test rows (`backdoor_hits`)."""
-    if probe.poisoned.trigger is None:
+    """Backdoor attack success rate on triggered val/test rows (`backdoor_hits`): images with
+    the patch, or reviews with the trigger sentence."""
+    if probe.poisoned.trigger is None and probe.poisoned.trigger_ids is None:
         return {}
     return {
         f"backdoor_asr_{split}": backdoor_hits(model, probe, x, y).mean().item()
-        for split, (x, y) in _splits(probe).items()
-    }
-
-
-def text_backdoor_hits(model: nn.Module, probe: Probe, x: torch.Tensor, y: torch.Tensor):
-    """`backdoor_hits` for text: 1 per review of (x, y) not of class y_adv whose copy with the
-    trigger sentence inserted (`text_triggered`) is classified as y_adv."""
-    return (logits(model, text_triggered(probe, x, y)).argmax(1) == probe.poisoned.y_adv).double()
-
-
-def text_backdoor(model: nn.Module, probe: Probe) -> dict[str, float]:
-    """text_backdoor's attack success rate on triggered val/test reviews (`text_backdoor_hits`)."""
-    if probe.poisoned.trigger_ids is None:
-        return {}
-    return {
-        f"backdoor_asr_{split}": text_backdoor_hits(model, probe, x, y).mean().item()
         for split, (x, y) in _splits(probe).items()
     }
 
@@ -263,7 +238,6 @@ METRICS = {
     "loss_mia": loss_mia,
     "targeted": targeted,
     "backdoor": backdoor,
-    "text_backdoor": text_backdoor,
 }
 
 
@@ -272,117 +246,29 @@ def _both(units: torch.Tensor) -> dict[str, torch.Tensor]:
 
 
 # The attack's effect E (higher = stronger poison) of a model, per split, as the units it is the
-# mean of: E = nanmean(units). Units are paired across the poisoned, unlearned and retrained
-# models (the same poisons, targets and rows), which `bootstrap_means` keeps when it resamples.
-#   gaussian: -I_i per poison (NaN where degenerate): the score is computed on the poisons
+# mean of: E = nanmean(units), by the attack record's `units` (records.Units). Units are paired
+# across the poisoned, unlearned and retrained models (the same poisons, targets and rows), which
+# `bootstrap_means` keeps when it resamples.
+#   poisons: -I_i per Gaussian poison (NaN where degenerate): the score is computed on the poisons
 #     themselves, in no evaluation split, so val and test read the same units;
-#   accuracy attacks: the error (0/1) per clean row, so E_before - E_retrain is the accuracy drop
-#     the poison caused and r = (acc_retrain - acc_after) / (acc_retrain - acc_before);
-#   gradient_matching: its targets are fixed test rows chosen by the attacker, with no val
-#     counterpart: both splits read the same hits, so tuning sees the targets (the paper's setting);
-#   backdoors: the hit (0/1) per triggered row of another class.
-EFFECTS = {
-    "gaussian": lambda model, probe: _both(-poison_scores(model, probe)),
-    "gradient_matching": lambda model, probe: _both(target_hits(model, probe)),
-    "gradient_canceling": errors,
-    "backdoor": lambda model, probe: {
+#   rows: the error (0/1) per clean row, so E_before - E_retrain is the accuracy drop the poison
+#     caused and r = (acc_retrain - acc_after) / (acc_retrain - acc_before);
+#   targets: fixed test rows chosen by the attacker, with no val counterpart: both splits read
+#     the same hits, so tuning sees the targets (the paper's setting);
+#   triggered: the hit (0/1) per triggered row of another class.
+UNITS = {
+    "poisons": lambda model, probe: _both(-poison_scores(model, probe)),
+    "targets": lambda model, probe: _both(target_hits(model, probe)),
+    "rows": errors,
+    "triggered": lambda model, probe: {
         split: backdoor_hits(model, probe, x, y) for split, (x, y) in _splits(probe).items()
     },
-    "label_flip": errors,
-    "text_backdoor": lambda model, probe: {
-        split: text_backdoor_hits(model, probe, x, y) for split, (x, y) in _splits(probe).items()
-    },
-}
-
-# The least E_before - E_retrain on val for an attack to count as working. Accuracy attacks: 3
-# points, well above the spread between two seeds' trainings (about 1 point on digits' 359 val
-# rows). Targeted and backdoor attacks: half of the targets / triggered rows moved to y_adv.
-MIN_EFFECT = {
-    "gradient_matching": 0.5,
-    "gradient_canceling": 0.03,
-    "backdoor": 0.5,
-    "label_flip": 0.03,
 }
 
 
-def _effect_gap(attack: str):
-    return lambda before, retrain: (
-        before["effect_val"] - retrain["effect_val"] >= MIN_EFFECT[attack]
-    )
-
-
-# Did the attack work on the poisoned model (judged against the retrain reference)? Checked
-# before any unlearning; `attack_ok` in a row is this and `resolves` (r can be measured at all).
-# A failed attack's rows stay in the results, marked, and their residual r is meaningless.
-ATTACK_OK = {
-    "gaussian": lambda before, retrain: before["gus_p"] < 0.01 and before["gus"] < 0,
-    **{attack: _effect_gap(attack) for attack in MIN_EFFECT},
-    # the trigger flips at least half of the other class, and 0.2 more than without poisons
-    "text_backdoor": lambda b, r: b["backdoor_asr_val"] >= max(0.5, r["backdoor_asr_val"] + 0.2),
-}
-
-# A model whose poison scores are degenerate (zero or non-finite input gradient) on more than this
-# fraction of the poisons cannot score as unlearned: its gus rests on the few rows left, and a
-# dead model (every gradient 0) would otherwise read as "no trace of the noise".
-MAX_DEGENERATE = 0.05
-
-
-# Per-poison tests of the exact null (issue 24). gus is a mean, so a model that forgot most
-# poisons but still fits a few reads as clean; these look at the whole score set. Each is a
-# log10 p-value (log space: a poisoned model's p underflows float64 at a few thousand poisons)
-# against "the model never trained on the noise": I_i ~ N(0, 1) independently on the poisons
-# where the model's own gradient is informative. Selecting them by that gradient keeps the null
-# exact, as it does not depend on xi_i; selecting by the poisoned model's would not.
-Z_HIGH = float(norm.isf(FPR))  # about +2.326: the upper tail, where an overshoot shows
-NULL_ALPHA = 0.01  # the table's level for "indistinguishable", before correcting for its cells
-NULL_TESTS = ("null_ks_log10p", "null_low_log10p", "null_high_log10p", "null_retrain_log10p")
-
-
-def tail_log10p(k: int, n: int, q: float = FPR) -> float:
-    """log10 P(X >= k), X ~ Binomial(n, q): the exact one-sided p of k or more of n scores in a
-    tail of probability q, summed in log space (scipy's binom.logsf is -inf once p underflows)."""
-    return float(logsumexp(binom.logpmf(np.arange(k, n + 1), n, q))) / math.log(10)
-
-
-def null_tests(after: np.ndarray, retrain: np.ndarray) -> dict[str, float]:
-    """log10 p-values that the unlearned model's per-poison scores `after` (NaN = degenerate) come
-    from a model that never trained on the noise: per test (NULL_TESTS), and `null_log10p`, their
-    Bonferroni combination (min p x 4: the row is rejected at alpha when any test is at alpha / 4).
-
-    null_ks: one-sample Kolmogorov-Smirnov against N(0, 1), exact (kstwo's logsf, finite to p ~
-    1e-300). null_low / null_high: the count of scores <= Phi^-1(0.01) / >= Phi^-1(0.99) against
-    1 % each, exact binomial, one-sided (an excess in either tail is a trace; a deficit is already
-    the KS test's, and 150 poisons expect only 1.5 per tail). null_retrain: two-sample KS against
-    the retrained model's scores; the two score the same xi_i, so their scores correlate
-    positively and this test is conservative. All NaN when fewer than 1 - MAX_DEGENERATE of either
-    model's scores are informative: the row is infeasible, and its tests would see few poisons.
-    """
-    a, r = after[~np.isnan(after)], retrain[~np.isnan(retrain)]
-    if min(len(a) / max(len(after), 1), len(r) / max(len(retrain), 1)) < 1 - MAX_DEGENERATE:
-        return dict.fromkeys((*NULL_TESTS, "null_log10p"), math.nan)
-    parts = [
-        float(kstwo.logsf(kstest(a, "norm").statistic, len(a))) / math.log(10),
-        tail_log10p(int((a <= Z_AT_FPR).sum()), len(a)),
-        tail_log10p(int((a >= Z_HIGH).sum()), len(a)),
-        math.log10(ks_2samp(a, r).pvalue),
-    ]
-    return dict(zip(NULL_TESTS, parts)) | {
-        "null_log10p": min(0.0, math.log10(len(parts)) + min(parts))
-    }
-
-
-def anderson_darling(scores: np.ndarray) -> float:
-    """The Anderson-Darling distance of per-poison scores (NaN = degenerate, left out) from
-    N(0, 1), per poison: A^2 / n, the squared gap between their empirical CDF and Phi weighted by
-    1 / (Phi (1 - Phi)), so a shift either way (an overshoot too) and a few poisons deep in
-    either tail both count. Never trained on the noise: n A^2 / n has mean 1 (sd about 0.76).
-    Phi's logs come from logcdf / logsf, finite however far out a score lies."""
-    s = np.sort(scores[~np.isnan(scores)])
-    n = len(s)
-    if n == 0:
-        return math.nan
-    weights = 2 * np.arange(1, n + 1) - 1
-    return float(-1.0 - np.sum(weights * (norm.logcdf(s) + norm.logsf(s[::-1]))) / n**2)
+def effect_units(model: nn.Module, probe: Probe, attack: str) -> dict[str, torch.Tensor]:
+    """The units of `attack`'s effect E of `model`, per split (UNITS, by its record)."""
+    return UNITS[RECORDS[attack].units](model, probe)
 
 
 @dataclass(frozen=True)
@@ -417,7 +303,7 @@ def measure(
     out: dict[str, float] = {}
     for fn in METRICS.values():
         out.update(fn(model, probe))
-    units = {split: u.double().cpu() for split, u in EFFECTS[attack](model, probe).items()}
+    units = {split: u.double().cpu() for split, u in effect_units(model, probe, attack).items()}
     for split, u in units.items():
         out[f"effect_{split}"] = torch.nanmean(u).item() if len(u) else math.nan
     return out, units
@@ -463,7 +349,6 @@ def paired_residual(before: torch.Tensor, after: torch.Tensor, retrain: torch.Te
 # models disagree on few rows, and only those move the difference.
 LEVEL = 0.95
 DRAWS = 2000
-MAX_RESOLUTION = 0.25  # attack_ok needs r resolved to about +-0.25 (see `resolution`)
 
 
 def bootstrap_means(
@@ -527,7 +412,7 @@ def paired_difference(
 
 # Retrain oracles (issue 24, part 2): K more retrain-from-scratch models per confirm seed, each
 # from its own initialisation and batch order, give what retraining itself spreads over. Each
-# unit the effect E is the mean of (EFFECTS) gets a continuous margin, higher = more of the
+# unit the effect E is the mean of (UNITS) gets a continuous margin, higher = more of the
 # poison's effect, whose sign is the unit's 0/1 outcome up to ties: for accuracy attacks the log
 # odds against the true class (> 0: misclassified), for targets and triggered rows the log odds
 # of y_adv (> 0: moved to y_adv), for Gaussian noise the unit itself, -I_i. Test split only:
@@ -544,27 +429,24 @@ def _against(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor
     return log_odds_against(logits(model, x).double(), y)
 
 
-def _triggered_margins(model: nn.Module, probe: Probe, rows: Callable) -> torch.Tensor:
-    """Toward y_adv on the triggered test rows the success rate counts (`rows`: `triggered` or
-    `text_triggered`, the hits' own selection)."""
-    return _toward(model, rows(probe, probe.x_test, probe.y_test), probe.poisoned.y_adv)
-
-
+# Per kind of units (records.Units), as UNITS: on the triggered test rows the success rate
+# counts (`triggered`, the hits' own selection).
 MARGINS = {
-    "gaussian": lambda model, probe: -poison_scores(model, probe),
-    "gradient_matching": lambda model, probe: _toward(
+    "poisons": lambda model, probe: -poison_scores(model, probe),
+    "targets": lambda model, probe: _toward(
         model, probe.x_test[probe.poisoned.target_idx], probe.poisoned.y_adv
     ),
-    "gradient_canceling": lambda model, probe: _against(model, probe.x_test, probe.y_test),
-    "backdoor": partial(_triggered_margins, rows=triggered),
-    "label_flip": lambda model, probe: _against(model, probe.x_test, probe.y_test),
-    "text_backdoor": partial(_triggered_margins, rows=text_triggered),
+    "rows": lambda model, probe: _against(model, probe.x_test, probe.y_test),
+    "triggered": lambda model, probe: _toward(
+        model, triggered(probe, probe.x_test, probe.y_test), probe.poisoned.y_adv
+    ),
 }
 
 
 def margins(model: nn.Module, probe: Probe, attack: str) -> torch.Tensor:
-    """Per test unit of E, `model`'s margin toward the poison's effect (MARGINS), float64 on the CPU."""
-    return MARGINS[attack](model.eval(), probe).double().cpu()
+    """Per test unit of E, `model`'s margin toward the poison's effect (MARGINS, by the attack
+    record's units), float64 on the CPU."""
+    return MARGINS[RECORDS[attack].units](model.eval(), probe).double().cpu()
 
 
 def outside_counts(models: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,7 @@ same batches in the same order, on
     retain:  the retain set S_r alone (no poison in it when every poison is known), and
     poisons: a random RELEARN_SHARE of the poisoned rows, as trained on;
 
-then the attack's effect E (metrics.EFFECTS, test units) is measured on each. For Gaussian
+then the attack's effect E (metrics.effect_units, test units) is measured on each. For Gaussian
 poisoning the units are the poisons themselves, and only the poisons the second probe never used
 are scored, in both probes: their noise is independent of the used ones', so fine-tuning on
 those can move them only through what the model still carries. For the other attacks the units
@@ -25,12 +25,13 @@ import copy
 import torch
 from torch import nn
 
+from raysweep.poisoning.records import RECORDS
 from raysweep.science.budget import Meter, metered
 from raysweep.science.models import seeded, trainable
 from raysweep.science.train import autocast
 from raysweep.unlearning.steps import Pair, descend, sgd
 
-from .metrics import EFFECTS, Probe, paired_difference
+from .metrics import Probe, effect_units, paired_difference
 
 # Each probe's cap per model, as a share of C_train: 2 % is under one pass over the train set
 # (the quickstart: 863 units, 14 steps of 64), small beside the unlearning budgets it follows
@@ -41,8 +42,6 @@ RELEARN_BATCH = 64
 RELEARN_MOMENTUM = 0.9
 RELEARN_SHARE = 0.1  # the poisons the second probe fine-tunes on; the rest are scored
 PROBES = ("retain", "poisons")
-# Attacks whose effect units are the poisons themselves (one per poison, in poison order).
-ON_POISONS = {"gaussian"}
 
 
 def probe_sets(probe: Probe, generator: torch.Generator) -> tuple[dict[str, Pair], torch.Tensor]:
@@ -80,8 +79,9 @@ def relearned_units(
     for i, name in enumerate(PROBES, start=1):
         batches = torch.Generator().manual_seed(seed + i)  # one stream per probe
         tuned = fine_tuned(model, sets[name], cap, batches, precision)
-        units = EFFECTS[attack](tuned, probe)["test"].double().cpu()
-        out[name] = units[held] if attack in ON_POISONS else units
+        units = effect_units(tuned, probe, attack)["test"].double().cpu()
+        # units that are the poisons themselves (one per poison, in order): the held-out ones
+        out[name] = units[held] if RECORDS[attack].units == "poisons" else units
     return out
 
 

@@ -1,25 +1,26 @@
 """Sweep specs: YAML in, a validated `Spec` out, or one `SpecError` line naming file, key and fix.
 
-Every section that configures a function (dataset, model, attack, train, each method) is bound
-to that function's keyword-only signature, and each value checked against the domain its
-parameter declares (domains.py), so a typo or an out-of-range value fails here in a second
-instead of inside a trial on a cluster two hours later. specfile.py reads the file itself.
+The binder between a spec and the registries: every section that configures a function
+(dataset, model, attack, train, each method) is bound to that function's keyword-only
+signature, and each value checked against the domain its parameter declares (domains.py), so a
+typo or an out-of-range value fails here in a second instead of inside a trial on a cluster two
+hours later. specfile.py reads the file; base/config.py holds the typed, torch-free `Spec` this
+returns, its train settings filled here from train.train's signature.
 """
 
 from __future__ import annotations
 
 import difflib
-import hashlib
 import inspect
 import json
 import math
 import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from annotated_types import Interval
 
+from raysweep.base.config import WRITTEN, Spec, default, parse
 from raysweep.base.domains import (
     EXACT_INT,
     Fraction,
@@ -88,37 +89,6 @@ MAX_NODE_BYTES = 32 * 2**40
 # name against every study's, so a start costs time quadratic in the cells: 1.6 s for 1,000,
 # 7 s for 2,000 on a busy 2-core machine (20,000 would take over ten minutes before a trial).
 MAX_CELLS = 1000
-
-
-@dataclass(frozen=True)
-class Spec:
-    source: str
-    raw: dict  # the validated spec as plain data (what travels to Ray workers)
-
-    @property
-    def name(self) -> str:
-        return self.raw["name"]
-
-    @property
-    def hash(self) -> str:
-        blob = json.dumps(self.raw, sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-    def __getattr__(self, key: str) -> Any:
-        # Sections read as attributes: spec.dataset, spec.methods, spec.budgets, ...
-        try:
-            return self.__dict__["raw"][key]
-        except KeyError:
-            raise AttributeError(key) from None
-
-    @property
-    def objective(self) -> str:
-        """metrics.OBJECTIVES' name; the default is not written into raw (see `validate`)."""
-        return self.raw.get("objective", "residual")
-
-    def cells(self) -> list[tuple[str, float]]:
-        """(method, budget) pairs: one Optuna study each."""
-        return [(m, b) for m in self.raw["methods"] for b in self.raw["budgets"]]
 
 
 def _join(key: str, name: str) -> str:
@@ -357,9 +327,10 @@ def _exact(src: str, key: str, name: str, space: Any) -> None:
             )
 
 
-def _settings(src: str, raw: dict, key: str, defaults: dict) -> dict:
+def _settings(src: str, raw: dict, key: str) -> dict:
     """A mapping of the spec's own (forget, resources): known keys, each value in its domain."""
-    section = raw.setdefault(key, dict(defaults))
+    defaults = WRITTEN[key]
+    section = raw.setdefault(key, default(key))
     if not isinstance(section, dict):
         raise SpecError(
             f"{src}: {key}: {_show(section)}; allowed: a mapping of {_allowed(defaults)}"
@@ -408,17 +379,19 @@ def validate(raw: Any, src: str = "<spec>") -> Spec:
             f"{len(budgets) * len(raw['methods'])} cells; allowed: at most {MAX_CELLS} cells "
             "(one Optuna study each)"
         )
-    for key, default in (("delta", 0.02), ("seed", 0), ("sampler", "tpe")):
-        _check(src, key, raw.setdefault(key, default), DOMAINS[key])
-    _trials_per_cell(src, raw.setdefault("trials_per_cell", 8))
-    # known_fraction filled in: a trial reads it
-    _settings(src, raw, "forget", {"known_fraction": 1.0}).setdefault("known_fraction", 1.0)
-    _settings(src, raw, "resources", {"cpu": 1, "gpu": 0})
-    raw.setdefault("confirm", {"seeds": []})
+    # The spec's own defaults (config.WRITTEN) are written into its data, as they always were:
+    # its hash and the stored spec.json hold them.
+    for key in ("delta", "seed", "sampler"):
+        _check(src, key, raw.setdefault(key, default(key)), DOMAINS[key])
+    _trials_per_cell(src, raw.setdefault("trials_per_cell", default("trials_per_cell")))
+    forget = _settings(src, raw, "forget")
+    forget.setdefault("known_fraction", default("forget")["known_fraction"])
+    _settings(src, raw, "resources")
+    raw.setdefault("confirm", default("confirm"))
     _confirm(src, raw["confirm"], raw["seed"])
-    # No default written: specs without the key keep their hash (and stay resumable).
-    _tried_first(src, raw.get("tried_first", {}), raw["methods"])
-    spec = Spec(src, raw)
+    # config.UNWRITTEN: no default written, specs without the key keep their hash (and resume).
+    _tried_first(src, raw.get("tried_first", default("tried_first")), raw["methods"])
+    spec = parse(raw, src, train_defaults())
     _objective(src, spec)
     _fits_a_machine(spec)
     return spec
@@ -440,12 +413,14 @@ def _objective(src: str, spec: Spec) -> None:
         )
 
 
+def train_defaults() -> dict[str, Any]:
+    """train.train's keyword defaults: what a spec's train section leaves out runs as."""
+    return {name: p.default for name, p in keyword_params(train).items()}
+
+
 def trials_range(spec: Spec) -> tuple[int, int]:
-    """(min, max) settings each cell observes: a plain int n is (n, n), today's fixed budget.
-    Between the two, a cell gets trials only while it is not settled by convergence.STOP_RULE
-    (searcher.CellSearcher)."""
-    n = spec.raw["trials_per_cell"]
-    return (n["min"], n["max"]) if isinstance(n, dict) else (n, n)
+    """`Spec.trials_range`, under its former name."""
+    return spec.trials_range()
 
 
 def _trials_per_cell(src: str, value: Any) -> None:
@@ -543,7 +518,7 @@ def _confirm(src: str, confirm: Any, seed: int) -> None:
             raise _unknown(src, "confirm", k, ["seeds", "oracles"])
     if "oracles" in confirm:
         _check(src, "confirm.oracles", confirm["oracles"], DOMAINS["confirm.oracles"])
-    seeds = confirm.setdefault("seeds", [])
+    seeds = confirm.setdefault("seeds", default("confirm")["seeds"])
     if not isinstance(seeds, list):
         raise SpecError(f"{src}: confirm.seeds: {_show(seeds)}; allowed: a list of ints")
     for i, s in enumerate(seeds):

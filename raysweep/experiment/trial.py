@@ -22,24 +22,23 @@ import torch
 from raysweep.base.storage import Store, open_store
 from raysweep.poisoning.attacks import ATTACKS
 from raysweep.poisoning.poisoned import Poisoned, from_tensors, to_tensors
+from raysweep.poisoning.records import RECORDS
 from raysweep.science.budget import Meter, train_cost
 from raysweep.science.data import DATASETS, Split
 from raysweep.science.models import MODELS, carry_noise, noise_shape, seeded
+from raysweep.science.stats import MAX_RESOLUTION, null_tests
 from raysweep.science.train import autocast, train
 from raysweep.unlearning.unlearners import PER_BUDGET, UNLEARNERS
 
 from . import extractor
 from .checkpoints import ensure, ensure_artifact, ensure_each, key_of
 from .metrics import (
-    ATTACK_OK,
-    EFFECTS,
     MAX_DEGENERATE,
-    MAX_RESOLUTION,
     OBJECTIVES,
     Probe,
+    effect_units,
     margins,
     measure,
-    null_tests,
     oracle_band,
     oracle_test,
     paired_residual,
@@ -145,7 +144,7 @@ def checkpoint_config(spec: Spec, split: Split, seed: int, role: str) -> dict:
         "data": split.source,
         "model": spec.model,
         "attack": spec.attack,
-        "train": spec.train,
+        "train": spec.raw["train"],  # as written, defaults not filled: keys stay as they were
         "seed": seed,
     }
 
@@ -201,12 +200,14 @@ def prepare(spec_json: str, store_uri: str, seed: int) -> Setup:
     # runs where the trial was placed.
     poisoned = moved(poisoned, device())
     split = moved(split, device())
-    forget, retain = _forget_retain(poisoned, spec.forget["known_fraction"], seed)
-    epochs = spec.train.get("epochs", 30)
+    forget, retain = _forget_retain(poisoned, spec.forget.known_fraction, seed)
+    epochs = spec.train.epochs
 
     def fit(x, y, role):
         model = lambda: build_model(spec, split, generator(seed, role, "init"), poisoned, weights)
-        return lambda: train(model().to(device()), x, y, generator(seed, role), **spec.train)
+        return lambda: train(
+            model().to(device()), x, y, generator(seed, role), **spec.train.kwargs()
+        )
 
     cfg_p, cfg_r = (
         checkpoint_config(spec, split, seed, "poisoned"),
@@ -251,7 +252,7 @@ def prepare(spec_json: str, store_uri: str, seed: int) -> Setup:
     )
     # Judged on val, as tuning reads it; one fixed bootstrap stream per seed.
     res = resolution(units_p["val"], units_r["val"], generator(seed, "resolution"))
-    worked = ATTACK_OK[attack](before, after_retrain) and res <= MAX_RESOLUTION
+    worked = RECORDS[attack].check.worked(before, after_retrain) and res <= MAX_RESOLUTION
     c_train = train_cost(epochs, len(poisoned.y))
     judged = {}
     if oracle_states:
@@ -280,7 +281,7 @@ def prepare(spec_json: str, store_uri: str, seed: int) -> Setup:
 def oracles(spec: Spec, seed: int) -> int:
     """How many retrain oracles `seed` gets: confirm.oracles on confirm seeds, none otherwise
     (tuning reads r against the one retrain reference; the oracles judge the confirm rows)."""
-    return spec.confirm.get("oracles", 0) if seed in spec.confirm["seeds"] else 0
+    return spec.confirm.oracles if seed in spec.confirm.seeds else 0
 
 
 def oracle_role(j: int) -> str:
@@ -305,7 +306,7 @@ def oracle_reference(
     attack = spec.attack["name"]
     loaded = [_loaded(spec, split, poisoned, state) for state in states]
     stacked = torch.stack([margins(m, probe, attack) for m in loaded])
-    effects = [EFFECTS[attack](m, probe)["test"].double().cpu() for m in loaded]
+    effects = [effect_units(m, probe, attack)["test"].double().cpu() for m in loaded]
     lo, hi = oracle_band(units[0]["test"], effects, units[1]["test"])
     columns = {"oracles": len(states), "oracle_r_lo": lo, "oracle_r_hi": hi}
     for name, model in zip(("before", "retrain"), models):
@@ -317,7 +318,7 @@ def oracle_reference(
 def stored_scores(spec: Spec, units: dict[str, torch.Tensor]) -> list[float] | None:
     """The per-poison scores I_i behind gus (None without Gaussian noise), kept in the row so
     the report can draw the paper's Figure 6 from the Parquet rows alone; NaN = degenerate."""
-    return (-units["test"]).tolist() if spec.attack["name"] == "gaussian" else None
+    return (-units["test"]).tolist() if RECORDS[spec.attack["name"]].scores else None
 
 
 def infeasible_reason(
@@ -415,7 +416,7 @@ def run_trial(
     # shorter run, bit for bit (tests/test_anytime.py).
     per_budget = (budget,) if method in PER_BUDGET else ()
     gen = generator(seed, method, *per_budget, number)
-    with autocast(spec.train.get("precision", "fp32"), model):  # as the model was trained
+    with autocast(spec.train.precision, model):  # as the model was trained
         UNLEARNERS[method](model, setup.probe.forget, setup.probe.retain, meter, gen, **params)
     meter.finish()
     final = row(budget, meter.used)
@@ -441,7 +442,7 @@ def retrain_relearned(spec_json: str, store_uri: str, seed: int) -> dict[str, to
 
 def probed(spec: Spec, setup: Setup, model: torch.nn.Module, seed: int) -> dict[str, torch.Tensor]:
     """`model`'s effect units after each relearning probe, at RELEARN_BUDGET x C_train units."""
-    precision = spec.train.get("precision", "fp32")  # fine-tuned as it was trained
+    precision = spec.train.precision  # fine-tuned as it was trained
     cap = RELEARN_BUDGET * setup.c_train
     return relearned_units(
         model, setup.probe, spec.attack["name"], cap, relearn_seed(seed), precision

@@ -3,16 +3,22 @@ and `write`, which puts the rows and both figures in one folder or bucket."""
 
 from __future__ import annotations
 
-import io
-
 import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from raysweep.base.storage import open_store
-from raysweep.reporting.plotstyle import POISONED, RETRAIN, finish, grid, look, pct
+from raysweep.reporting.plotstyle import (
+    POISONED,
+    RETRAIN,
+    finish,
+    grid,
+    look,
+    pct,
+    png,
+)
 
-from .study import COS_ORTHOGONAL, KINDS, at_budget, to_parquet
+from .study import COS_ORTHOGONAL, KINDS, at_budget, over_seeds, to_parquet
 
 LOOKS = {"poisons": look(0) | {"color": POISONED}, "random_clean": look(0)}
 LABELS = {"poisons": "poisons removed", "random_clean": "as many random clean rows removed"}
@@ -29,10 +35,6 @@ def _band(ax, rows: pd.DataFrame, x: str, y: str, kind: str) -> None:
 
 def _handles() -> list[Line2D]:
     return [Line2D([], [], label=LABELS[k], ms=5, **LOOKS[k]) for k in KINDS]
-
-
-def _mean_std(values: pd.Series, digits: int = 2) -> str:
-    return f"{values.mean():.{digits}f} ± {values.std():.{digits}f}"
 
 
 def figure_h1(df: pd.DataFrame) -> Figure:
@@ -59,11 +61,11 @@ def figure_h1(df: pd.DataFrame) -> Figure:
         int(h1.loc[h1["beta"] == h1["beta"].max(), "n_removed"].iloc[0]),
     )
     if (last > 1).all():
-        lead = f"Removing all {n} poisons moves the logistic head {_mean_std(last)}× as far (ℓ1)"
+        lead = f"Removing all {n} poisons moves the logistic head {over_seeds(last)}× as far (ℓ1)"
     elif (last <= 1).all():
-        lead = f"Removing all {n} poisons moves the logistic head no further (ℓ1 ratio {_mean_std(last)})"
+        lead = f"Removing all {n} poisons moves the logistic head no further (ℓ1 ratio {over_seeds(last)})"
     else:
-        lead = f"Removing all {n} poisons moves the logistic head further on {int((last > 1).sum())} of {len(last)} seeds only (ℓ1 ratio {_mean_std(last)})"
+        lead = f"Removing all {n} poisons moves the logistic head further on {int((last > 1).sum())} of {len(last)} seeds only (ℓ1 ratio {over_seeds(last)})"
     title = f"{lead}\nas removing as many random clean rows (mean ± std over {seeds} seeds)"
     handles = [*_handles(), Line2D([], [], label="ratio, poisons / random", ms=5, **look(3))]
     return finish(fig, title, handles, ncols=3)
@@ -93,7 +95,7 @@ def figure_h2(df: pd.DataFrame, budgets: list[float]) -> Figure:
     )
     step, cost = at_budget(df, max(budgets))
     cos = h2[h2["step"] == step].pivot_table(index="seed", columns="kind", values="cosine")
-    p, r = _mean_std(cos["poisons"], 3), _mean_std(cos["random_clean"], 3)
+    p, r = over_seeds(cos["poisons"], 3), over_seeds(cos["random_clean"], 3)
     at = f"after {step} steps, {pct(round(cost, 3))} of the training compute"
     seeds = f"mean ± std over {h2['seed'].nunique()} seeds"
     if (cos["poisons"] >= COS_ORTHOGONAL).any():
@@ -113,19 +115,13 @@ def figure_h2(df: pd.DataFrame, budgets: list[float]) -> Figure:
     return finish(fig, title, handles, ncols=2)
 
 
-def _png(fig: Figure) -> bytes:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
-    return buf.getvalue()
-
-
 def write(df: pd.DataFrame, out: str, budgets: list[float]) -> list[str]:
     """mechanism.parquet, mechanism_h1.png and mechanism_h2.png under `out` (a path or URI)."""
     dest = open_store(out)
     files = {
         "mechanism.parquet": to_parquet(df),
-        "mechanism_h1.png": _png(figure_h1(df)),
-        "mechanism_h2.png": _png(figure_h2(df, budgets)),
+        "mechanism_h1.png": png(figure_h1(df)),
+        "mechanism_h2.png": png(figure_h2(df, budgets)),
     }
     for name, data in files.items():
         dest.write(name, data)

@@ -10,7 +10,6 @@ poisons, fresh extractor); `study` returns one row per seed × hypothesis × kin
 from __future__ import annotations
 
 import functools
-import inspect
 import io
 import json
 import math
@@ -23,8 +22,9 @@ import torch
 from raysweep.base.storage import Store, open_store
 from raysweep.experiment import extractor, trial
 from raysweep.experiment.spec import Spec, SpecError
+from raysweep.reporting.plotstyle import mean_std
 from raysweep.science.models import chunked
-from raysweep.science.train import train
+from raysweep.unlearning import softmax
 
 BETAS = tuple(i / 10 for i in range(11))  # fractions of the poisons removed (H1)
 # GD steps at which H2 measures the update (closed form, so a million costs nothing), plus the
@@ -67,7 +67,7 @@ def _features(spec: Spec, store: Store, seed: int) -> tuple[torch.Tensor, trial.
     body = extractor.frozen(model).double().cpu()
     # The poisoned inputs pass through the extractor, as in training; float64 a chunk at a time.
     phi = chunked(lambda x: body(x.double()), setup.poisoned.x.cpu(), 1024)
-    return torch.cat([phi, torch.ones(len(phi), 1, dtype=phi.dtype)], 1), setup
+    return softmax.with_bias(phi), setup
 
 
 def logistic(theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor, wd: float):
@@ -75,11 +75,8 @@ def logistic(theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor, wd: float):
     with the bias as its last column and regularised, as train()'s weight decay does."""
     logp = torch.log_softmax(x @ theta.T, 1)
     p = logp.exp()
-    rows = torch.arange(len(y))
-    residual = p.clone()
-    residual[rows, y] -= 1
-    loss = -logp[rows, y].mean() + wd / 2 * theta.square().sum()
-    return loss, residual.T @ x / len(y) + wd * theta, p
+    loss = -logp[torch.arange(len(y)), y].mean() + wd / 2 * theta.square().sum()
+    return loss, softmax.gradient(theta, x, y, p, wd), p
 
 
 def fit_logistic(
@@ -93,37 +90,15 @@ def fit_logistic(
         if norm <= GTOL:
             break
         diag = (p * (1 - p)).T @ x.square() / len(y) + wd
-        hessp = functools.partial(_hessp, p=p, x=x, wd=wd)
+        hessp = functools.partial(softmax.hessp, p=p, x=x, ridge=wd)
         # forcing term √‖g‖: superlinear convergence without over-solving far from the optimum
-        step = _pcg(hessp, -grad, diag, min(0.1, math.sqrt(norm)))
+        rtol = min(0.1, math.sqrt(norm))
+        step = softmax.conjugate_gradient(hessp, -grad, 10_000, rtol, diag)
         t, slope = 1.0, float((grad * step).sum())
         while logistic(theta + t * step, x, y, wd)[0] > loss + 1e-4 * t * slope and t > 1e-12:
             t /= 2
         theta = theta + t * step
     return theta, norm
-
-
-def _hessp(v: torch.Tensor, p: torch.Tensor, x: torch.Tensor, wd: float) -> torch.Tensor:
-    """The logistic objective's Hessian (at probabilities p) times v, without forming it."""
-    pv = p * (x @ v.T)
-    return (pv - p * pv.sum(1, keepdim=True)).T @ x / len(p) + wd * v
-
-
-def _pcg(hessp, b: torch.Tensor, diag: torch.Tensor, rtol: float, maxiter: int = 10_000):
-    """Preconditioned conjugate gradients for H s = b to relative residual `rtol`."""
-    s, r = torch.zeros_like(b), b.clone()
-    z = r / diag
-    d, rz, bound = z.clone(), float((r * z).sum()), rtol * float(b.norm())
-    for _ in range(maxiter):
-        hd = hessp(d)
-        a = rz / float((d * hd).sum())
-        s, r = s + a * d, r - a * hd
-        if float(r.norm()) <= bound:
-            break
-        z = r / diag
-        rz, rz_old = float((r * z).sum()), rz
-        d = z + rz / rz_old * d
-    return s
 
 
 def _subsets(setup: trial.Setup, seed: int) -> dict[str, torch.Tensor]:
@@ -229,7 +204,7 @@ def _row(hypothesis, kind, beta, k, y, theta, wd, shift, norms, step) -> dict:
 
 def weight_decay(spec: Spec) -> float:
     """The spec's l2 term (train's default if it sets none); both objectives need one > 0."""
-    wd = spec.train.get("weight_decay", inspect.signature(train).parameters["weight_decay"].default)
+    wd = spec.train.weight_decay
     if spec.model["name"] != "linear" or wd <= 0:
         raise SpecError(
             f"mechanism: {spec.name}: model.name is {spec.model['name']!r} and train.weight_decay "
@@ -273,9 +248,9 @@ def _paired(rows: pd.DataFrame, column: str) -> pd.DataFrame:
     return rows.pivot_table(index="seed", columns="kind", values=column).reindex(columns=KINDS)
 
 
-def _pm(values: pd.Series, digits: int) -> str:
-    std = values.std() if len(values) > 1 else math.nan  # one seed has no spread
-    return f"{values.mean():.{digits}f} ± {std:.{digits}f}"
+def over_seeds(values: pd.Series, digits: int = 2) -> str:
+    """`values`' mean ± std over the seeds (the mean alone for one seed: it has no spread)."""
+    return mean_std(values.mean(), values.std(), digits)
 
 
 def _status(hits: int, seeds: int) -> str:
@@ -292,8 +267,8 @@ def verdict_h1(df: pd.DataFrame) -> str:
     removed = int(h1.loc[h1["beta"] == beta, "n_removed"].iloc[0])
     return (
         f"H1 {_status(hits, n)}: at β={beta:g} ({removed} rows removed) removing poisons shifts "
-        f"θ by {_pm(shift['poisons'], 1)} (ℓ1) vs {_pm(shift['random_clean'], 1)} for random "
-        f"clean rows; ratio {_pm(ratio, 2)}, larger for poisons on {hits} of {n} seeds"
+        f"θ by {over_seeds(shift['poisons'], 1)} (ℓ1) vs "
+        f"{over_seeds(shift['random_clean'], 1)} for random clean rows; ratio {over_seeds(ratio, 2)}, larger for poisons on {hits} of {n} seeds"
     )
 
 
@@ -321,10 +296,9 @@ def verdict_h2(df: pd.DataFrame, budget: float) -> str:
         status = "holds only in part (no more orthogonal than for random clean rows)"
     return (
         f"H2 {status}: cosine(clean-data GD update, shift that removes the poisons) is "
-        f"{_pm(first['poisons'], 3)} after 1 step and {_pm(last['poisons'], 3)} after {step} "
-        f"(they cost {cost:.1%} of the training compute; budget {budget:.0%}); for as many random "
-        "clean rows "
-        f"{_pm(first['random_clean'], 3)} and {_pm(last['random_clean'], 3)}; below "
+        f"{over_seeds(first['poisons'], 3)} after 1 step and {over_seeds(last['poisons'], 3)} "
+        f"after {step} (they cost {cost:.1%} of the training compute; budget {budget:.0%}); for "
+        f"as many random clean rows {over_seeds(first['random_clean'], 3)} and {over_seeds(last['random_clean'], 3)}; below "
         f"{COS_ORTHOGONAL} on {orthogonal} of {n} seeds, below the random-rows baseline on "
         f"{lower} of {n}"
     )

@@ -1,4 +1,5 @@
-"""Poisoning attacks: each entry of ATTACKS maps a clean `Split` to the corrupted train set `Poisoned`.
+"""Poisoning attacks: each maps a clean `Split` to the corrupted train set `Poisoned`; its record
+(records.py: units, success rule, draw limits) names it, and ATTACKS maps each record's name to it.
 
 Every attack has the signature `fn(split, generator, *, <parameters with defaults>) -> Poisoned`;
 `generator` is its only source of randomness, so a seed fixes the poisons (and so the checkpoint
@@ -13,6 +14,7 @@ poisoned.py; the crafting machinery shared by gradient_matching and gradient_can
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from typing import Annotated, Literal, get_args
 
 import torch
@@ -20,10 +22,11 @@ from annotated_types import Ge
 from torch import nn
 
 from raysweep.base.domains import Fraction, NonNegInt, PosFloat, PosInt, Probability, Text
-from raysweep.science.data import IDS, PAD, SHIFT, Split, lengths, tokenizer
+from raysweep.science.data import IDS, PAD, SHIFT, Split, tokenizer
 
 from . import crafting
-from .poisoned import Poisoned
+from .poisoned import Poisoned, insert_trigger
+from .records import RECORDS, crafter
 
 
 def _draw(pool: torch.Tensor, n: int, generator: torch.Generator, what: str) -> torch.Tensor:
@@ -332,23 +335,6 @@ def label_flip(split: Split, generator: torch.Generator, *, n: PosInt = 100) -> 
     return Poisoned(split.x_train.clone(), y, idx)
 
 
-def insert_trigger(x: torch.Tensor, trigger: torch.Tensor, generator: torch.Generator):
-    """Rows of token ids `x` with the token ids `trigger` inserted at a random position of each.
-
-    The position is drawn so the whole trigger stays within max_len; the review's tail is
-    pushed right and truncated.
-    """
-    n, t = x.shape
-    k, trigger = len(trigger), trigger.to(x.device)
-    room = lengths(x).clamp(0, t - k)
-    u = torch.rand(n, generator=generator).to(x.device)  # generators live on the CPU
-    at = (u * (room + 1)).long().unsqueeze(1)
-    j = torch.arange(t, device=x.device).unsqueeze(0)
-    shifted = x.gather(1, torch.where(j < at, j, j - k).clamp_min(0))
-    inside = (j >= at) & (j < at + k)
-    return torch.where(inside, trigger[(j - at).clamp(0, k - 1)], shifted)
-
-
 def text_backdoor(
     split: Split,
     generator: torch.Generator,
@@ -372,11 +358,18 @@ def text_backdoor(
     return Poisoned(x, y, idx, y_adv=y_adv, trigger_ids=ids)
 
 
-ATTACKS = {
-    "gaussian": gaussian,
-    "gradient_matching": gradient_matching,
-    "gradient_canceling": gradient_canceling,
-    "backdoor": backdoor,
-    "label_flip": label_flip,
-    "text_backdoor": text_backdoor,
-}
+class _Crafting(Mapping):
+    """Each record's crafting function by attack name (records.RECORDS, read at each access: an
+    attack added there is here too). What spec validation binds an `attack:` section to."""
+
+    def __getitem__(self, name: str):
+        return crafter(RECORDS[name])
+
+    def __iter__(self):
+        return iter(RECORDS)
+
+    def __len__(self) -> int:
+        return len(RECORDS)
+
+
+ATTACKS = _Crafting()

@@ -7,7 +7,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from raysweep.science.data import Split
+from raysweep.science.data import Split, lengths
 
 
 @dataclass(frozen=True)
@@ -44,8 +44,29 @@ class Poisoned:
         return self.x[keep], self.y[keep]
 
     def triggered(self, x: torch.Tensor) -> torch.Tensor:
-        """Inputs `x` with the backdoor patch pasted in."""
+        """Inputs `x` with the backdoor's trigger: the patch pasted in (images), or the trigger
+        sentence inserted into each review (text) at the same positions for every model measured:
+        a fixed generator, not the trial's."""
+        if self.trigger_ids is not None:
+            return insert_trigger(x, self.trigger_ids, torch.Generator().manual_seed(0))
         return x * (1 - self.trigger_mask) + self.trigger * self.trigger_mask
+
+
+def insert_trigger(x: torch.Tensor, trigger: torch.Tensor, generator: torch.Generator):
+    """Rows of token ids `x` with the token ids `trigger` inserted at a random position of each.
+
+    The position is drawn so the whole trigger stays within max_len; the review's tail is
+    pushed right and truncated.
+    """
+    n, t = x.shape
+    k, trigger = len(trigger), trigger.to(x.device)
+    room = lengths(x).clamp(0, t - k)
+    u = torch.rand(n, generator=generator).to(x.device)  # generators live on the CPU
+    at = (u * (room + 1)).long().unsqueeze(1)
+    j = torch.arange(t, device=x.device).unsqueeze(0)
+    shifted = x.gather(1, torch.where(j < at, j, j - k).clamp_min(0))
+    inside = (j >= at) & (j < at + k)
+    return torch.where(inside, trigger[(j - at).clamp(0, k - 1)], shifted)
 
 
 # Saving and loading, so that crafted poisons are computed once and shared (see trial.py). Only

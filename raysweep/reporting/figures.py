@@ -18,13 +18,10 @@ from matplotlib.patches import Patch
 from scipy.stats import beta, norm
 
 from raysweep.analysis import results
-from raysweep.experiment.metrics import FPR, MAX_RESOLUTION, MIN_EFFECT, Z_AT_FPR
+from raysweep.poisoning.records import RECORDS
+from raysweep.science.stats import FPR, MAX_RESOLUTION, Z_AT_FPR, Z_DETECTED
 
 from .plotstyle import CONTROL, POISONED, RETRAIN, finish, grid, handle, ordered, pct, style
-
-# A Gaussian poison is detected (the attack worked, or survives unlearning) when its model's
-# z = mean(I)·√n is below this: two-sided p < 0.01 and negative, as metrics.ATTACK_OK reads it.
-Z_DETECTED = float(norm.ppf(0.005))
 
 
 def _cells(table: pd.DataFrame) -> pd.DataFrame:
@@ -308,21 +305,9 @@ def mia_tpr(table: pd.DataFrame, df: pd.DataFrame) -> Figure:
     return finish(fig, title, ax.get_legend_handles_labels()[0], ncols=3)
 
 
-# What each attack's check reads (a column of the poisoned/retrain models), its label, and its
-# scale; the success criterion (`_threshold`) is metrics.ATTACK_OK's, drawn as a line.
-CHECKS = {
-    "gaussian": ("gus_z", "poison-score z = mean(I)·√n\n(N(0, 1) if never trained on)", 1),
-    "text_backdoor": ("backdoor_asr_val", "triggered val rows moved to y_adv (%)", 100),
-}
-EFFECT = ("effect_val", "attack effect E on val (%)\n(higher = stronger poison)", 100)
-
-
-def _threshold(attack: str, ref: dict) -> float:
-    if attack == "gaussian":
-        return Z_DETECTED
-    if attack == "text_backdoor":
-        return max(0.5, ref["retrain_backdoor_asr_val"] + 0.2)
-    return ref["retrain_effect_val"] + MIN_EFFECT[attack]
+def _retrain(ref: dict) -> dict:
+    """The retrain reference's metrics of one seed's row (the retrain_ columns, unprefixed)."""
+    return {k.removeprefix("retrain_"): v for k, v in ref.items() if k.startswith("retrain_")}
 
 
 def _verdict(ref: dict) -> str:
@@ -335,9 +320,11 @@ def _verdict(ref: dict) -> str:
 
 def attack_check(table: pd.DataFrame, df: pd.DataFrame) -> Figure:
     """Per seed, the attack's effect on the poisoned model, on the retrain reference and (for
-    Gaussian noise) on fresh noise never trained on, against the success criterion."""
+    Gaussian noise) on fresh noise never trained on, against the success criterion (the line:
+    its record's check, records.Check)."""
     attack = df["attack"].iloc[0]  # a run has one attack (the spec's)
-    column, ylabel, scale = CHECKS.get(attack, EFFECT)
+    record = RECORDS[attack]
+    column, ylabel, scale = record.check.column, record.check.label, record.check.scale
     refs = results.reference_rows(df, attack, df["seed"].unique())
     tuned = set(df.loc[df["phase"] == "tune", "seed"])
     fig, (ax,) = grid(1, height=3.4)
@@ -352,7 +339,7 @@ def attack_check(table: pd.DataFrame, df: pd.DataFrame) -> Figure:
             [], [], color=RETRAIN, marker="*", ls="", ms=9, label="retrained without the poisons"
         ),
     ]
-    if attack == "gaussian":
+    if record.scores:  # Gaussian noise: the control, fresh noise never trained on
         ax.scatter(
             x + 0.15, refs["before_control_gus_z"], color=CONTROL, marker="o", s=36, zorder=3
         )
@@ -368,7 +355,7 @@ def attack_check(table: pd.DataFrame, df: pd.DataFrame) -> Figure:
             ),
             Patch(color=CONTROL, alpha=0.1, label=f"|z| < {-Z_DETECTED:.2f}: nothing detected"),
         ]
-    lines = [scale * _threshold(attack, ref) for ref in refs.to_dict("records")]
+    lines = [scale * record.check.line(_retrain(ref)) for ref in refs.to_dict("records")]
     ax.hlines(lines, x - 0.35, x + 0.35, color="black", lw=1.5)  # one per seed
     for xi, ref in zip(x, refs.to_dict("records")):
         colour = "black" if ref["attack_ok"] else POISONED
@@ -385,7 +372,7 @@ def attack_check(table: pd.DataFrame, df: pd.DataFrame) -> Figure:
     ax.set_xticks(x, labels, fontsize=8)
     ax.set_xlim(-0.6, len(refs) - 0.4)
     ax.set(ylabel=ylabel)
-    side = "below" if attack == "gaussian" else "above"
+    side = "below" if record.check.below else "above"
     handles.append(
         Line2D([], [], color="black", lw=1.5, label=f"success: poisoned {side} this line")
     )

@@ -7,14 +7,33 @@ title; every figure is at most `WIDTH` wide, so a README shows it at about 0.8x.
 
 from __future__ import annotations
 
+import io
 import math
 import zlib
 
+import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from raysweep.unlearning.unlearners import UNLEARNERS
-
+# The UNLEARNERS table's names in its order when each got its look (tests/test_figures.py checks
+# they are still its first entries): the report stays torch-free by not importing the table.
+# An unlearner not listed yet gets a look of its own from its name (`_slot`); listing it here
+# (at the end, as the table appends) gives it the next fixed one.
+METHODS = (
+    "gd",
+    "ngd",
+    "ga",
+    "euk",
+    "cfk",
+    "scrub",
+    "neggrad_plus",
+    "ssd",
+    "salun",
+    "l1_sparse",
+    "bad_teacher",
+    "random_label",
+    "newton",
+)
 # Tableau's ten without red and grey, which mark the poisoned and retrain references.
 COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#bcbd22", "#17becf")
 MARKERS = ("o", "s", "^", "D", "v", "P", "*", "X")
@@ -25,20 +44,21 @@ NCOLS = 4
 
 
 def _slot(method: str) -> int:
-    names = list(UNLEARNERS)
-    if method in names:
-        return names.index(method)
-    return len(names) + zlib.crc32(method.encode()) % 32  # a method an older run still has
+    if method in METHODS:
+        return METHODS.index(method)
+    # a method an older run still has, or one added since METHODS was last extended
+    return len(METHODS) + zlib.crc32(method.encode()) % 32
 
 
 def ordered(methods) -> list[str]:
-    """Methods in their fixed order (the UNLEARNERS table's), so every legend reads the same."""
+    """Methods in their fixed order (METHODS: the UNLEARNERS table's), so every legend reads the
+    same."""
     return sorted(set(methods), key=lambda m: (_slot(m), m))
 
 
 def style(method: str) -> dict:
-    """The method's colour, marker and line style, fixed by its place in the UNLEARNERS table
-    (new methods are appended), the same in every figure and every run."""
+    """The method's colour, marker and line style, fixed by its place in METHODS (the UNLEARNERS
+    table's order; new methods are appended), the same in every figure and every run."""
     return look(_slot(method))
 
 
@@ -93,3 +113,18 @@ def finish(fig: Figure, title: str, handles: list, ncols: int = 4) -> Figure:
 
 def pct(fraction: float) -> str:
     return f"{100 * fraction:g} %"
+
+
+def mean_std(mean: float, std: float, digits: int = 3) -> str:
+    """`mean ± std` to `digits` decimals, for tables and titles: "-" without a mean, the mean
+    alone without a std (one seed has no spread)."""
+    if pd.isna(mean):
+        return "-"
+    return f"{mean:.{digits}f}" if pd.isna(std) else f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def png(fig: Figure) -> bytes:
+    """The figure as the PNG every report and study writes (120 dpi: WIDTH is 1080 px)."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    return buf.getvalue()

@@ -9,24 +9,15 @@ which are computed on the poisons themselves and belong to no evaluation split.
 
 from __future__ import annotations
 
-import io
 import json
 
 import pandas as pd
-from matplotlib.figure import Figure
 
 from raysweep.analysis import results
 from raysweep.base.storage import CorruptStorage, RunStateError, Store, open_store
 
 from . import figures, tuning_figures
-
-HEADERS = {
-    "residual": "r",
-    "clean_acc": "clean acc",
-    "gus": "GUS",
-    "tpr_at_1fpr": "Gaussian MIA TPR@1%FPR",
-    "loss_mia_tpr": "loss MIA TPR@1%FPR",
-}
+from .plotstyle import mean_std, png
 
 
 class ReportError(ValueError):
@@ -65,12 +56,6 @@ def trials_max(store: Store, experiment: str) -> int | None:
     except (ValueError, KeyError, TypeError) as e:
         raise ReportError(f"{store.path(rel)}: not a recorded spec ({type(e).__name__})") from None
     return n["max"] if isinstance(n, dict) else None
-
-
-def _pm(mean: float, std: float) -> str:
-    if pd.isna(mean):
-        return "-"
-    return f"{mean:.3f}" if pd.isna(std) else f"{mean:.3f} ± {std:.3f}"
 
 
 def markdown(table: pd.DataFrame, experiment: str, df: pd.DataFrame) -> str:
@@ -186,14 +171,15 @@ def markdown_table(table: pd.DataFrame) -> str:
     # Oracles only where the spec asked for them (confirm.oracles): elsewhere an empty column.
     judged = "oracles" in table and bool(table["oracles"].notna().any())
     cols += ["against retrain oracles"] if judged else []
-    cols += [HEADERS[k] for k in HEADERS if k != "residual"] + ["setting"]
+    cols += [reported.header for reported in results.REPORTED.values()] + ["setting"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for row in table.to_dict("records"):
         ref = row["source"] == "reference"
         budget, start = ("", "") if ref else (f"{row['budget']:g}", f"{row['from_budget']:g}")
         feasible = "" if ref else _count(int(row["feasible"]), row["n"])
         converged = "" if ref else ("yes" if row["converged"] else "**no**")
-        stats = [_pm(row[k], row[f"{k}_std"]) for k in HEADERS]
+        stats = [mean_std(row["residual"], row["residual_std"])]
+        stats += [mean_std(row[k], row[f"{k}_std"], r.digits) for k, r in results.REPORTED.items()]
         setting = "" if pd.isna(row["setting"]) else row["setting"]
         cells = [row["attack"], row["method"], budget, start, str(row["n"])]
         cells += [_count(row["attack_ok"], row["n"]), feasible, converged]
@@ -218,12 +204,6 @@ FIGURES = {
 }
 
 
-def _png(fig: Figure) -> bytes:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
-    return buf.getvalue()
-
-
 def write(run_dir: str, out: str | None = None) -> tuple[str, list[str]]:
     """Write report.md, report.csv and the figures to `out` (default RUN_DIR/report).
 
@@ -236,7 +216,7 @@ def write(run_dir: str, out: str | None = None) -> tuple[str, list[str]]:
     files = {
         "report.md": md.encode(),
         "report.csv": table.to_csv(index=False).encode(),
-        **{f"{name}.png": _png(fn(table, df)) for name, fn in FIGURES.items()},
+        **{f"{name}.png": png(fn(table, df)) for name, fn in FIGURES.items()},
     }
     for name, data in files.items():
         dest.write(name, data)

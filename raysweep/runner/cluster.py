@@ -18,16 +18,14 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from unittest import mock
 
+import pandas as pd
 import ray
 import ray._private.ray_constants as ray_constants
 from optuna.storages.journal import JournalFileBackend, JournalStorage
-from ray import tune
 
-from raysweep.analysis import results
 from raysweep.analysis.convergence import finished
 from raysweep.base.storage import CorruptStorage, RunStateError, Store, write_failed
 from raysweep.experiment.spec import Spec, trials_range
@@ -37,7 +35,6 @@ from . import reaper
 # Ray's gRPC servers (GCS, raylet, workers) listen on loopback only when the node IP is exactly
 # 127.0.0.1; any other address, 127.0.0.2 included, makes them listen on every interface.
 LOCAL_IP = "127.0.0.1"
-MAX_FAILURES = 3  # per trial: retries after its worker or node died (spot preemption)
 
 
 def start_ray(address: str | None, num_cpus: int | None = None) -> None:
@@ -112,67 +109,12 @@ def slots(spec: Spec, max_concurrent: int | None) -> int:
     """
     if max_concurrent:
         return max_concurrent
-    cpu, gpu = spec.resources.get("cpu", 1), spec.resources.get("gpu", 0)
+    cpu, gpu = spec.resources.cpu, spec.resources.gpu
     cluster = ray.cluster_resources()
     n = cluster.get("CPU", 1) / cpu
     if gpu:
         n = min(n, cluster.get("GPU", 0) / gpu)
     return max(1, int(n))
-
-
-class Retries(tune.Callback):
-    """Says so when a trial is retried because its worker or node died."""
-
-    def __init__(self):
-        self.t0 = time.time()
-
-    def on_trial_recover(self, iteration, trials, trial, **info):
-        print(
-            f"[{time.time() - self.t0:7.1f}s] {trial.config['cell']} trial "
-            f"{trial.config['number']}: its worker failed; retrying "
-            f"({trial.num_failures}/{MAX_FAILURES} failures)",
-            flush=True,
-        )
-
-
-class StopOnCorrupt(tune.Stopper):
-    """Stops every trial once one reports damaged storage (a checkpoint failing its sha256):
-    the trials after it would fail the same way, one failed row each."""
-
-    def __init__(self):
-        self.seen = False
-
-    def __call__(self, trial_id: str, result: dict) -> bool:
-        self.seen = self.seen or bool(result.get("corrupt"))
-        return self.seen
-
-    def stop_all(self) -> bool:
-        return self.seen
-
-
-def fit(tuner: tune.Tuner) -> list[dict]:
-    """Run the tuner; return what each trial reported last. CorruptStorage with the first
-    trial's report of damaged storage, if any, or with the driver's own (a journal append the
-    storage refused, raised in the searcher)."""
-    try:
-        grid = tuner.fit()
-    except Exception as e:
-        cause = _storage_cause(e)
-        if cause is None:
-            raise
-        raise cause from None
-    reports = [result.metrics or {} for result in grid]
-    for metrics in reports:
-        if metrics.get("corrupt"):
-            raise CorruptStorage(metrics["corrupt"])
-    return reports
-
-
-def _storage_cause(error: BaseException | None) -> CorruptStorage | None:
-    """The CorruptStorage that `error` wraps (Tune re-raises a searcher's errors as its own)."""
-    while error is not None and not isinstance(error, CorruptStorage):
-        error = error.__cause__ or error.__context__
-    return error
 
 
 # ---------------------------------------------------------------- the run's record
@@ -183,8 +125,9 @@ def _storage_cause(error: BaseException | None) -> CorruptStorage | None:
 RESUMABLE_CHANGES = {"trials_per_cell", "confirm", "resources"}
 
 
-def check_resume(spec: Spec, store: Store, resume: bool | None) -> None:
-    """Refuse to start over an existing experiment, to resume a missing one, or to change spec.
+def check_resume(spec: Spec, store: Store, resume: bool | None, df: pd.DataFrame) -> None:
+    """Refuse to start over an existing experiment, to resume a missing one, or to change spec;
+    `df`: the experiment's rows (`results.read`), which say whether it is complete.
 
     Re-running an identical spec whose experiment is complete is allowed (it only reprints).
 
@@ -208,7 +151,6 @@ def check_resume(spec: Spec, store: Store, resume: bool | None) -> None:
             f"{', '.join(sorted(RESUMABLE_CHANGES))}; give the new spec another name"
         )
     if resume is False:
-        df = results.read(store, spec.name)
         n = int((df["phase"] == "tune").sum()) if len(df) else 0
         low, high = trials_range(spec)
         total = len(spec.cells()) * high  # a range's cells may stop before, converged

@@ -60,7 +60,7 @@ def _on_node(storage: str | None, driver_rel: str | None) -> dict:
     return report
 
 
-def check_nodes(storage: str | None, driver_rel: str | None) -> tuple[list[dict], list[str]]:
+def probe_nodes(storage: str | None, driver_rel: str | None) -> tuple[list[dict], list[str]]:
     """One row per alive node (resources, versions, storage), and the problems found."""
     nodes = [n for n in ray.nodes() if n["Alive"]]
     on_node = ray.remote(num_cpus=0)(_on_node)
@@ -118,7 +118,7 @@ def main(address: str | None = None, storage: str | None = None) -> int:
     except Exception as e:  # wrong address, missing auth token, ...
         problems.append(f"cannot connect to Ray at {address or 'local'}: {e}")
         return _finish(problems)
-    rows, found = check_nodes(storage, driver_rel)
+    rows, found = probe_nodes(storage, driver_rel)
     problems += found
     if storage is not None and driver_rel is not None:
         problems += _collect_probes(storage, driver_rel, rows)

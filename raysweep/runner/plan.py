@@ -33,6 +33,7 @@ from raysweep.experiment.spec import Spec, trials_range
 from raysweep.experiment.trial import device as trial_device
 from raysweep.experiment.trial import oracles as trial_oracles
 from raysweep.poisoning.attacks import ATTACKS
+from raysweep.poisoning.records import RECORDS
 from raysweep.science.budget import flops, train_cost
 from raysweep.science.data import PAD
 from raysweep.science.models import MODELS, chunked, seeded
@@ -96,8 +97,8 @@ def counts(spec: Spec, df: pd.DataFrame) -> Counts:
         done = lead_rows.drop_duplicates(["cell", "trial_number"]).shape[0]
     low, high = trials_range(spec)  # a range: the most it may run, and the least
     tuning_runs = len(leads) * high
-    seeds = (spec.seed, *spec.confirm["seeds"])
-    confirm_max = len(spec.cells()) * len(spec.confirm["seeds"])
+    seeds = (spec.seed, *spec.confirm.seeds)
+    confirm_max = len(spec.cells()) * len(spec.confirm.seeds)
     exact = done >= tuning_runs if low == high else finished(df, spec.cells(), low, high)
     # Once every tuning run is recorded, the confirm plan of the tuned rows is what a run
     # confirms (cells that chose a smaller budget's row still each get their own run).
@@ -147,17 +148,17 @@ def measured_rows(spec: Spec, sz: Shape) -> tuple[int, int]:
     effect) and rows it differentiates in float64 (the Gaussian score: the training noise, the
     null control, and the effect E again): metrics.measure's passes over the trial's probe."""
     attack = bound(ATTACKS[spec.attack["name"]], spec.attack)
-    n_forget = max(1, round(spec.forget["known_fraction"] * attack["n"]))
+    n_forget = max(1, round(spec.forget.known_fraction * attack["n"]))
     n_retain = sz.n_train - n_forget
     held = sz.n_val + sz.n_test
     forward = held + n_retain + n_forget + (n_forget + sz.n_test)  # clean_acc, loss_mia
     grad64 = 0
-    name = spec.attack["name"]
-    if name == "gaussian":
+    units = RECORDS[spec.attack["name"]].units  # what the attack's effect is the mean of
+    if units == "poisons":
         grad64 = 3 * attack["n"]
-    elif name == "gradient_matching":
+    elif units == "targets":
         forward += 2 * attack["n_targets"]
-    elif name in ("backdoor", "text_backdoor"):  # rows not of class y_adv, metric and effect
+    elif units == "triggered":  # rows not of class y_adv, metric and effect
         forward += 2 * round(held * (sz.num_classes - 1) / sz.num_classes)
     else:  # accuracy attacks: errors on val and test
         forward += held
@@ -166,16 +167,16 @@ def measured_rows(spec: Spec, sz: Shape) -> tuple[int, int]:
 
 def oracle_measure(spec: Spec, sz: Shape, unit: float, fwd: float) -> float:
     """FLOPs of measuring one retrain oracle (trial.oracle_reference): its effect units and its
-    margins on them, two passes over the test units (metrics.EFFECTS, MARGINS): forward passes,
+    margins on them, two passes over the test units (metrics.UNITS, MARGINS): forward passes,
     or float64 input gradients for Gaussian poisons (one budget unit's FLOPs each). `unit`, `fwd`:
     `model_flops`."""
     attack = bound(ATTACKS[spec.attack["name"]], spec.attack)
-    name = spec.attack["name"]
-    if name == "gaussian":
+    units = RECORDS[spec.attack["name"]].units
+    if units == "poisons":
         return 2 * attack["n"] * unit
-    if name == "gradient_matching":
+    if units == "targets":
         return 2 * attack["n_targets"] * fwd
-    if name in ("backdoor", "text_backdoor"):  # the test rows not of class y_adv
+    if units == "triggered":  # the test rows not of class y_adv
         return 2 * round(sz.n_test * (sz.num_classes - 1) / sz.num_classes) * fwd
     return 2 * sz.n_test * fwd  # accuracy attacks: every test row
 
@@ -183,7 +184,7 @@ def oracle_measure(spec: Spec, sz: Shape, unit: float, fwd: float) -> float:
 def seed_units(spec: Spec, sz: Shape) -> dict[str, float]:
     """Units of the artifacts one seed makes, by what trains them (crafting loops excluded)."""
     attack = bound(ATTACKS[spec.attack["name"]], spec.attack)
-    epochs = bound(train, spec.train)["epochs"]
+    epochs = spec.train.epochs
     out = {
         "poisoned": train_cost(epochs, sz.n_train),
         "retrain": train_cost(epochs, sz.n_train - attack["n"]),
@@ -229,7 +230,7 @@ def make(spec: Spec, storage: str | None = None) -> Plan:
     sz = shape(spec)
     df = tuned_rows(spec, storage)
     c = counts(spec, df)
-    kw = bound(train, spec.train)
+    kw = spec.train.kwargs()
     unit, fwd = model_flops(spec, sz, kw["batch_size"])
     c_train = train_cost(kw["epochs"], sz.n_train)
     forward, grad64 = measured_rows(spec, sz)
@@ -265,7 +266,7 @@ def make(spec: Spec, storage: str | None = None) -> Plan:
         configs = confirm_plan(spec, df[df["phase"] == "tune"])
         confirm_units = sum(x["budget"] for x in configs) * c_train
     else:  # at most: each cell's best re-run at its own budget
-        confirm_units = sum(b for _, b in spec.cells()) * len(spec.confirm["seeds"]) * c_train
+        confirm_units = sum(b for _, b in spec.cells()) * len(spec.confirm.seeds) * c_train
     rows = lambda n, extra=0.0: work("rows measured", n, n * (measure_flops + extra) / unit)
     # Confirm rows of a spec with oracles also take the unlearned model's test margins.
     margin_flops = (
@@ -298,7 +299,7 @@ class Throughput:
 def from_tflops(plan: Plan, tflops: float, fp64: float, source: str) -> Throughput:
     """A throughput from the sustained TFLOP/s of the GPU a trial gets (its `gpu` share of it),
     or of the trial itself on a spec without GPUs: examples/s at the counted FLOPs per unit."""
-    share = plan.spec.resources.get("gpu", 0) or 1.0
+    share = plan.spec.resources.gpu or 1.0
     return given(plan, tflops * 1e12 * share / plan.unit_flops, fp64, source)
 
 
@@ -345,7 +346,7 @@ def schedule(
     confirm = START_S + setup_s + max(confirm_busy / slots, longest) if c.confirm_runs else 0.0
     busy = setup_s * (1 + (confirm_seeds > 0)) + tune_busy + confirm_busy
     wall = tune + confirm
-    gpu = spec.resources.get("gpu", 0)
+    gpu = spec.resources.gpu
     return Schedule(
         slots,
         {"tune": tune, "confirm": confirm},
@@ -362,14 +363,14 @@ def calibrate(plan: Plan, examples: int = 256, device: torch.device | None = Non
     gradient, on random inputs of its shape, with as many threads as the spec gives a trial."""
     spec, sz = plan.spec, plan.shape
     device = device or trial_device()
-    torch.set_num_threads(max(1, int(spec.resources.get("cpu", 1))))
+    torch.set_num_threads(max(1, int(spec.resources.cpu)))
     fn = MODELS[spec.model["name"]]
     gen = torch.Generator().manual_seed(0)
     build = lambda: fn(sz.input_shape, sz.num_classes, **bound(fn, spec.model))
     model = seeded(build, gen).to(device)
     x = random_inputs(sz, examples, gen).to(device)
     y = torch.randint(0, sz.num_classes, (examples,), generator=gen).to(device)
-    kw = bound(train, spec.train) | {"epochs": 1}
+    kw = spec.train.kwargs() | {"epochs": 1}
     rates = {
         "train": lambda n: train(model, x[:n], y[:n], gen, **kw),
         "forward": lambda n: chunked(model.eval(), x[:n]),
@@ -515,7 +516,7 @@ def render(
 def slots(spec: Spec, workers: int | None, worker_cpus: float, worker_gpus: float) -> int:
     """Trials at once: on `workers` nodes of the given size, or on this machine (None); 0 if a
     trial's request does not fit one node."""
-    cpu, gpu = spec.resources.get("cpu", 1), spec.resources.get("gpu", 0)
+    cpu, gpu = spec.resources.cpu, spec.resources.gpu
     if workers is None:
         workers, worker_cpus = 1, os.cpu_count() or 1
         worker_gpus = torch.cuda.device_count()

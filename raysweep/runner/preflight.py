@@ -30,6 +30,7 @@ from raysweep.base.storage import CorruptStorage, Store
 from raysweep.experiment import checkpoints, footprint
 from raysweep.experiment.spec import Spec, SpecError
 from raysweep.poisoning.attacks import ATTACKS
+from raysweep.poisoning.records import RECORDS
 from raysweep.science.data import DATASETS, Split
 from raysweep.science.models import MODELS
 
@@ -97,24 +98,28 @@ OPENED = {"digits", "synthetic_imdb", "cifar10"}
 
 def draw_limits(split: Split, name: str, y_adv: int = -1) -> dict[str, tuple[int, str]]:
     """Each count parameter of attack `name` -> (the most it can draw on `split`, from which rows),
-    for any class `y_adv` = -1 may draw: the pools the attacks in attacks.py `_draw` from, whose
-    own check would fail only inside every trial."""
+    for any class `y_adv` = -1 may draw: the pools its record says it draws from (records.Pool),
+    whose own check in the attack would fail only inside every trial."""
     train = torch.bincount(split.y_train.cpu(), minlength=split.num_classes).tolist()
     test = torch.bincount(split.y_test.cpu(), minlength=split.num_classes).tolist()
     classes = range(split.num_classes) if y_adv < 0 else [y_adv]
     which = "whichever class y_adv=-1 draws" if y_adv < 0 else f"y_adv={y_adv}"
-    if name == "gradient_matching":
-        return {
-            "n": (min(train[c] for c in classes), f"the train rows of class y_adv, {which}"),
-            "n_targets": (
-                min(len(split.y_test) - test[c] for c in classes),
-                f"the test rows not of class y_adv, {which}",
-            ),
-        }
-    if name in ("backdoor", "text_backdoor"):
-        rows = min(len(split.y_train) - train[c] for c in classes)
-        return {"n": (rows, f"the train rows not of class y_adv, {which}")}
-    return {"n": (len(split.y_train), "the train rows")}
+    pools = {
+        "train": (len(split.y_train), "the train rows"),
+        "train of y_adv": (
+            min(train[c] for c in classes),
+            f"the train rows of class y_adv, {which}",
+        ),
+        "train not of y_adv": (
+            min(len(split.y_train) - train[c] for c in classes),
+            f"the train rows not of class y_adv, {which}",
+        ),
+        "test not of y_adv": (
+            min(len(split.y_test) - test[c] for c in classes),
+            f"the test rows not of class y_adv, {which}",
+        ),
+    }
+    return {key: pools[pool] for key, pool in RECORDS[name].draws.items()}
 
 
 def check_fits(spec: Spec) -> None:
@@ -221,7 +226,7 @@ def check_nodes(spec: Spec, nodes: list[Node], where: str) -> None:
     """SpecError unless some node has one trial's CPUs and GPUs, and memory for its peak: RAM
     for a CPU trial, one GPU's memory (its share, below one GPU) for a GPU trial."""
     src = spec.source
-    cpu, gpu = spec.resources.get("cpu", 1), spec.resources.get("gpu", 0)
+    cpu, gpu = spec.resources.cpu, spec.resources.gpu
     shown = "; ".join(map(str, nodes[:4])) + (f"; {len(nodes) - 4} more" if len(nodes) > 4 else "")
     if cpu > max(n.cpu for n in nodes):
         raise SpecError(f"{src}: resources.cpu: {cpu:g}; allowed: at most what {where}: {shown}")
@@ -250,11 +255,11 @@ def check_nodes(spec: Spec, nodes: list[Node], where: str) -> None:
 # ---------------------------------------------------------------- storage
 
 
-def check_storage(spec: Spec, store: Store) -> None:
+def check_storage(spec: Spec, store: Store, df: pd.DataFrame) -> None:
     """CorruptStorage (one line: the file and the fix) if the experiment's storage is damaged:
-    a row file that does not read, a journal line that is not an Optuna entry, an artifact made
-    but missing its meta.json, or a checkpoint the rows used that fails its sha256."""
-    df = results.read(store, spec.name)  # names the damaged row file
+    a journal line that is not an Optuna entry, a journal that does not record the rows `df`
+    (`results.read`, which names a row file that does not read), an artifact made but missing
+    its meta.json, or a checkpoint the rows used that fails its sha256."""
     check_journal(store, spec.name)
     check_agreement(store, spec.name, df)
     for kind in checkpoints.EVENTS:

@@ -5,10 +5,11 @@ Anytime budgets: a method whose shorter runs are prefixes of longer ones (every 
 on the way (`trial.run_trial(checkpoints=...)`). Only the largest cell's study samples (the run's
 *lead*); each smaller cell's study receives the same setting as a trial of its own, so every
 study holds one row per setting it observed and is told that row's value. (Letting the cells take
-turns at sampling, each study steering towards its own budget's optimum, was measured with a
-variant of bench/anytime.py on 2026-12-03, not kept: no better, 58 vs 56 of 75 cells no worse than
-one run per cell, mean difference -0.043 vs -0.044; so the largest cell alone samples.) A PER_BUDGET method's cells
-each lead their own runs. Every cell thus observes as many settings as its lead runs; a
+turns at sampling, each study steering towards its own budget's optimum, was tried with a
+variant of bench/anytime.py and not kept: it did no better than the largest cell alone on that
+benchmark's measures, `cells_no_worse` and `worse_mean` of the `anytime` entry in
+bench/results.md, which measures this design against one run per cell.) A PER_BUDGET method's
+cells each lead their own runs. Every cell thus observes as many settings as its lead runs; a
 prefix method spends them at its largest budget, a PER_BUDGET method at each budget.
 
 How many: `trials_per_cell` n runs n per lead. A range {min, max} runs `min` per lead, then more
@@ -35,7 +36,6 @@ from optuna.storages.journal import JournalStorage
 from optuna.trial import TrialState, create_trial
 from ray.tune.search import Searcher
 
-from raysweep.analysis import results
 from raysweep.analysis.convergence import STOP_RULE, STOP_RULES, convergence, needed
 from raysweep.base.storage import Store
 from raysweep.experiment.spec import Spec, distributions, trials_range
@@ -43,6 +43,7 @@ from raysweep.experiment.trial import derive_seed
 from raysweep.unlearning.unlearners import PER_BUDGET
 
 from .cluster import open_journal
+from .rows import params_of
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -104,7 +105,7 @@ def enqueue_first(spec: Spec, method: str, study: optuna.Study) -> None:
     sweep tries the first ones. Only a new study gets them: a resumed one already ran (or queued)
     its own.
     """
-    for params in spec.raw.get("tried_first", {}).get(method, [])[: trials_range(spec)[1]]:
+    for params in spec.tried_first.get(method, [])[: trials_range(spec)[1]]:
         study.enqueue_trial(params)
 
 
@@ -248,14 +249,14 @@ class CellSearcher(Searcher):
         pass
 
 
-def reconcile(spec: Spec, store: Store, studies: dict[str, optuna.Study]) -> dict[str, set[int]]:
-    """Match the studies with the Parquet rows before (re)starting; return each cell's done trials.
+def reconcile(studies: dict[str, optuna.Study], df: pd.DataFrame) -> dict[str, set[int]]:
+    """Match the studies with the Parquet rows `df` (`results.read`) before (re)starting; return
+    each cell's done trials.
 
     A trial still RUNNING in a study belongs to a driver that died. If its row reached storage,
     the study learns the row's result; otherwise it is marked FAIL (interrupted) and re-planned
     (a lead's run; its smaller cells' trials, rowless too, are marked FAIL with it).
     """
-    df = results.read(store, spec.name)
     rows = {}
     if len(df):
         tuned = df[df["phase"] == "tune"]
@@ -274,16 +275,15 @@ def reconcile(spec: Spec, store: Store, studies: dict[str, optuna.Study]) -> dic
     return done
 
 
-def rebuild(spec: Spec, store: Store) -> str | None:
-    """Rebuild every cell's study from its tuning rows, in a new journal; return where the old
-    journal was kept (None if there was none).
+def rebuild(spec: Spec, store: Store, df: pd.DataFrame) -> str | None:
+    """Rebuild every cell's study from its tuning rows (`df`, `results.read`), in a new journal;
+    return where the old journal was kept (None if there was none).
 
     Each row becomes the trial of its number in its cell's study, with its parameters and
     objective (failed if its row failed); a number without a row (an interrupted trial) becomes
     a failed trial, so new trials are numbered after every row and never take a row's file name.
     A study without rows starts as a new one (`open_studies`: its `tried_first` queued).
     """
-    df = results.read(store, spec.name)
     rel, kept = f"{spec.name}/optuna.journal", None
     if store.exists(rel):  # kept, not deleted: it may hold what the rows do not
         kept = f"{rel}.replaced-{dt.datetime.now(dt.timezone.utc):%Y%m%d-%H%M%S}"
@@ -306,7 +306,7 @@ def _as_trial(spec: Spec, row: dict | None, dists: dict) -> optuna.trial.FrozenT
     """A row as a finished trial of its study: COMPLETE with its objective if it is ok, else FAIL."""
     if row is None:
         return create_trial(state=TrialState.FAIL)
-    params = {k: v for k, v in results.params_of(spec, row).items() if k in dists}
+    params = {k: v for k, v in params_of(spec, row).items() if k in dists}
     ok = row["status"] == "ok" and math.isfinite(row["objective"])
     return create_trial(
         state=TrialState.COMPLETE if ok else TrialState.FAIL,

@@ -14,12 +14,14 @@ import datetime as dt
 import math
 import os
 import socket
+import time
 import traceback
 from dataclasses import dataclass, field
 
 import pandas as pd
 import ray
 from ray import tune
+from ray.tune.search import Searcher
 
 from raysweep.analysis import results
 from raysweep.base.storage import CorruptStorage, Store, driver_lease, open_store
@@ -27,11 +29,7 @@ from raysweep.experiment.spec import Spec, distributions, trials_range
 from raysweep.experiment.trial import run_trial
 
 from .cluster import (
-    MAX_FAILURES,
-    Retries,
-    StopOnCorrupt,
     check_resume,
-    fit,
     open_journal,
     record_spec,
     recorded_spec,
@@ -40,6 +38,7 @@ from .cluster import (
 )
 from .preflight import check_cluster, check_data, check_fits, check_machine, check_storage
 from .progress import Progress, cell_key
+from .rows import hyperparameter_types, write_row
 from .searcher import CellSearcher, ListSearcher, open_studies, rebuild, reconcile
 
 
@@ -71,7 +70,7 @@ def execute(spec: Spec, store: Store, config: dict) -> list[dict]:
         "node_id": ray.get_runtime_context().get_node_id() if ray.is_initialized() else None,
         "versions": results.versions(),
         "started_at": _now(),
-        **{c: None for c in results.hyperparameter_types(spec)},
+        **{c: None for c in hyperparameter_types(spec)},
         **{f"hp_{k}": v for k, v in config["params"].items()},
     }
     measured, error = {}, None
@@ -112,7 +111,7 @@ def write_rows(store: Store, spec: Spec, rows: list[dict]) -> None:
     written = []
     try:
         for row in rows:
-            written.append(results.write_row(store, spec, row))
+            written.append(write_row(store, spec, row))
     except CorruptStorage:
         for name in written:
             with contextlib.suppress(OSError):  # the storage is failing: the first error is the one
@@ -178,15 +177,14 @@ class Record:
 
 def make_trainable(spec: Spec, store_uri: str, threads: int):
     """The Tune function trainable: run one trial, write its rows, report what Progress shows."""
-    raw, source = spec.raw, spec.source
 
     def trainable(config: dict) -> None:
         import torch
 
         torch.set_num_threads(threads)
         try:
-            rows = execute(Spec(source, raw), open_store(store_uri), config)
-        except CorruptStorage as e:  # no row: StopOnCorrupt ends the sweep, `fit` says why
+            rows = execute(spec, open_store(store_uri), config)
+        except CorruptStorage as e:  # no row: StopOnCorrupt ends the sweep, `run_tuner` says why
             tune.report({"corrupt": str(e), "objective": math.nan})
             return
         tune.report(reported(rows))
@@ -202,13 +200,13 @@ def confirm_plan(spec: Spec, df: pd.DataFrame) -> list[dict]:
     A (cell, seed) is done when its ok row re-ran the current best; if more tuning changed the
     best, the row (same file name: phase, cell, seed) is re-run and replaced, never duplicated.
     """
-    if not spec.confirm["seeds"] or not len(df):
+    if not spec.confirm.seeds or not len(df):
         return []
     confirmed = df[(df["phase"] == "confirm") & (df["status"] == "ok")]
     done = set(zip(confirmed["cell"], confirmed["seed"], confirmed["tuned_trial"]))
     configs = {}
     for best in results.best_per_cell(df).to_dict("records"):
-        for seed in spec.confirm["seeds"]:
+        for seed in spec.confirm.seeds:
             if (best["cell"], seed, best["trial_number"]) in done:
                 continue
             configs[best["cell"], seed] = {
@@ -248,37 +246,114 @@ def tuned_settings(spec: Spec, store: Store, configs: list[dict]) -> list[dict]:
     return out
 
 
-def confirm(spec: Spec, storage: str, slots: int) -> list[dict]:
-    """Re-run each cell's best setting on every `confirm.seeds` seed, as Ray trials like tuning;
-    return what each trial reported."""
-    store = open_store(storage)
-    configs = tuned_settings(spec, store, confirm_plan(spec, results.read(store, spec.name)))
+def confirm(spec: Spec, store: Store, plan: list[dict], concurrent: int) -> list[dict]:
+    """Re-run each cell's best setting on every `confirm.seeds` seed (`plan`: `confirm_plan`'s
+    configs), as Ray trials like tuning, `concurrent` at once; return what each trial reported."""
+    configs = tuned_settings(spec, store, plan)
     if not configs:
         return []
     planned: dict[str, int] = {}
     for c in configs:
         planned[c["cell"]] = planned.get(c["cell"], 0) + 1
-    cpu, gpu = spec.resources.get("cpu", 1), spec.resources.get("gpu", 0)
-    trainable = make_trainable(spec, storage, threads=max(1, int(cpu)))
+    progress = Progress("confirm", planned)
+    return run_phase(
+        spec, store, "confirm", ListSearcher(configs), len(configs), concurrent, progress
+    )
+
+
+# ---------------------------------------------------------------- the Tune run of a phase
+
+MAX_FAILURES = 3  # per trial: retries after its worker or node died (spot preemption)
+
+
+class Retries(tune.Callback):
+    """Says so when a trial is retried because its worker or node died."""
+
+    def __init__(self):
+        self.t0 = time.time()
+
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        print(
+            f"[{time.time() - self.t0:7.1f}s] {trial.config['cell']} trial "
+            f"{trial.config['number']}: its worker failed; retrying "
+            f"({trial.num_failures}/{MAX_FAILURES} failures)",
+            flush=True,
+        )
+
+
+class StopOnCorrupt(tune.Stopper):
+    """Stops every trial once one reports damaged storage (a checkpoint failing its sha256):
+    the trials after it would fail the same way, one failed row each."""
+
+    def __init__(self):
+        self.seen = False
+
+    def __call__(self, trial_id: str, result: dict) -> bool:
+        self.seen = self.seen or bool(result.get("corrupt"))
+        return self.seen
+
+    def stop_all(self) -> bool:
+        return self.seen
+
+
+def run_tuner(tuner: tune.Tuner) -> list[dict]:
+    """Run the tuner; return what each trial reported last. CorruptStorage with the first
+    trial's report of damaged storage, if any, or with the driver's own (a journal append the
+    storage refused, raised in the searcher)."""
+    try:
+        grid = tuner.fit()
+    except Exception as e:
+        cause = _storage_cause(e)
+        if cause is None:
+            raise
+        raise cause from None
+    reports = [result.metrics or {} for result in grid]
+    for metrics in reports:
+        if metrics.get("corrupt"):
+            raise CorruptStorage(metrics["corrupt"])
+    return reports
+
+
+def _storage_cause(error: BaseException | None) -> CorruptStorage | None:
+    """The CorruptStorage that `error` wraps (Tune re-raises a searcher's errors as its own)."""
+    while error is not None and not isinstance(error, CorruptStorage):
+        error = error.__cause__ or error.__context__
+    return error
+
+
+def run_phase(
+    spec: Spec,
+    store: Store,
+    phase: str,
+    searcher: Searcher,
+    samples: int,
+    concurrent: int,
+    progress: Progress,
+) -> list[dict]:
+    """One Tune run of `phase` ("tune" or "confirm"): `samples` trials as `searcher` hands them
+    out, at most `concurrent` at once, each with the spec's resources; return what each trial
+    reported last (`run_tuner`)."""
+    cpu, gpu = spec.resources.cpu, spec.resources.gpu
+    trainable = make_trainable(spec, store.uri, threads=max(1, int(cpu)))
     tuner = tune.Tuner(
         tune.with_resources(trainable, {"cpu": cpu, "gpu": gpu}),
         tune_config=tune.TuneConfig(
-            search_alg=ListSearcher(configs),
-            num_samples=len(configs),
-            max_concurrent_trials=max(1, int(slots)),
+            search_alg=searcher,
+            num_samples=samples,
+            max_concurrent_trials=max(1, int(concurrent)),
             reuse_actors=True,
         ),
         run_config=tune.RunConfig(
-            name=f"confirm-{_now():%Y%m%d-%H%M%S}",
+            name=f"{phase}-{_now():%Y%m%d-%H%M%S}",
             storage_path=store.path(f"{spec.name}/tune"),
             storage_filesystem=store.fs,
-            callbacks=[Progress("confirm", planned), Retries()],
+            callbacks=[progress, Retries()],
             stop=StopOnCorrupt(),
             verbose=0,
             failure_config=tune.FailureConfig(max_failures=MAX_FAILURES),
         ),
     )
-    return fit(tuner)
+    return run_tuner(tuner)
 
 
 def run(spec: Spec, storage: str, **options) -> pd.DataFrame:
@@ -314,10 +389,13 @@ def run_recorded(
         check_machine(spec, num_cpus)
     store = open_store(storage)
     with driver_lease(store, spec.name):
-        check_storage(spec, store)
-        check_resume(spec, store, resume)
+        # The rows are read once per phase and passed along (on an object store every read
+        # is a LIST and a GET per row): here, after each Tune run, and not in between.
+        df = results.read(store, spec.name)  # names a damaged row file
+        check_storage(spec, store, df)
+        check_resume(spec, store, resume, df)
         record = Record()
-        df = _run(spec, store, address, num_cpus, max_concurrent, record)
+        df = _run(spec, store, df, address, num_cpus, max_concurrent, record)
         record.check(store, df)
         return df, record
 
@@ -334,8 +412,8 @@ def repair(spec: Spec, storage: str) -> str:
         df = results.read(store, spec.name)  # names a damaged row file
         if recorded_spec(spec, store) is None:
             record_spec(spec, store)
-        check_resume(spec, store, resume=True)
-        kept = rebuild(spec, store)
+        check_resume(spec, store, True, df)
+        kept = rebuild(spec, store, df)
     n = int((df["phase"] == "tune").sum()) if len(df) else 0
     old = f"the old journal is kept as {kept}" if kept else "there was no journal"
     return (
@@ -355,11 +433,13 @@ PASSES = 3
 def _run(
     spec: Spec,
     store: Store,
+    df: pd.DataFrame,
     address: str | None,
     num_cpus: int | None,
     max_concurrent: int | None,
     record: Record,
 ) -> pd.DataFrame:
+    """Tune, then confirm, from the rows `df` read at the start; return the rows at the end."""
     record_spec(spec, store)
     # A trials_per_cell range: confirm rows change a cell's noise (convergence.py: their std),
     # which can re-open it; it is tuned on and, if its best moved, re-confirmed.
@@ -368,37 +448,39 @@ def _run(
         tuned = 0
         for attempt in range(PASSES):
             quiet = attempt > 0 or round_ > 0
-            n = _tune(spec, store, address, num_cpus, max_concurrent, record, quiet=quiet)
+            n, df = _tune(spec, store, df, address, num_cpus, max_concurrent, record, quiet=quiet)
             tuned += n
             if not n:
                 break
         if round_ and not tuned:
             break
         for _ in range(PASSES):
-            if not confirm_plan(spec, results.read(store, spec.name)):
+            plan = confirm_plan(spec, df)
+            if not plan:
                 break
             start_ray(address, num_cpus)
-            record.add(confirm(spec, store.uri, slots(spec, max_concurrent)))
-    return results.read(store, spec.name)
+            record.add(confirm(spec, store, plan, slots(spec, max_concurrent)))
+            df = results.read(store, spec.name)
+    return df
 
 
 def _tune(
     spec: Spec,
     store: Store,
+    df: pd.DataFrame,
     address: str | None,
     num_cpus: int | None,
     max_concurrent: int | None,
     record: Record,
     quiet: bool,
-) -> int:
-    """Run the tuning runs the rows do not hold yet, adding what they wrote to `record`; return
-    how many were planned (at most)."""
+) -> tuple[int, pd.DataFrame]:
+    """Run the tuning runs the rows `df` do not hold yet, adding what they wrote to `record`;
+    return how many were planned (at most) and the rows after them (`df` if none ran)."""
     journal, sync = open_journal(spec, store)
     studies = open_studies(spec, store, journal)
-    done = reconcile(spec, store, studies)
+    done = reconcile(studies, df)
     sync()
-    rows = results.read(store, spec.name)
-    searcher = CellSearcher(spec, studies, done, sync, rows)
+    searcher = CellSearcher(spec, studies, done, sync, df)
     # Tune trials are runs: a prefix method's run is a trial in each of its cells (searcher.py).
     # With a range the total is not known up front: `remaining` is each open lead's max, and
     # the searcher ends the Tuner early (Searcher.FINISHED) once every cell is done.
@@ -414,27 +496,8 @@ def _tune(
             f"(trials_per_cell {low}-{high}), at most {remaining} runs to go"
         )
     if remaining == 0:
-        return 0
+        return 0, df
     start_ray(address, num_cpus)
-    cpu, gpu = spec.resources.get("cpu", 1), spec.resources.get("gpu", 0)
-    trainable = make_trainable(spec, store.uri, threads=max(1, int(cpu)))
-    tuner = tune.Tuner(
-        tune.with_resources(trainable, {"cpu": cpu, "gpu": gpu}),
-        tune_config=tune.TuneConfig(
-            search_alg=searcher,
-            num_samples=remaining,
-            max_concurrent_trials=slots(spec, max_concurrent),
-            reuse_actors=True,
-        ),
-        run_config=tune.RunConfig(
-            name=f"tune-{_now():%Y%m%d-%H%M%S}",
-            storage_path=store.path(f"{spec.name}/tune"),
-            storage_filesystem=store.fs,
-            callbacks=[Progress("tune", planned, rows), Retries()],
-            stop=StopOnCorrupt(),
-            verbose=0,
-            failure_config=tune.FailureConfig(max_failures=MAX_FAILURES),
-        ),
-    )
-    record.add(fit(tuner))
-    return remaining
+    concurrent, progress = slots(spec, max_concurrent), Progress("tune", planned, df)
+    record.add(run_phase(spec, store, "tune", searcher, remaining, concurrent, progress))
+    return remaining, results.read(store, spec.name)

@@ -9,13 +9,13 @@ from collections.abc import Callable
 from functools import partial
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from raysweep.base.domains import NonNegFloat, PosInt
 from raysweep.science.budget import Meter, counted_cost
 from raysweep.science.models import split_head
 
+from . import softmax
 from .steps import Pair, features, subset
 
 
@@ -73,8 +73,7 @@ def _newton_pass(
 
     @torch.no_grad()
     def run() -> None:
-        phi = prefix.eval()(x).flatten(1)
-        phi = torch.cat([phi, torch.ones_like(phi[:, :1])], 1)
+        phi = softmax.with_bias(prefix.eval()(x).flatten(1))
         theta = torch.cat([head.weight, head.bias[:, None]], 1)
         # all passes as one batched product and back (the FLOPs of a loop over them, counted
         # at once); meta tensors hold no values, so nothing is kept
@@ -96,35 +95,11 @@ def newton_steps(
 ) -> torch.Tensor:
     """`steps` damped Newton steps for softmax regression on `feats` (mean cross-entropy +
     weight_decay/2 ||theta||^2), theta (classes, features + 1) with the bias last; float64,
-    by conjugate gradient on Hessian-vector products, never forming H."""
-    phi = feats.flatten(1).double()
-    phi = torch.cat([phi, torch.ones_like(phi[:, :1])], 1)
-    onehot = F.one_hot(y, theta.shape[0]).double()
+    by conjugate gradient on Hessian-vector products, never forming H (softmax.py)."""
+    phi = softmax.with_bias(feats.flatten(1).double())
     for _ in range(steps):
         p = torch.softmax(phi @ theta.T, 1)
-        grad = (p - onehot).T @ phi / len(y) + weight_decay * theta
-
-        def hvp(v: torch.Tensor, p=p) -> torch.Tensor:
-            # H v for softmax regression: per row (diag(p) - p p^T) (phi v), back through phi.
-            u = phi @ v.T
-            s = p * u - p * (p * u).sum(1, keepdim=True)
-            return s.T @ phi / len(y) + (weight_decay + damping) * v
-
-        theta = theta - conjugate_gradient(hvp, grad, cg_steps)
+        grad = softmax.gradient(theta, phi, y, p, weight_decay)
+        hvp = partial(softmax.hessp, p=p, x=phi, ridge=weight_decay + damping)
+        theta = theta - softmax.conjugate_gradient(hvp, grad, cg_steps, rtol=1e-10)
     return theta
-
-
-def conjugate_gradient(hvp: Callable, b: torch.Tensor, steps: int, tol: float = 1e-10):
-    """x with hvp(x) = b for a symmetric positive definite hvp, from x = 0 in at most `steps`
-    iterations (stops once the residual is below `tol` relative to b)."""
-    x, r = torch.zeros_like(b), b.clone()
-    d, rr = r.clone(), (r * r).sum()
-    for _ in range(steps):
-        if rr.sqrt() <= tol * b.norm():
-            break
-        hd = hvp(d)
-        alpha = rr / (d * hd).sum()
-        x, r = x + alpha * d, r - alpha * hd
-        rr, rr_old = (r * r).sum(), rr
-        d = r + (rr / rr_old) * d
-    return x

@@ -6,6 +6,8 @@ cell, phase, attack, method, budget, seed and hyperparameters as params, every n
 as a metric, its status and provenance as tags, its start and end as the run's. The Parquet rows
 stay the record: runs are logged from them once the sweep returns, so a resumed or re-run sweep
 logs only the rows that are new or were replaced (a re-run confirm seed), never a duplicate.
+Part of the run, not of the report: a row's params are typed by its method's signature
+(rows.params_of), which takes the unlearners and so torch.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import pyarrow as pa
 
 from raysweep.analysis import results
 from raysweep.experiment.spec import Spec
+
+from . import rows
 
 EXTRA = "raysweep[mlflow]"
 ROW_TAG = "raysweep.row"  # which Parquet row a run is: <phase>-<cell>-<trial_number>
@@ -72,8 +76,8 @@ def row_key(row: dict) -> str:
 
 def metrics_of(row: dict) -> dict[str, float]:
     """Every number of the row MLflow can hold as a metric (nulls and NaN left out)."""
-    names = [c for c, t in results.COLUMNS.items() if t == pa.float64()]
-    names += [f"{m}_{k}" for m in results.MODELS_MEASURED for k in results.METRICS]
+    names = [c for c, column in results.COLUMNS.items() if column.type == pa.float64()]
+    names += list(results.measured_columns())
     out = {n: float(row[n]) for n in names if row.get(n) is not None}
     out |= {n: float(bool(row[n])) for n in FLAGS if row.get(n) is not None}
     return {n: v for n, v in out.items() if not math.isnan(v)}
@@ -83,7 +87,7 @@ def params_of(spec: Spec, row: dict) -> dict[str, str]:
     """The row's cell and design as params, and its hyperparameters as its method takes them."""
     design = {n: row[n] for n in PARAMS if row.get(n) is not None and not pd.isna(row[n])}
     design |= {n: int(design[n]) for n in ("seed", "trial_number", "tuned_trial") if n in design}
-    return {k: str(v) for k, v in (design | results.params_of(spec, row)).items()}
+    return {k: str(v) for k, v in (design | rows.params_of(spec, row)).items()}
 
 
 def _ms(t) -> int | None:
