@@ -47,7 +47,7 @@ from ray.tune.search import Searcher
 
 from raysweep.analysis.results import best_per_cell
 from raysweep.base.storage import open_store
-from raysweep.experiment.spec import Spec, distributions, trials_range, validate
+from raysweep.experiment.spec import Spec, distributions, validate
 from raysweep.experiment.trial import derive_seed, run_trial
 from raysweep.runner.searcher import (
     STOP_RULE,
@@ -74,7 +74,7 @@ def studies(spec: Spec, repeat: int) -> dict[str, optuna.Study]:
     for method, budget in spec.cells():
         name = cell_name(method, budget)
         seed = derive_seed(spec.seed, name, repeat) % 2**32
-        sampler = make_sampler(spec.sampler, seed, trials_range(spec)[1])
+        sampler = make_sampler(spec.sampler, seed, spec.trials_range()[1])
         out[name] = optuna.create_study(study_name=name, sampler=sampler)
         if name in leads:
             enqueue_first(spec, method, out[name])
@@ -133,7 +133,7 @@ def replay(spec: Spec, store, fixed: pd.DataFrame, missed: list):
 
 def terminator_stops(spec: Spec, fixed: pd.DataFrame) -> tuple[pd.DataFrame, float]:
     """The fixed sweep's rows a terminator-stopped sweep would hold, and seconds it took."""
-    low, high = trials_range(spec)
+    low, high = spec.trials_range()
     t0, keep = time.perf_counter(), []
     for lead, cells in runs(spec).items():
         mine = fixed[fixed["lead"] == lead]

@@ -7,7 +7,7 @@ Both designs run in this process on one prepared setup (no Ray), with the sweep'
   `trials` settings, each run at its budget; a cell's best is its own best row;
 - anytime (the sweep's design, `searcher.CellSearcher`): the largest cell's study (the same
   sampler and seed as its per-cell twin) samples settings; each run goes to the largest budget
-  and is measured at every smaller one on the way (`run_trial(checkpoints=...)`), and every
+  and is measured at every smaller one on the way (`run_trial(stops=...)`), and every
   smaller cell's study observes it; a cell's best is the best row at or below its budget
   (`results.best_per_cell`). It runs 3 x `trials` settings (the per-cell design's compute on
   this grid), read three ways: its first `trials` runs (equal settings, the sweep's fairness
@@ -46,7 +46,7 @@ from raysweep.experiment.spec import Spec, distributions, validate
 from raysweep.experiment.trial import derive_seed, prepare, run_trial
 from raysweep.runner.searcher import cell_name, make_sampler, observe
 
-BUDGETS = [0.02, 0.04, 0.06, 0.08, 0.10]  # the paper's grid (DESIGN section 3)
+BUDGETS = [0.02, 0.04, 0.06, 0.08, 0.10]  # the paper's grid (docs/design.md §3)
 # tpe_vs_random's setting: a small digits MLP whose spaces have a feasible boundary to find.
 SPEC = {
     "name": "bench-anytime",
@@ -95,7 +95,7 @@ def search(
         number = {lead: trial.number} | {n: observe(studies[n], trial) for n in smaller}
         reported = []
         args = (method, budgets[-1], {**fixed, **trial.params}, number[lead], reported.append)
-        run_trial(spec, store, *args, checkpoints=tuple(budgets[:-1]))
+        run_trial(spec, store, *args, stops=tuple(budgets[:-1]))
         for r in reported:
             name = cell_name(method, r["budget"])
             studies[name].tell(number[name], r["objective"])

@@ -14,7 +14,7 @@ from ray.tune.search import Searcher
 from raysweep.analysis import results
 from raysweep.analysis.convergence import convergence, finished, needed, patience_needed
 from raysweep.base.storage import open_store
-from raysweep.experiment.spec import SpecError, trials_range, validate
+from raysweep.experiment.spec import SpecError, validate
 from raysweep.reporting import report
 from raysweep.runner import sweep
 from raysweep.runner.cluster import record_spec
@@ -78,7 +78,7 @@ def _drive(
 @pytest.mark.parametrize("parallel", [1, 3])
 def test_min_for_every_cell_and_never_beyond_max(tmp_path, parallel, rule):
     spec = validate(copy.deepcopy(SPEC))
-    low, high = trials_range(spec)
+    low, high = spec.trials_range()
 
     # euk-b0.05 is never feasible (10 + shortfall: no r, so not done however flat: at max);
     # ngd-b0.05, a smaller cell, improves up to its 4th run (index 3), which the table's rule
@@ -104,7 +104,7 @@ def test_min_for_every_cell_and_never_beyond_max(tmp_path, parallel, rule):
 
 def test_a_plain_int_is_a_fixed_budget(tmp_path):
     spec = validate({**copy.deepcopy(SPEC), "trials_per_cell": 4})
-    assert trials_range(spec) == (4, 4)
+    assert spec.trials_range() == (4, 4)
     told = _drive(spec, open_store(str(tmp_path)), lambda c, n: 1.0)
     assert {len(v) for v in told.values()} == {4}  # converged at 2 already; runs on to 4
 
@@ -181,7 +181,7 @@ def test_resume_continues_the_allocation_without_repeating_a_trial(tmp_path):
     before is kept, none re-run; the sweep ends where an uninterrupted one ends (each cell at
     least min, at most max, converged or at max by the tuning rows)."""
     spec = validate({**copy.deepcopy(TINY_SPEC), "trials_per_cell": {"min": 2, "max": 4}})
-    low, high = trials_range(spec)
+    low, high = spec.trials_range()
     store = open_store(str(tmp_path))
     studies = open_studies(spec, store)
     searcher = CellSearcher(spec, studies, reconcile(studies, results.read(store, spec.name)))
@@ -225,7 +225,7 @@ def test_ray_sweep_ends_when_every_cell_is_done_and_confirms(local_ray, tmp_path
 
     raw = {**copy.deepcopy(TINY_SPEC), "trials_per_cell": {"min": 2, "max": 5}}
     spec = validate(raw | {"confirm": {"seeds": [1, 2]}})
-    low, high = trials_range(spec)
+    low, high = spec.trials_range()
     df = sweep.run(spec, str(tmp_path))
     tuned = df[df["phase"] == "tune"]
     counts = tuned.groupby("cell").size()

@@ -59,7 +59,7 @@ def snapshot(model):
 
 @pytest.mark.parametrize("model_name", ["mlp", "resnet18"])
 @pytest.mark.parametrize("method", ANYTIME)
-def test_a_checkpoint_equals_a_separate_run_to_it_bit_for_bit(method, model_name, data):
+def test_a_stop_equals_a_separate_run_to_it_bit_for_bit(method, model_name, data):
     seen = {}
     _, meter = run(method, model_name, data, CAP, STOPS, lambda u, m: seen.update({u: snapshot(m)}))
     assert sorted(seen) == list(STOPS) and meter.used <= CAP
@@ -75,14 +75,14 @@ def test_the_meter_splits_a_straddling_batch_and_uses_both_parts(gen):
     meter = Meter(40, (10.0, 25.0), stops.append)
     sizes = [len(yb) for _, yb in metered(meter, x, y, 16, gen)]
     assert sizes == [10, 6, 9, 7, 8] and stops == [10.0, 25.0] and meter.used == 40
-    # The rows are the same shuffled stream as without checkpoints, only cut at 10 and 25.
+    # The rows are the same shuffled stream as without stops, only cut at 10 and 25.
     plain = torch.cat([yb for _, yb in metered(Meter(40), x, y, 16, gen.manual_seed(0))])
     gen.manual_seed(0)
     cut = torch.cat([yb for _, yb in metered(Meter(40, (10.0, 25.0)), x, y, 16, gen)])
     assert torch.equal(plain, cut)
 
 
-def test_checkpoints_a_run_never_reaches_see_its_final_state():
+def test_stops_a_run_never_reaches_see_its_final_state():
     stops = []
     meter = Meter(100, (20.0, 60.0), stops.append)
     assert meter.take(30) == 20 and meter.take(5) == 5 and stops == [20.0]
@@ -91,17 +91,17 @@ def test_checkpoints_a_run_never_reaches_see_its_final_state():
 
 
 @pytest.mark.parametrize("method, params", [("gd", {"lr": 0.01}), ("ga", {"lr": 1e-4, "steps": 5})])
-def test_a_checkpoint_row_equals_a_separate_trial_at_that_budget(
+def test_a_stop_row_equals_a_separate_trial_at_that_budget(
     method, params, tiny_spec_dict, tmp_path
 ):
     spec = validate({**tiny_spec_dict, "budgets": [0.02, 0.05, 0.1]})
     store = open_store(str(tmp_path))
     rows = []
-    final = run_trial(spec, store, method, 0.1, params, 0, rows.append, checkpoints=(0.02, 0.05))
+    final = run_trial(spec, store, method, 0.1, params, 0, rows.append, stops=(0.02, 0.05))
     assert [r["budget"] for r in rows] == [0.02, 0.05, 0.1] and rows[-1] is final
     for i, budget in enumerate((0.02, 0.05)):
         below = (0.02,)[:i]  # a run at 0.05 is measured at 0.02 too, and split there
-        alone = run_trial(spec, store, method, budget, params, 0, lambda r: None, checkpoints=below)
+        alone = run_trial(spec, store, method, budget, params, 0, lambda r: None, stops=below)
         for key, value in alone.items():
             if key != "wall_s":
                 assert rows[i][key] == value or (value != value and rows[i][key] != rows[i][key]), (
@@ -109,12 +109,10 @@ def test_a_checkpoint_row_equals_a_separate_trial_at_that_budget(
                 )
 
 
-def test_per_budget_methods_refuse_checkpoints(tiny_spec_dict, tmp_path):
+def test_per_budget_methods_refuse_stops(tiny_spec_dict, tmp_path):
     spec = validate({**tiny_spec_dict, "methods": {"l1_sparse": {"lr": 0.01}}})
     with pytest.raises(ValueError, match="l1_sparse: its runs are not prefixes"):
-        run_trial(
-            spec, open_store(str(tmp_path)), "l1_sparse", 0.1, {}, 0, print, checkpoints=(0.05,)
-        )
+        run_trial(spec, open_store(str(tmp_path)), "l1_sparse", 0.1, {}, 0, print, stops=(0.05,))
 
 
 # ---------------------------------------------------------------- the sweep: one run, every cell
@@ -148,11 +146,11 @@ def test_a_run_is_a_trial_of_every_cell_and_each_study_is_told_its_row(anytime_s
         by_number = rows.set_index("trial_number")
         assert [t.value for t in trials] == list(by_number.loc[[0, 1], "objective"])
         assert [t.params["lr"] for t in trials] == list(by_number.loc[[0, 1], "hp_lr"])
-    # A checkpoint row is the separate run at its budget (same setting and trial number).
+    # A stop's row is the separate run at its budget (same setting and trial number).
     row = gd[gd["cell"] == "gd-b0.05"].iloc[0]
     lead = int(row["run_of"].split(":")[1])
     args = ("gd", 0.05, {"lr": row["hp_lr"]}, lead)
-    alone = run_trial(spec, open_store(storage), *args, lambda r: None, checkpoints=(0.02,))
+    alone = run_trial(spec, open_store(storage), *args, lambda r: None, stops=(0.02,))
     assert alone["residual"] == row["residual"] and alone["budget_units"] == row["budget_units"]
 
 
@@ -166,7 +164,7 @@ def test_a_failing_run_keeps_the_rows_of_the_budgets_it_passed(anytime_spec, tmp
     studies = open_studies(spec, store)
     searcher = CellSearcher(spec, studies, {})
     config = searcher.suggest("t")
-    assert config["cell"] == "gd-b0.1" and [c[:2] for c in config["checkpoints"]] == [
+    assert config["cell"] == "gd-b0.1" and [c[:2] for c in config["stops"]] == [
         ["gd-b0.02", 0.02],
         ["gd-b0.05", 0.05],
     ]
@@ -191,7 +189,7 @@ def test_an_interrupted_run_fails_in_every_cell_and_is_planned_again(anytime_spe
     for cell in ("gd-b0.02", "gd-b0.05", "gd-b0.1"):
         assert [t.state.name for t in studies[cell].trials] == ["FAIL"]
     config = searcher.suggest("t")
-    assert config["number"] == 1 and [c[2] for c in config["checkpoints"]] == [1, 1]
+    assert config["number"] == 1 and [c[2] for c in config["stops"]] == [1, 1]
     assert searcher.remaining == 2 * 4 - 1  # gd's lead and l1_sparse's three cells, 2 runs each
 
 
@@ -231,7 +229,7 @@ def test_a_cell_may_choose_a_smaller_budgets_row_and_confirms_it_there(tiny_spec
         ("gd-b0.05", 0.05, 1, 0),
         ("gd-b0.05", 0.05, 2, 0),
     ]
-    assert "checkpoints" not in plan[0]  # its setting: the journal's (sweep.tuned_settings)
+    assert "stops" not in plan[0]  # its setting: the journal's (sweep.tuned_settings)
 
 
 def test_the_anytime_bench_compares_both_designs_on_the_same_cells(capsys):

@@ -98,7 +98,7 @@ def test_deterministic_for_a_seed(attack):
 
 @pytest.mark.parametrize("attack", sorted(set(FAST) - {"gaussian"}))
 def test_inputs_stay_in_the_valid_range(attack):
-    # gaussian is exempt by design: its noise is unbounded (DESIGN section 2).
+    # gaussian is exempt by design: its noise is unbounded (docs/design.md §2).
     s, p = split(), poisoned(attack)
     assert (p.x >= s.x_min - 1e-5).all() and (p.x <= s.x_max + 1e-5).all()
 
@@ -344,7 +344,7 @@ def test_poisons_are_crafted_once_per_store_and_reloaded(tiny_spec_dict, tmp_pat
     assert len(calls) == 1
     for f in fields(a):
         assert _same(getattr(a, f.name), getattr(b, f.name)), f.name
-    fresh = real(s, trial.generator(3, "attack"), n=40)
+    fresh = real(s, trial.rng(3, "attack"), n=40)
     assert torch.equal(a.y, fresh.y) and torch.equal(a.poison_idx, fresh.poison_idx)
     (key,) = store.list("poisons")
     assert checkpoints.made_count(store, "poisons", key) == 1

@@ -37,10 +37,10 @@ def _setup(spec, store, seed):
 
 def second_retrain(spec, setup, seed) -> torch.nn.Module:
     """Another retrain model: the same clean rows, its own initialisation and batch order."""
-    init = trial.generator(seed, "retrain2", "init")
+    init = trial.rng(seed, "retrain2", "init")
     model = trial.build_model(spec, setup.split, init, setup.poisoned).to(trial.device())
     rows = setup.poisoned.without_poisons()
-    return train(model, *rows, trial.generator(seed, "retrain2"), **spec.train.kwargs())
+    return train(model, *rows, trial.rng(seed, "retrain2"), **spec.train.kwargs())
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

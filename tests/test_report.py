@@ -171,11 +171,11 @@ def test_pareto_front_keeps_only_undominated_points():
     assert tuning_figures.pareto_front(r, acc).tolist() == [5, 1, 0, 2]
 
 
-def _trial(cell, checkpoints=(), **result):
-    """A finished Tune trial as Progress sees it: rows in `checkpoints` cells, then its own."""
-    cells = [c for c, _, _ in checkpoints] + [cell]
+def _trial(cell, stops=(), **result):
+    """A finished Tune trial as Progress sees it: rows in `stops` cells, then its own."""
+    cells = [c for c, _, _ in stops] + [cell]
     result = {cell_key(k, c): v for c in cells for k, v in result.items()}
-    return SimpleNamespace(config={"cell": cell, "checkpoints": checkpoints}, last_result=result)
+    return SimpleNamespace(config={"cell": cell, "stops": stops}, last_result=result)
 
 
 def test_progress_shows_done_planned_best_r_and_failures(capsys):

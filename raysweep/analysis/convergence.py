@@ -140,9 +140,8 @@ def convergence(df: pd.DataFrame) -> pd.DataFrame:
 
 # The rules that can stop a cell of a `trials_per_cell` range -> the column of `convergence` saying
 # how many more trials each needs (0: the cell may stop). "converged": the table's rule;
-# "patience": settled (the module docstring). The sweep stops cells by STOP_RULE: at {8, 16} on
-# the quickstart grid it cost +0.05 in the best against a fixed 16, the table's rule +0.08
-# (bench/adaptive.py, 2026-12-05).
+# "patience": settled (the module docstring). The sweep stops cells by STOP_RULE, the one that
+# cost less in the best per unit saved (bench/results.md, entry `adaptive`).
 STOP_RULES = {"converged": "needed", "patience": "patience_needed"}
 STOP_RULE = "patience"
 

@@ -1,4 +1,4 @@
-"""Metrics (DESIGN section 4): each entry of METRICS maps (model, Probe) to named numbers.
+"""Metrics (docs/design.md §4): each entry of METRICS maps (model, Probe) to named numbers.
 
 The Gaussian Unlearning Score (paper's Algorithm 1): for poison i with clean input x_i, label y_i
 and training noise xi_i, g_i = grad_x loss(theta; x_i, y_i) at the clean input (eval mode) and
@@ -224,6 +224,8 @@ def errors(model: nn.Module, probe: Probe) -> dict[str, torch.Tensor]:
 
 
 def clean_acc(model: nn.Module, probe: Probe) -> dict[str, float]:
+    """Accuracy on clean val and test rows (utility, and `feasible`'s check), on the retain set
+    and on the forget set."""
     return {
         "clean_acc_val": accuracy(model, probe.x_val, probe.y_val),
         "clean_acc_test": accuracy(model, probe.x_test, probe.y_test),
@@ -281,7 +283,7 @@ class Objective:
     doc: str
 
 
-# The spec's `objective`. residual: |r| (DESIGN section 5); it cannot tell removal from hiding: a
+# The spec's `objective`. residual: |r| (docs/design.md §5); it cannot tell removal from hiding: a
 # mean back at 0 with a few poisons still memorised, or scores pushed past N(0, 1), read alike.
 # anderson_darling sees both, where the exact null (Gaussian poisoning) says what clean is. Its
 # values stay far below the infeasible 10 (trial.objective): 0.52-0.60 for the quickstart's

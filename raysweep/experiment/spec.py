@@ -418,11 +418,6 @@ def train_defaults() -> dict[str, Any]:
     return {name: p.default for name, p in keyword_params(train).items()}
 
 
-def trials_range(spec: Spec) -> tuple[int, int]:
-    """`Spec.trials_range`, under its former name."""
-    return spec.trials_range()
-
-
 def _trials_per_cell(src: str, value: Any) -> None:
     if not isinstance(value, dict):
         _check(src, "trials_per_cell", value, DOMAINS["trials_per_cell"])

@@ -61,7 +61,8 @@ def derive_seed(*parts) -> int:
     return int.from_bytes(digest[:8], "little") >> 1
 
 
-def generator(*parts) -> torch.Generator:
+def rng(*parts) -> torch.Generator:
+    """The random stream named by these labels (`derive_seed`): every draw of a trial has its own."""
     return torch.Generator().manual_seed(derive_seed(*parts))
 
 
@@ -121,14 +122,14 @@ def extractor_state(spec: Spec, store: Store, split: Split, seed: int) -> dict |
     cfg = extractor.config(spec, split, seed)
     if cfg is None:
         return None
-    init, stream = generator(seed, "extractor", "init"), generator(seed, "extractor")
+    init, stream = rng(seed, "extractor", "init"), rng(seed, "extractor")
     return ensure(store, cfg, lambda: extractor.fit(spec, split, init, stream, device()))
 
 
 def _forget_retain(poisoned: Poisoned, known_fraction: float, seed: int):
     """S_f = the known poisons (all, or a random fraction: partial discovery); S_r = the rest."""
     n_known = max(1, round(known_fraction * len(poisoned.poison_idx)))
-    pick = torch.randperm(len(poisoned.poison_idx), generator=generator(seed, "known"))[:n_known]
+    pick = torch.randperm(len(poisoned.poison_idx), generator=rng(seed, "known"))[:n_known]
     known = poisoned.poison_idx[pick.sort().values]
     is_forget = torch.zeros(len(poisoned.y), dtype=torch.bool)
     is_forget[known] = True
@@ -176,9 +177,7 @@ def poison(
         if through:
             model = build_model(spec, split, weights=weights)
             extra["extractor"] = extractor.frozen(model.to(device()))
-        crafted = fn(
-            moved(split, device()), generator(seed, "attack"), **extra, **_kwargs(spec.attack)
-        )
+        crafted = fn(moved(split, device()), rng(seed, "attack"), **extra, **_kwargs(spec.attack))
         tensors, scalars = to_tensors(moved(crafted, torch.device("cpu")), split)
         return tensors, {"scalars": scalars}
 
@@ -204,10 +203,8 @@ def prepare(spec_json: str, store_uri: str, seed: int) -> Setup:
     epochs = spec.train.epochs
 
     def fit(x, y, role):
-        model = lambda: build_model(spec, split, generator(seed, role, "init"), poisoned, weights)
-        return lambda: train(
-            model().to(device()), x, y, generator(seed, role), **spec.train.kwargs()
-        )
+        model = lambda: build_model(spec, split, rng(seed, role, "init"), poisoned, weights)
+        return lambda: train(model().to(device()), x, y, rng(seed, role), **spec.train.kwargs())
 
     cfg_p, cfg_r = (
         checkpoint_config(spec, split, seed, "poisoned"),
@@ -240,8 +237,7 @@ def prepare(spec_json: str, store_uri: str, seed: int) -> Setup:
         x_clean_poison=split.x_train[poisoned.poison_idx],
         control_noise=None
         if noise is None
-        else poisoned.eps
-        * torch.randn(noise.shape, generator=generator(seed, "control")).to(device()),
+        else poisoned.eps * torch.randn(noise.shape, generator=rng(seed, "control")).to(device()),
     )
     attack = spec.attack["name"]
     model_p = _loaded(spec, split, poisoned, state_p)
@@ -251,7 +247,7 @@ def prepare(spec_json: str, store_uri: str, seed: int) -> Setup:
         measure(model_r, probe, attack),
     )
     # Judged on val, as tuning reads it; one fixed bootstrap stream per seed.
-    res = resolution(units_p["val"], units_r["val"], generator(seed, "resolution"))
+    res = resolution(units_p["val"], units_r["val"], rng(seed, "resolution"))
     worked = RECORDS[attack].check.worked(before, after_retrain) and res <= MAX_RESOLUTION
     c_train = train_cost(epochs, len(poisoned.y))
     judged = {}
@@ -382,19 +378,19 @@ def run_trial(
     number: int,
     report: Callable[[dict], None],
     seed: int | None = None,
-    checkpoints: tuple[float, ...] = (),
+    stops: tuple[float, ...] = (),
     relearn: bool = False,
 ) -> dict:
     """Unlearn the poisoned model with one method and setting, measure it, report one row.
 
-    `checkpoints`: smaller budgets at which the same run is also measured (anytime budgets), each
+    `stops`: smaller budgets at which the same run is also measured (anytime budgets), each
     reported as a row of its own before the final one; only for methods outside PER_BUDGET.
     `relearn`: the final row also carries the relearning probe's columns (`relearn_columns`).
     """
     started = time.time()
     seed = spec.seed if seed is None else seed
     setup = prepare(json.dumps(spec.raw, sort_keys=True), store.uri, seed)
-    stops = sorted(b for b in checkpoints if b < budget)
+    stops = sorted(b for b in stops if b < budget)
     if stops and method in PER_BUDGET:
         raise ValueError(f"{method}: its runs are not prefixes of longer ones (PER_BUDGET)")
 
@@ -403,7 +399,7 @@ def run_trial(
 
     by_units = {b * setup.c_train: b for b in stops}
 
-    def at_checkpoint(units: float) -> None:
+    def at_stop(units: float) -> None:
         # Measured as the final model is (eval mode, no autocast), then put back as it was.
         modes = {m: m.training for m in model.modules()}
         with torch.autocast(device().type, enabled=False), torch.enable_grad():
@@ -411,11 +407,11 @@ def run_trial(
         for m, training in modes.items():
             m.train(training)
 
-    meter = Meter(budget * setup.c_train, tuple(by_units), at_checkpoint)
+    meter = Meter(budget * setup.c_train, tuple(by_units), at_stop)
     # A prefix method's stream does not depend on its budget: its run to a checkpoint is the
     # shorter run, bit for bit (tests/test_anytime.py).
     per_budget = (budget,) if method in PER_BUDGET else ()
-    gen = generator(seed, method, *per_budget, number)
+    gen = rng(seed, method, *per_budget, number)
     with autocast(spec.train.precision, model):  # as the model was trained
         UNLEARNERS[method](model, setup.probe.forget, setup.probe.retain, meter, gen, **params)
     meter.finish()
@@ -457,7 +453,7 @@ def relearn_columns(
     started = time.time()
     reference = retrain_relearned(json.dumps(spec.raw, sort_keys=True), store.uri, seed)
     after = probed(spec, setup, model, seed)
-    out = gaps(after, reference, generator(seed, "relearn", "bootstrap"))
+    out = gaps(after, reference, rng(seed, "relearn", "bootstrap"))
     return out | {"relearn_wall_s": time.time() - started}
 
 
@@ -481,7 +477,7 @@ def _row(spec, setup, model, method, number, seed, started, budget, used) -> dic
         setup.before_units["test"],
         units["test"],
         setup.retrain_units["test"],
-        generator(seed, method, budget, number, "bootstrap"),
+        rng(seed, method, budget, number, "bootstrap"),
     )
     r_lo, r_hi = unresolved_widened(r_lo, r_hi, r_test, setup.attack_ok, setup.resolution)
     # Feasible on val decides tuning; feasible on test decides what the report averages, so
@@ -528,7 +524,7 @@ def objective(
     spec: Spec, r_val: float, units_val: torch.Tensor, shortfall: float, feasible: bool
 ) -> float:
     """Minimise the spec's objective on val (metrics.OBJECTIVES: |r| unless it says otherwise)
-    subject to clean_acc_val >= retrain's - delta (DESIGN section 5).
+    subject to clean_acc_val >= retrain's - delta (docs/design.md §5).
 
     |r|, not r: overshooting the retrain reference (r < 0, e.g. a Gaussian score pushed positive)
     leaves a detectable trace too, and "better than retraining" is not what unlearning promises.

@@ -113,7 +113,7 @@ def _subsets(setup: trial.Setup, seed: int) -> dict[str, torch.Tensor]:
             "the baseline removes as many clean rows as poisons (lower attack.n)"
         )
     return {
-        kind: rows[torch.randperm(len(rows), generator=trial.generator(seed, "mechanism", kind))]
+        kind: rows[torch.randperm(len(rows), generator=trial.rng(seed, "mechanism", kind))]
         for kind, rows in pools.items()
     }
 

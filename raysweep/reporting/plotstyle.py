@@ -2,7 +2,7 @@
 
 Each method keeps one colour, marker and line style in every figure and every run (`style`);
 small multiples sit in rows of at most four panels; the legend sits outside the axes, under the
-title; every figure is at most `WIDTH` wide, so a README shows it at about 0.8x.
+title; every figure is at most `WIDTH` wide, so the docs show it at about 0.8x.
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ from optuna.storages.journal import JournalFileBackend, JournalStorage
 
 from raysweep.analysis.convergence import finished
 from raysweep.base.storage import CorruptStorage, RunStateError, Store, write_failed
-from raysweep.experiment.spec import Spec, trials_range
+from raysweep.experiment.spec import Spec
 
 from . import reaper
 
@@ -152,7 +152,7 @@ def check_resume(spec: Spec, store: Store, resume: bool | None, df: pd.DataFrame
         )
     if resume is False:
         n = int((df["phase"] == "tune").sum()) if len(df) else 0
-        low, high = trials_range(spec)
+        low, high = spec.trials_range()
         total = len(spec.cells()) * high  # a range's cells may stop before, converged
         if not changed and finished(df, spec.cells(), low, high):
             return  # the same spec, already complete: nothing runs, the table is shown again

@@ -29,7 +29,7 @@ from raysweep.base.storage import RunStateError, open_store
 from raysweep.experiment import footprint
 from raysweep.experiment.footprint import Footprint, Shape, bound, shape, trial
 from raysweep.experiment.metrics import input_gradients
-from raysweep.experiment.spec import Spec, trials_range
+from raysweep.experiment.spec import Spec
 from raysweep.experiment.trial import device as trial_device
 from raysweep.experiment.trial import oracles as trial_oracles
 from raysweep.poisoning.attacks import ATTACKS
@@ -43,7 +43,7 @@ from .searcher import runs
 from .sweep import confirm_plan
 
 # A trial's fixed cost beyond its counted work (Tune's scheduling, loading the poisoned model,
-# the float64 copy, the bootstrap interval): 0.85 s, DESIGN section 8's measurement of Tune's
+# the float64 copy, the bootstrap interval): 0.85 s, docs/design.md §8's measurement of Tune's
 # per-trial overhead; make quickstart's 152 tuning runs fit wall_s = 1.09 s + units / 48k per s.
 TRIAL_OVERHEAD_S = 0.85
 # Each phase starts a Tuner (and the first, Ray): outside any trial's work.
@@ -95,7 +95,7 @@ def counts(spec: Spec, df: pd.DataFrame) -> Counts:
     if len(tuned):
         lead_rows = tuned[tuned["cell"].isin(list(leads))]
         done = lead_rows.drop_duplicates(["cell", "trial_number"]).shape[0]
-    low, high = trials_range(spec)  # a range: the most it may run, and the least
+    low, high = spec.trials_range()  # a range: the most it may run, and the least
     tuning_runs = len(leads) * high
     seeds = (spec.seed, *spec.confirm.seeds)
     confirm_max = len(spec.cells()) * len(spec.confirm.seeds)
@@ -257,7 +257,7 @@ def make(spec: Spec, storage: str | None = None) -> Plan:
     # the smaller ones on the way), a PER_BUDGET method's at each budget.
     by_budget: dict[float, int] = {}
     for cells in runs(spec).values():
-        by_budget[cells[-1][1]] = by_budget.get(cells[-1][1], 0) + trials_range(spec)[1]
+        by_budget[cells[-1][1]] = by_budget.get(cells[-1][1], 0) + spec.trials_range()[1]
     tune = [
         work(f"unlearning runs at {b:g} of C_train", n, n * b * c_train)
         for b, n in sorted(by_budget.items())
@@ -468,7 +468,7 @@ def render(
         f"{sz.n_train:,} train / {sz.n_val:,} val / {sz.n_test:,} test rows",
         f"  one budget unit (an example's forward + backward) = {_n(plan.unit_flops)}FLOP; "
         f"a forward = {_n(plan.forward_flops)}FLOP ({plan.forward_flops / plan.unit_flops:.2f} of a unit)",
-        f"  C_train = {plan.c_train:,.0f} units; {c.cells} cells x {'-'.join(map(str, sorted(set(trials_range(spec)))))} trials; "
+        f"  C_train = {plan.c_train:,.0f} units; {c.cells} cells x {'-'.join(map(str, sorted(set(spec.trials_range()))))} trials; "
         f"seeds {', '.join(map(str, c.seeds))} (tuning, then confirm)",
     ]
     if c.tuning_runs_min < c.tuning_runs:
@@ -588,7 +588,7 @@ PAPER_PLANS = {
 
 def paper_plans() -> tuple[str, str]:
     """docs/plans.md (`raysweep plan` of every shipped paper-scale spec, with its assumptions)
-    and its summary table, which README's cluster section shows."""
+    and its summary table, which docs/cluster.md shows."""
     from raysweep.experiment.spec import load
 
     table = [

@@ -96,5 +96,5 @@ class Progress(tune.Callback):
 
 
 def _cells(config: dict) -> list[str]:
-    """The cells a trial has rows in: its checkpoints' (anytime budgets), then its own."""
-    return [c for c, _, _ in config.get("checkpoints", [])] + [config["cell"]]
+    """The cells a trial has rows in: its stops' (anytime budgets), then its own."""
+    return [c for c, _, _ in config.get("stops", [])] + [config["cell"]]

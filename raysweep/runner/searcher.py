@@ -2,7 +2,7 @@
 
 Anytime budgets: a method whose shorter runs are prefixes of longer ones (every method outside
 `unlearners.PER_BUDGET`) runs once, at its largest budget, and is measured at each smaller budget
-on the way (`trial.run_trial(checkpoints=...)`). Only the largest cell's study samples (the run's
+on the way (`trial.run_trial(stops=...)`). Only the largest cell's study samples (the run's
 *lead*); each smaller cell's study receives the same setting as a trial of its own, so every
 study holds one row per setting it observed and is told that row's value. (Letting the cells take
 turns at sampling, each study steering towards its own budget's optimum, was tried with a
@@ -38,7 +38,7 @@ from ray.tune.search import Searcher
 
 from raysweep.analysis.convergence import STOP_RULE, STOP_RULES, convergence, needed
 from raysweep.base.storage import Store
-from raysweep.experiment.spec import Spec, distributions, trials_range
+from raysweep.experiment.spec import Spec, distributions
 from raysweep.experiment.trial import derive_seed
 from raysweep.unlearning.unlearners import PER_BUDGET
 
@@ -88,7 +88,7 @@ def open_studies(
     for method, budget in spec.cells():
         name = cell_name(method, budget)
         seed = derive_seed(spec.seed, name) % 2**32
-        sampler = make_sampler(spec.sampler, seed, trials_range(spec)[1])
+        sampler = make_sampler(spec.sampler, seed, spec.trials_range()[1])
         if name in existing:  # create_study(load_if_exists) would append a line to find out
             studies[name] = optuna.load_study(study_name=name, storage=storage, sampler=sampler)
             continue
@@ -105,7 +105,7 @@ def enqueue_first(spec: Spec, method: str, study: optuna.Study) -> None:
     sweep tries the first ones. Only a new study gets them: a resumed one already ran (or queued)
     its own.
     """
-    for params in spec.tried_first.get(method, [])[: trials_range(spec)[1]]:
+    for params in spec.tried_first.get(method, [])[: spec.trials_range()[1]]:
         study.enqueue_trial(params)
 
 
@@ -153,7 +153,7 @@ class CellSearcher(Searcher):
         self.runs = runs(spec)
         self.cells = {cell_name(m, b): (m, b) for m, b in spec.cells()}
         self.spaces = {m: distributions(m, s) for m, s in spec.methods.items()}
-        self.low, self.high = trials_range(spec)
+        self.low, self.high = spec.trials_range()
         self.started = {lead: len(done.get(lead, ())) for lead in self.runs}
         self.told = dict(self.started)
         self.live: dict[str, list[tuple[str, int]]] = {}
@@ -203,10 +203,10 @@ class CellSearcher(Searcher):
         trial = self.studies[lead].ask(dists)
         # The smaller cells observe the same setting: a running trial in each one's study.
         smaller = self.runs[lead][:-1]
-        checkpoints = [[name, b, observe(self.studies[name], trial)] for name, b in smaller]
+        stops = [[name, b, observe(self.studies[name], trial)] for name, b in smaller]
         self.sync()  # before the trial can start, so a resumed driver knows it was asked
         self.started[lead] += 1
-        self.live[trial_id] = [(c, n) for c, _, n in checkpoints] + [(lead, trial.number)]
+        self.live[trial_id] = [(c, n) for c, _, n in stops] + [(lead, trial.number)]
         return {
             "phase": "tune",
             "cell": lead,
@@ -216,7 +216,7 @@ class CellSearcher(Searcher):
             "seed": self.spec.seed,
             "tuned_trial": None,
             "params": {**fixed, **trial.params},
-            "checkpoints": checkpoints,  # [cell, budget, trial number in its study]
+            "stops": stops,  # [cell, budget, trial number in its study]
         }
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):

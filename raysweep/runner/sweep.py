@@ -2,7 +2,7 @@
 
 Why one Tuner with a multiplexing searcher instead of one Tuner per cell: all cells share the
 cluster at once (no idle CPUs while the last trials of one cell finish), and each cell still has
-its own study, so a sampler never trades one method's trials for another's (DESIGN section 5).
+its own study, so a sampler never trades one method's trials for another's (docs/design.md §5).
 Studies live in an Optuna journal under the run's storage, which is also what makes a
 resumed run continue each study instead of restarting it (cluster.py: Ray, journal, resume).
 """
@@ -25,7 +25,7 @@ from ray.tune.search import Searcher
 
 from raysweep.analysis import results
 from raysweep.base.storage import CorruptStorage, Store, driver_lease, open_store
-from raysweep.experiment.spec import Spec, distributions, trials_range
+from raysweep.experiment.spec import Spec, distributions
 from raysweep.experiment.trial import run_trial
 
 from .cluster import (
@@ -48,12 +48,12 @@ def _now() -> dt.datetime:
 
 def execute(spec: Spec, store: Store, config: dict) -> list[dict]:
     """Run one trial of either phase from its config and write its rows (ok or failed): one per
-    budget its run is measured at (`checkpoints`, smaller budgets' cells), its own budget last.
+    budget its run is measured at (`stops`, smaller budgets' cells), its own budget last.
 
-    A run that fails still has ok rows for the checkpoints it passed: a run stopped there is
+    A run that fails still has ok rows for the stops it passed: a run stopped there is
     exactly that row (anytime budgets); the budgets it did not reach get failed rows.
     """
-    at = {b: (cell, number) for cell, b, number in config.get("checkpoints", [])}
+    at = {b: (cell, number) for cell, b, number in config.get("stops", [])}
     at[config["budget"]] = (config["cell"], config["number"])
     base = {
         "experiment": spec.name,
@@ -83,7 +83,7 @@ def execute(spec: Spec, store: Store, config: dict) -> list[dict]:
             *args,
             report=lambda row: measured.update({row["budget"]: row}),
             seed=config["seed"],
-            checkpoints=smaller,
+            stops=smaller,
             relearn=config["phase"] == "confirm",  # the relearning probe: confirm rows only
         )
     except CorruptStorage:
@@ -196,7 +196,7 @@ def confirm_plan(spec: Spec, df: pd.DataFrame) -> list[dict]:
     """The confirm trials still to run: each cell's best tuned setting on each fresh seed.
 
     A cell's best may be a row at a smaller budget (`from_budget`): it is re-run as that row ran,
-    in its own cell at its own budget, without checkpoints, once for every cell that chose it.
+    in its own cell at its own budget, without stops, once for every cell that chose it.
     A (cell, seed) is done when its ok row re-ran the current best; if more tuning changed the
     best, the row (same file name: phase, cell, seed) is re-run and replaced, never duplicated.
     """
@@ -443,7 +443,7 @@ def _run(
     record_spec(spec, store)
     # A trials_per_cell range: confirm rows change a cell's noise (convergence.py: their std),
     # which can re-open it; it is tuned on and, if its best moved, re-confirmed.
-    low, high = trials_range(spec)
+    low, high = spec.trials_range()
     for round_ in range(PASSES if low < high else 1):
         tuned = 0
         for attempt in range(PASSES):
@@ -485,7 +485,7 @@ def _tune(
     # With a range the total is not known up front: `remaining` is each open lead's max, and
     # the searcher ends the Tuner early (Searcher.FINISHED) once every cell is done.
     remaining = searcher.remaining
-    low, high = trials_range(spec)
+    low, high = spec.trials_range()
     planned = dict.fromkeys(searcher.cells, high)
     total, recorded = sum(planned.values()), sum(len(done.get(c, ())) for c in planned)
     if (remaining or not quiet) and low == high:

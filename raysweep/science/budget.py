@@ -1,4 +1,4 @@
-"""The compute budget every unlearner runs under (DESIGN section 3).
+"""The compute budget every unlearner runs under (docs/design.md §3).
 
 Unit: one example's forward+backward pass through the whole model, as training runs it. A pass
 that costs something else (a teacher's forward, a frozen prefix run without grad, training only
@@ -8,9 +8,9 @@ the backward costs two forwards, which no first layer does: it needs no input gr
 quickstart MLP's forward is 0.43 of a unit). Methods ask the meter before each batch; it grants
 as many examples as still fit, so the cap can never be exceeded.
 
-Checkpoints ("anytime budgets"): a meter may also stop at smaller caps on the way. It grants no
-example past a checkpoint until the run has been measured there (`at_checkpoint`), so a batch that
-straddles one is split, and the state measured is exactly where a run capped at that checkpoint
+Stops ("anytime budgets"): a meter may also stop at smaller caps on the way. It grants no
+example past a stop until the run has been measured there (`at_stop`), so a batch that
+straddles one is split, and the state measured is exactly where a run capped at that stop
 would have ended; then it grants again, from the same state and the same random stream.
 """
 
@@ -26,20 +26,20 @@ from torch import nn
 
 
 class Meter:
-    """Counts units spent against a fixed cap (and stops at `checkpoints`, units below it)."""
+    """Counts units spent against a fixed cap (and is measured at `stops`, units below it)."""
 
     def __init__(
         self,
         cap: float,
-        checkpoints: tuple[float, ...] = (),
-        at_checkpoint: Callable[[float], None] = lambda units: None,
+        stops: tuple[float, ...] = (),
+        at_stop: Callable[[float], None] = lambda units: None,
     ):
         if cap < 0:
             raise ValueError(f"budget cap must be >= 0, got {cap}")
         self.cap = float(cap)
         self.used = 0.0
-        self.stops = sorted(float(c) for c in checkpoints if c < cap)
-        self.at_checkpoint = at_checkpoint
+        self.stops = sorted(float(c) for c in stops if c < cap)
+        self.at_stop = at_stop
 
     @property
     def left(self) -> float:
@@ -52,14 +52,14 @@ class Meter:
             if granted > 0 or not self.stops or n == 0:
                 break
             # Nothing more fits before the next checkpoint: a run capped there ends here.
-            self.at_checkpoint(self.stops.pop(0))
+            self.at_stop(self.stops.pop(0))
         self.used += granted * cost
         return granted
 
     def finish(self) -> None:
-        """The run ended: checkpoints it never reached see its final state (it stopped early)."""
+        """The run ended: stops it never reached see its final state (it stopped early)."""
         while self.stops:
-            self.at_checkpoint(self.stops.pop(0))
+            self.at_stop(self.stops.pop(0))
 
     def fraction_used(self) -> float:
         return self.used / self.cap if self.cap else 0.0
@@ -151,7 +151,7 @@ def metered(
     cost: float = 1.0,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Batches of (x, y) charged to `meter`; the last one is truncated to what the budget allows,
-    and one that straddles a checkpoint is split there into two (both are used)."""
+    and one that straddles a stop is split there into two (both are used)."""
     for xb, yb in batches(x, y, batch_size, generator):
         while len(yb):
             granted = meter.take(len(yb), cost)

@@ -8,7 +8,7 @@ where `forget` and `retain` are `(x, y)` tensor pairs (S_f and S_r), `meter` cap
 (see budget.py) and `generator` is the only source of randomness. Adding a method = one function
 here and one line in UNLEARNERS; the contract tests in tests/test_unlearners.py pick it up.
 
-Every pass is paid for before it runs (DESIGN section 3): a student forward+backward is 1 unit
+Every pass is paid for before it runs (docs/design.md §3): a student forward+backward is 1 unit
 per example, a frozen teacher's forward `budget.forward_cost` (its counted FLOPs over a unit's),
 EUk/CFk's frozen prefix and last-k-blocks passes their own counted costs (`steps.last_costs`),
 a per-example gradient (SSD's Fisher, SalUn's saliency) 1. One-off passes that the budget cannot
@@ -378,7 +378,7 @@ def ssd(
 # Methods whose run at a smaller budget is not the prefix of their run at a larger one: one-off
 # passes sized to the budget (euk/cfk featurise, ssd/salun score a subsample of what it affords)
 # or a schedule over the total (l1_sparse). Each budget is a run of its own; every other method
-# runs once to its largest budget and is measured on the way (budget.Meter checkpoints).
+# runs once to its largest budget and is measured on the way (budget.Meter's stops).
 PER_BUDGET = frozenset({"euk", "cfk", "ssd", "salun", "l1_sparse", "newton"})
 
 UNLEARNERS = {
