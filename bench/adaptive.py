@@ -98,7 +98,7 @@ def sweep(spec: Spec, repeat: int, execute, rule: str = STOP_RULE) -> pd.DataFra
 
 def run(spec: Spec, store, config: dict) -> list[dict]:
     """One run as sweep.execute makes it, its rows kept in memory (no Parquet)."""
-    at = {b: (c, n) for c, b, n in config["checkpoints"]}
+    at = {b: (c, n) for c, b, n in config["stops"]}
     at[config["budget"]] = (config["cell"], config["number"])
     measured = {}
     args = (config["method"], config["budget"], config["params"], config["number"])

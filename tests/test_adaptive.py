@@ -64,7 +64,7 @@ def _drive(
         if not live:
             continue
         trial_id, config = live.pop(0)
-        cells = [(c, n) for c, _, n in config["checkpoints"]] + [(config["cell"], config["number"])]
+        cells = [(c, n) for c, _, n in config["stops"]] + [(config["cell"], config["number"])]
         result = {objective_key(c): objective(c, n) for c, n in cells}
         result |= {f"resolution@{c}": 0.1 for c, _ in cells}
         result |= {f"feasible@{c}": result[objective_key(c)] < 10 for c, _ in cells}

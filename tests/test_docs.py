@@ -189,3 +189,28 @@ def test_the_spec_example_validates(tmp_path):
     path.write_text(example.group(1))
     assert yaml.safe_load(path.read_text())["name"] == "quickstart"
     spec.load(path)  # raises SpecError naming the key if the example drifted from the code
+
+
+def test_the_new_unlearner_recipe_runs_as_written(monkeypatch, tiny_spec_dict, tmp_path):
+    """docs/extending.md's recipe, pasted as it stands: the function and its one table line make
+    an unlearner that validates from its signature and runs a metered trial to a row."""
+    from raysweep.base.storage import open_store
+    from raysweep.experiment.trial import run_trial
+    from raysweep.unlearning import unlearners
+
+    page = (DOCS / "extending.md").read_text()
+    code = re.search(r"```python\n(.*?)```", page, re.S).group(1)
+    definition, table_line = code.split("\nUNLEARNERS = ")
+    assert (
+        table_line.strip() == '{..., "my_method": my_method}'
+    )  # the one line, as the docs show it
+    namespace = dict(vars(unlearners))
+    exec(definition, namespace)
+    monkeypatch.setitem(unlearners.UNLEARNERS, "my_method", namespace["my_method"])
+
+    with pytest.raises(spec.SpecError, match="my_method.*batch_size"):
+        spec.validate({**tiny_spec_dict, "methods": {"my_method": {"batch_size": 0}}})
+    valid = spec.validate({**tiny_spec_dict, "methods": {"my_method": {"lr": 1e-3}}})
+    row = run_trial(valid, open_store(str(tmp_path)), "my_method", 0.05, {"lr": 1e-3}, 0, print)
+    # it spent its budget (within the cap, as the meter grants) and moved the model
+    assert 0.9 < row["budget_used"] <= 1 and row["after_gus"] != row["before_gus"]

@@ -63,7 +63,7 @@ def _suggest_all(spec, storage) -> list[dict]:
     configs = []
     while (config := searcher.suggest(f"t{len(configs)}")) is not CellSearcher.FINISHED:
         configs.append(config)
-        cells = [c for c, _, _ in config["checkpoints"]] + [config["cell"]]
+        cells = [c for c, _, _ in config["stops"]] + [config["cell"]]
         result = {cell_key("objective", c): 0.5 for c in cells}
         searcher.on_trial_complete(f"t{len(configs) - 1}", result)
     return configs
@@ -73,7 +73,7 @@ def _observed(configs) -> dict[str, list[tuple[int, dict]]]:
     """Each cell's (trial number, setting) in order: its own runs and its lead's checkpoints."""
     out = {}
     for c in configs:
-        for cell, _, number in [*c["checkpoints"], [c["cell"], c["budget"], c["number"]]]:
+        for cell, _, number in [*c["stops"], [c["cell"], c["budget"], c["number"]]]:
             out.setdefault(cell, []).append((number, c["params"]))
     return out
 
