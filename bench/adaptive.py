@@ -104,7 +104,7 @@ def run(spec: Spec, store, config: dict) -> list[dict]:
     args = (config["method"], config["budget"], config["params"], config["number"])
     smaller = tuple(b for b in at if b < config["budget"])
     try:
-        run_trial(spec, store, *args, report=lambda r: measured.update({r["budget"]: r}), checkpoints=smaller)  # fmt: skip
+        run_trial(spec, store, *args, report=lambda r: measured.update({r["budget"]: r}), stops=smaller)  # fmt: skip
     except Exception:  # a diverged setting: failed rows, as sweep.execute writes them
         pass
     failed = dict.fromkeys(KEEP, math.nan) | {"feasible": False}
