@@ -228,9 +228,9 @@ def test_rows_typed_by_a_literal_before_still_read(tmp_path, tiny_spec_dict):
 def _recording_run_trial(received: list):
     """run_trial without compute: records the setting it is handed, reports a row per budget."""
 
-    def run_trial(spec, store, method, budget, params, number, report, seed, checkpoints, **_):
+    def run_trial(spec, store, method, budget, params, number, report, seed, stops, **_):
         received.append(dict(params))
-        for b in (*checkpoints, budget):
+        for b in (*stops, budget):
             report({"budget": b, "objective": 1.0 / (number + 2), "feasible": True,
                     "feasible_test": True, "residual_val": 0.5, "residual": 0.5})  # fmt: skip
 

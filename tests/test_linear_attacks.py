@@ -11,7 +11,7 @@ import torch
 from raysweep.base.storage import open_store
 from raysweep.experiment.metrics import logits
 from raysweep.experiment.spec import validate
-from raysweep.poisoning import crafting
+from raysweep.poisoning import attacks, crafting
 from raysweep.poisoning.attacks import ATTACKS
 from raysweep.science.data import digits
 from raysweep.science.models import Frozen, mlp, seeded, split_head
@@ -89,7 +89,8 @@ def test_trial_hands_a_linear_models_extractor_to_the_attack(tiny_spec_dict, tmp
         seen.append(extractor)
         return real(split, generator, extractor, **kw)
 
-    monkeypatch.setitem(ATTACKS, "gradient_matching", spy)
+    # ATTACKS reads the record's crafting function from poisoning/attacks.py when it is used
+    monkeypatch.setattr(attacks, "gradient_matching", spy)
     attack = {"name": "gradient_matching", **FAST["gradient_matching"], **SURROGATE}
     model = {"name": "linear", "width": 16, "depth": 1, "extractor_epochs": 2}
     spec = validate({**tiny_spec_dict, "model": model, "attack": attack}, "<test>")
