@@ -11,7 +11,9 @@ the first half of its trials) and for Optuna's own terminator (`optuna.terminato
   and only where it stops differs;
 - terminator (at --min): the fixed sweep's rows read in order, a lead stopped at the first
   n >= MIN where `optuna.terminator.Terminator` (regret bound of a GP, against a static error =
-  the run's resolution of r, the noise the project's rule uses) says stop for all its cells.
+  the run's resolution of r, the noise the project's rule uses) says stop for all its cells;
+- hindsight (at --min): each lead's stop chosen knowing all the fixed runs, at the target's
+  units: the least loss any stopping rule could reach (`hindsight`).
 Units: each run's own row's `budget_units` (a prefix method's run serves its smaller cells).
 Best: `results.best_per_cell` (feasible first, lowest objective: |r| on val, 10 + shortfall if
 infeasible). Over sampler seeds, as bench/anytime.py reads it: the mean over cells x seeds of
@@ -38,6 +40,7 @@ import time
 import warnings
 from pathlib import Path
 
+import numpy as np
 import optuna
 import pandas as pd
 import torch
@@ -179,6 +182,28 @@ def _units(df: pd.DataFrame) -> float:
     return df.groupby(["lead", "run"])["budget_units"].max().sum()
 
 
+def hindsight(fixed: pd.DataFrame, best: pd.Series, low: int) -> tuple[float, pd.Series]:
+    """What no stopping rule can beat: each lead's stop n in [low, max] chosen knowing every
+    fixed run, minimising the summed best - fixed's best over cells within 1/TARGET of the fixed
+    units. A multiple-choice knapsack, solved over a sweep of Lagrange weights on units (exact
+    enough: the curves are few and short). -> (units ratio, best - fixed's best per cell)."""
+    curves = []  # per lead: (units, summed loss, its cells' best - fixed's best) at each stop
+    for _, mine in fixed.groupby("lead"):
+        curve = []
+        for n in range(low, mine["run"].max() + 2):
+            prefix = mine[mine["run"] < n]
+            worse = _bests(prefix) - best
+            curve.append((_units(prefix), float(worse.sum()), worse.dropna()))
+        curves.append(curve)
+    total, chosen = _units(fixed), [c[0] for c in curves]  # all at `low` if nothing else fits
+    for weight in np.logspace(-9, 1, 400):
+        pick = [min(c, key=lambda point: point[1] + weight * point[0]) for c in curves]
+        fits = sum(u for u, _, _ in pick) <= total / TARGET
+        if fits and sum(w for _, w, _ in pick) < sum(w for _, w, _ in chosen):
+            chosen = pick
+    return total / sum(u for u, _, _ in chosen), pd.concat([w for _, _, w in chosen])
+
+
 def fixed_sweep(spec: Spec, store, repeat: int, keep: str | None) -> pd.DataFrame:
     """The fixed sweep's rows; with `keep` (a folder), read from or written to a file there, so
     that rules compared on the same runs do not re-run them (a run is deterministic given the
@@ -211,6 +236,7 @@ def one_repeat(base: dict, store, low: int, high: int, repeat: int, also: list[i
         for rule in STOP_RULES:
             rows = sweep(spec, repeat, replay(spec, store, fixed, missed), rule)
             variants[rule, m] = (_units(rows), _bests(rows) - best, rows.groupby("cell").size())
+    hindsight_ratio, hindsight_worse = hindsight(fixed, best, low)
     term, term_s = terminator_stops(specs[low], fixed)
     variants["terminator", low] = (_units(term), _bests(term) - best, term.groupby("cell").size())
     return {
@@ -218,6 +244,7 @@ def one_repeat(base: dict, store, low: int, high: int, repeat: int, also: list[i
         "fixed_best": best,
         "variants": variants,
         "missed": len(missed),
+        "hindsight": (hindsight_ratio, hindsight_worse),
         "fixed_s": fixed_s,
         "terminator_s": term_s,
         "resolution": float(fixed["resolution"].dropna().iloc[0]),
@@ -279,6 +306,14 @@ def main(argv: list[str] | None = None) -> dict:
         out |= {f"{key}_units_ratio": ratios.mean(), f"{key}_worse_mean": mean}
         out |= {f"{key}_worse_lo": lo, f"{key}_worse_hi": hi, f"{key}_observed_mean": obs.mean()}
         out |= {f"{key}_target_met": met}
+    # The bound: stops chosen in hindsight at the target's units. Near 0 means the target is
+    # reachable in principle and a rule is missing foresight, not trials.
+    h_ratio = pd.Series([r["hindsight"][0] for r in reps]).mean()
+    h_mean, h_lo, h_hi = mean_ci([r["hindsight"][1] for r in reps])
+    print(f"hindsight min {args.min}: units fixed / stopped {h_ratio:.2f}x, best - fixed's best "
+          f"{h_mean:+.4f} [{h_lo:+.4f}, {h_hi:+.4f}] (each lead's stop chosen knowing all runs)")  # fmt: skip
+    out |= {"hindsight_units_ratio": h_ratio, "hindsight_worse_mean": h_mean}
+    out |= {"hindsight_worse_lo": h_lo, "hindsight_worse_hi": h_hi}
     out["target_met"] = out[f"{STOP_RULE}_min{args.min}_target_met"]  # the searcher's own rule
     out["fixed_s_per_seed"] = sum(r["fixed_s"] for r in reps) / len(reps)
     out["fixed_rows_kept"] = bool(args.keep)  # then fixed_s is reading them, not running

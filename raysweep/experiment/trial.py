@@ -408,7 +408,7 @@ def run_trial(
             m.train(training)
 
     meter = Meter(budget * setup.c_train, tuple(by_units), at_stop)
-    # A prefix method's stream does not depend on its budget: its run to a checkpoint is the
+    # A prefix method's stream does not depend on its budget: its run to a stop is the
     # shorter run, bit for bit (tests/test_anytime.py).
     per_budget = (budget,) if method in PER_BUDGET else ()
     gen = rng(seed, method, *per_budget, number)
