@@ -1,8 +1,7 @@
 """Adaptive trials per cell against a fixed budget, on the quickstart's grid: the unlearning units
 each spends and the best each finds per cell, for each rule that can stop a cell
-(`convergence.STOP_RULES`: the table's `converged`; `patience`, converged with its best set in
-the first half of its trials; `patience_third`, in the first third, gains under 0.01 not
-counted) and for Optuna's own terminator (`optuna.terminator`).
+(`convergence.STOP_RULES`: the table's `converged`, and `patience`, converged with its best set
+in the first half of its trials) and for Optuna's own terminator (`optuna.terminator`).
 
 - fixed: `trials_per_cell: MAX`, the sweep's searcher (`searcher.CellSearcher`) in this process;
 - adaptive: `trials_per_cell: {min: MIN, max: MAX}` for MIN in --min and --also, the same
@@ -314,7 +313,9 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--min", type=int, default=8, help="trials_per_cell min (adaptive)")
     p.add_argument("--max", type=int, default=32, help="its max, and the fixed sweep's count")
-    p.add_argument("--repeats", type=int, default=5, help="sampler seeds")
+    p.add_argument(
+        "--repeats", type=int, default=10, help="sampler seeds (5 gave opposite verdicts)"
+    )
     p.add_argument("--also", default="", help="other mins (comma-separated), on the same runs")
     p.add_argument("--methods", default=None, help="comma-separated (default: the quickstart's)")
     p.add_argument("--first-seed", type=int, default=0, help="sampler seeds from this one")

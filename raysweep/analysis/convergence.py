@@ -97,34 +97,17 @@ def needed(objectives: list[float], threshold: float) -> float:
     return n - len(objectives)
 
 
-# An improvement of the best by this little (objective units: 1 % of the poison's effect in |r|)
-# does not count as the search still finding better settings (`patience_needed`'s tolerance):
-# on flat cells, where every setting leaves r near 1, the best creeps down by thousandths and
-# a rule that counts those keeps such cells running to max for nothing (bench/adaptive.py).
-TOLERANCE = 0.01
-
-
-def patience_needed(
-    objectives: list[float], threshold: float, share: int = 2, tolerance: float = 0.0
-) -> float:
+def patience_needed(objectives: list[float], threshold: float) -> float:
     """More ok trials, none improving the best, before a cell whose ok trials returned
     `objectives` is settled (the module docstring): what `needed` asks, and enough that the
-    trial which brought the best to within `tolerance` of where it is lies in the first
-    1/`share` of them. Settled at n trials iff that trial j (0-based) has n >= share * j + 1
-    (share 2: j < ceil(n / 2), the first half)."""
+    trial which set the best lies in the first half. Settled at n trials iff the best was set
+    by trial j (0-based) < ceil(n / 2), i.e. n >= 2 j + 1."""
     more = needed(objectives, threshold)
     if not objectives or math.isinf(more):
         return more
     running = pd.Series(objectives).cummin()
-    best_at = int((running - running.iloc[-1] <= tolerance).to_numpy().argmax())
-    return max(more, share * best_at + 1 - len(objectives))
-
-
-def patience_third_needed(objectives: list[float], threshold: float) -> float:
-    """`patience_needed` in thirds, blind to gains under TOLERANCE: settled when converged and
-    the best, to within TOLERANCE, was set in the first third of its trials, so each real new
-    best buys the search twice as many trials again as it took to find it."""
-    return patience_needed(objectives, threshold, share=3, tolerance=TOLERANCE)
+    best_at = int((running == running.iloc[-1]).to_numpy().argmax())
+    return max(more, 2 * best_at + 1 - len(objectives))
 
 
 def convergence(df: pd.DataFrame) -> pd.DataFrame:
@@ -147,25 +130,19 @@ def convergence(df: pd.DataFrame) -> pd.DataFrame:
         done = bool(improved <= threshold)
         more = needed(list(per_step), threshold)
         patience = patience_needed(list(per_step), threshold)
-        third = patience_third_needed(list(per_step), threshold)
         out.append(dict(zip(CELL, key)) | {"trials": n, "best": best, "best_before": before,
                     "improvement": improved, "threshold": threshold, "converged": done,
-                    "needed": more, "patience_needed": patience,
-                    "patience_third_needed": third})  # fmt: skip
+                    "needed": more, "patience_needed": patience})  # fmt: skip
     return pd.DataFrame(out, columns=[*CELL, "trials", "best", "best_before", "improvement",
-                                      "threshold", "converged", "needed", "patience_needed",
-                                      "patience_third_needed"])  # fmt: skip
+                                      "threshold", "converged", "needed",
+                                      "patience_needed"])  # fmt: skip
 
 
 # The rules that can stop a cell of a `trials_per_cell` range -> the column of `convergence` saying
 # how many more trials each needs (0: the cell may stop). "converged": the table's rule;
 # "patience": settled (the module docstring). The sweep stops cells by STOP_RULE, the one that
 # cost less in the best per unit saved (bench/results.md, entry `adaptive`).
-STOP_RULES = {
-    "converged": "needed",
-    "patience": "patience_needed",
-    "patience_third": "patience_third_needed",
-}
+STOP_RULES = {"converged": "needed", "patience": "patience_needed"}
 STOP_RULE = "patience"
 
 
