@@ -233,3 +233,12 @@ def test_report_and_figure_count_the_cells_convergence_py_marks_not_converged(ru
     assert shown == {k: "yes" if v else "**no**" for k, v in flags.items()}
     fig = tuning_figures.convergence(results.table(df), df)
     assert f"{n} of {cells} cells not converged" in fig.legends[0].get_title().get_text()
+
+
+def test_pareto_draws_a_run_whose_attack_left_no_residual(run_dir):
+    """An attack that did not work leaves r undefined (NaN) on every row, as a tiny
+    gradient_matching run does: the figure still draws the trials' panels, without a best."""
+    df = pd.read_parquet(f"{run_dir}/results").assign(residual=math.nan)
+    fig = tuning_figures.pareto(results.table(df), df)
+    title = fig.legends[0].get_title().get_text()  # plotstyle.finish: the legend's title
+    assert fig.axes and title.startswith("Removal against utility") and "lowest |r|" not in title

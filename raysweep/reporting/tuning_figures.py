@@ -71,7 +71,8 @@ def pareto(table: pd.DataFrame, df: pd.DataFrame) -> Figure:
         ax.tick_params(labelsize=7)
     fig.supxlabel("|r| on test (0 = as retrained, 1 = nothing removed)", fontsize=9)
     fig.supylabel("clean accuracy on test (%)", fontsize=9)
-    ok = tuned[tuned["feasible_test"].fillna(False).astype(bool)]
+    # r is undefined (NaN) where the attack left no effect to remove: no best to name then.
+    ok = tuned[tuned["feasible_test"].fillna(False).astype(bool) & tuned["residual"].notna()]
     title = f"Removal against utility: all {len(tuned)} tuning trials and each method's front; top left is best"
     if len(ok):
         best = ok.loc[ok["residual"].abs().idxmin()]
