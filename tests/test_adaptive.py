@@ -170,6 +170,26 @@ def test_patience_runs_on_where_the_search_still_improves_below_noise(tmp_path):
         assert set(counts.values()) == {3}, counts  # the flat cells stop at min either way
 
 
+def test_finished_holds_a_cell_without_a_feasible_row_as_the_searcher_does():
+    """A cell whose trials are all infeasible is flat (converged by the rule) but not done
+    before max: the searcher gives it more trials, so `finished` (which decides whether a
+    re-run of the same spec has anything left to do) must not call the sweep complete."""
+    low, high = 3, 7
+
+    def rows(objectives, feasible):
+        return pd.DataFrame(
+            {"phase": "tune", "status": "ok", "attack": "a", "method": "m", "budget": 0.1,
+             "cell": "m-b0.1", "trial_number": range(len(objectives)), "objective": objectives,
+             "resolution": 0.15, "tuned_trial": None, "feasible": feasible}
+        )  # fmt: skip
+
+    infeasible = rows([10.5] * 4, False)
+    assert convergence(infeasible)["needed"].item() == 0  # flat: the rule alone would stop it
+    assert not finished(infeasible, [("m", 0.1)], low, high)
+    assert finished(rows([10.5] * high, False), [("m", 0.1)], low, high)  # at max
+    assert finished(rows([0.4] * 4, True), [("m", 0.1)], low, high)  # settled, feasible
+
+
 def test_spec_refuses_a_bad_range():
     for bad in ({"min": 5, "max": 4}, {"min": 0, "max": 4}, {"min": 2}, {"low": 1, "max": 2}):
         with pytest.raises(SpecError, match="trials_per_cell"):

@@ -36,7 +36,7 @@ from optuna.storages.journal import JournalStorage
 from optuna.trial import TrialState, create_trial
 from ray.tune.search import Searcher
 
-from raysweep.analysis.convergence import STOP_RULE, STOP_RULES, convergence, needed
+from raysweep.analysis.convergence import STOP_RULE, STOP_RULES, needed, still_needed
 from raysweep.base.storage import Store
 from raysweep.experiment.spec import Spec, distributions
 from raysweep.experiment.trial import derive_seed
@@ -146,7 +146,9 @@ class CellSearcher(Searcher):
         rule: str = STOP_RULE,
     ):
         super().__init__(metric="objective", mode="min")
-        self.rule = STOP_RULES[rule]  # the convergence() column a cell must bring to 0
+        if rule not in STOP_RULES:
+            raise ValueError(f"stopping rule {rule!r}: one of {', '.join(STOP_RULES)}")
+        self.rule = rule  # what a cell's trials must satisfy before it stops (convergence.py)
         self.spec = spec
         self.studies = studies
         self.sync = sync  # makes the journal durable (object stores): after every ask and tell
@@ -167,15 +169,7 @@ class CellSearcher(Searcher):
         if self.low == self.high:  # a fixed budget: the rule decides nothing
             return dict.fromkeys(self.runs, 0)
         rows = pd.DataFrame(self.rows, columns=list(RULE_COLUMNS))
-        table = convergence(rows)
-        by_cell = dict(zip(map(cell_name, table["method"], table["budget"]), table[self.rule]))
-        # The rule weighs an improvement against r's resolution; an infeasible best (objective
-        # 10 + accuracy shortfall) has no r, so a cell without a feasible row yet is not done:
-        # on `quickstart` at {min: 4, max: 16} these cells were most of what stopping lost
-        # (bench/adaptive.py).
-        tuned = rows[(rows["phase"] == "tune") & (rows["status"] == "ok")]
-        feasible = set(tuned.loc[tuned["feasible"].astype(bool), "cell"])
-        by_cell = {c: n if c in feasible else max(n, 1) for c, n in by_cell.items()}
+        by_cell = {cell_name(m, b): n for (m, b), n in still_needed(rows, self.rule).items()}
         return {
             lead: max(by_cell.get(name, needed([], math.nan)) for name, _ in cells)
             for lead, cells in self.runs.items()
