@@ -276,10 +276,11 @@ def effect_units(model: nn.Module, probe: Probe, attack: str) -> dict[str, torch
 @dataclass(frozen=True)
 class Objective:
     """What a study minimises on val, from r on val and the effect units on val (for Gaussian
-    poisoning -I_i per poison): `value`, and the attacks it is defined for (None: every one)."""
+    poisoning -I_i per poison): `value`, and whether it reads the units as per-poison N(0, 1)
+    scores, so is defined only for attacks whose record says they are (`Attack.scores`)."""
 
     value: Callable[[float, torch.Tensor], float]
-    attacks: tuple[str, ...] | None
+    needs_scores: bool
     doc: str
 
 
@@ -289,10 +290,10 @@ class Objective:
 # values stay far below the infeasible 10 (trial.objective): 0.52-0.60 for the quickstart's
 # poisoned models, 0.002 for their retrain references (1 / 150 expected by chance).
 OBJECTIVES = {
-    "residual": Objective(lambda r_val, units: abs(r_val), None, "|r| on val (default)"),
+    "residual": Objective(lambda r_val, units: abs(r_val), False, "|r| on val (default)"),
     "anderson_darling": Objective(
         lambda r_val, units: anderson_darling(-units.numpy()),
-        ("gaussian",),
+        True,
         "the per-poison scores' Anderson-Darling distance from N(0, 1) (gaussian only)",
     ),
 }

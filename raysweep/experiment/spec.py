@@ -36,6 +36,7 @@ from raysweep.base.domains import (
 from raysweep.base.specfile import MAX_DEPTH, SpecError, read_yaml
 from raysweep.base.specfile import show as _show
 from raysweep.poisoning.attacks import ATTACKS
+from raysweep.poisoning.records import RECORDS
 from raysweep.science.data import DATASETS
 from raysweep.science.models import MODELS
 from raysweep.science.train import train
@@ -398,14 +399,15 @@ def validate(raw: Any, src: str = "<spec>") -> Spec:
 
 
 def _objective(src: str, spec: Spec) -> None:
-    """The objective exists and is defined for the spec's attack (anderson_darling needs the
-    per-poison scores of Gaussian poisoning)."""
+    """The objective exists and is defined for the spec's attack (anderson_darling needs
+    per-poison scores: `Attack.scores` in the attack's record)."""
     name, attack = spec.objective, spec.attack["name"]
     if not isinstance(name, str) or name not in OBJECTIVES:
         raise SpecError(
             f"{src}: objective: unknown objective {_show(name)}; allowed: {_allowed(OBJECTIVES)}"
         )
-    allowed = [k for k, o in OBJECTIVES.items() if o.attacks is None or attack in o.attacks]
+    scores = attack in RECORDS and RECORDS[attack].scores  # an unknown attack fails elsewhere
+    allowed = [k for k, o in OBJECTIVES.items() if scores or not o.needs_scores]
     if name not in allowed:
         raise SpecError(
             f"{src}: objective: {_show(name)} is not defined for attack {_show(attack)}; "
