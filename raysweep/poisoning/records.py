@@ -2,10 +2,12 @@
 
 A record says how the attack crafts (its function), what its effect E is the mean of (`units`),
 when it worked on the poisoned model (`check`: the `attack_ok` rule, and how the attack-check
-figure draws it), which rows its counts are drawn from (`draws`: preflight's limits), and whether
-its units are the per-poison Gaussian scores a row stores. Every table keyed by attack name is
-read from here: attacks.ATTACKS (the crafting functions), metrics' effect units and margins,
-trial's `attack_ok` and stored scores, preflight's draw limits, the report's attack check.
+figure draws it), which rows its counts are drawn from (`draws`: preflight's limits), how many
+surrogate models it trains while crafting (`surrogates`: the plan's cost), and whether its units
+are the per-poison Gaussian scores a row stores. Every table keyed by attack name is read from
+here: attacks.ATTACKS (the crafting functions), metrics' effect units and margins, trial's
+`attack_ok` and stored scores, preflight's draw limits, the plan's surrogate trainings, the
+objectives an attack allows, the report's attack check.
 
 Adding an attack is two edits: its crafting function (in attacks.py) and its line here.
 
@@ -99,6 +101,9 @@ class Attack:
     units: Units
     check: Check
     draws: dict[str, Pool] = field(default_factory=lambda: {"n": "train"})
+    # Surrogate models it trains while crafting one poison set, from its bound arguments
+    # (`raysweep plan` counts their cost): none for an attack that crafts without training.
+    surrogates: Callable[[dict], int] = lambda attack: 0
 
     @property
     def scores(self) -> bool:
@@ -127,8 +132,11 @@ RECORDS: dict[str, Attack] = {
         "targets",
         gap(MOVED_GAP),
         draws={"n": "train of y_adv", "n_targets": "test not of y_adv"},
+        surrogates=lambda a: a["ensemble"] * (a["retrain"] + 1),  # each retrained `retrain` times
     ),
-    "gradient_canceling": Attack("gradient_canceling", "rows", gap(ACCURACY_GAP)),
+    "gradient_canceling": Attack(
+        "gradient_canceling", "rows", gap(ACCURACY_GAP), surrogates=lambda a: 1
+    ),
     "backdoor": Attack("backdoor", "triggered", gap(MOVED_GAP), {"n": "train not of y_adv"}),
     "label_flip": Attack("label_flip", "rows", gap(ACCURACY_GAP)),
     # The trigger flips at least half of the other class, and 0.2 more than without poisons.

@@ -49,12 +49,6 @@ TRIAL_OVERHEAD_S = 0.85
 # Each phase starts a Tuner (and the first, Ray): outside any trial's work.
 START_S = 8.0
 
-# Surrogate models an optimised attack trains while crafting one poison set (attacks.py).
-SURROGATES = {
-    "gradient_matching": lambda a: a["ensemble"] * (a["retrain"] + 1),
-    "gradient_canceling": lambda a: 1,
-}
-
 
 @dataclass(frozen=True)
 class Counts:
@@ -107,7 +101,7 @@ def counts(spec: Spec, df: pd.DataFrame) -> Counts:
     per_seed = {"poisoned": 1, "retrain": 1}
     if spec.model["name"] == "linear":
         per_seed["extractor"] = 1
-    surrogate = SURROGATES.get(spec.attack["name"], lambda a: 0)(attack)
+    surrogate = RECORDS[spec.attack["name"]].surrogates(attack)
     trainings = {role: n * len(seeds) for role, n in per_seed.items()}
     oracles = sum(trial_oracles(spec, s) for s in seeds)  # confirm seeds only (trial.oracles)
     if oracles:
@@ -192,7 +186,7 @@ def seed_units(spec: Spec, sz: Shape) -> dict[str, float]:
     if spec.model["name"] == "linear":
         epochs_x = bound(MODELS["linear"], spec.model)["extractor_epochs"]
         out["extractor"] = train_cost(epochs_x, sz.n_train)
-    n = SURROGATES.get(spec.attack["name"], lambda a: 0)(attack)
+    n = RECORDS[spec.attack["name"]].surrogates(attack)
     if n:
         out["surrogates"] = n * train_cost(attack["surrogate_epochs"], sz.n_train)
     return out
