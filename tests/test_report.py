@@ -242,3 +242,7 @@ def test_pareto_draws_a_run_whose_attack_left_no_residual(run_dir):
     fig = tuning_figures.pareto(results.table(df), df)
     title = fig.legends[0].get_title().get_text()  # plotstyle.finish: the legend's title
     assert fig.axes and title.startswith("Removal against utility") and "lowest |r|" not in title
+    tuned = df[(df["phase"] == "tune") & (df["status"] == "ok")]
+    for ax, (budget, at) in zip(fig.axes, tuned.groupby("budget")):  # none drawn: each is said
+        assert f"{len(at)} without r" in ax.get_title(), (budget, ax.get_title())
+        assert "off the axes" not in ax.get_title()  # counted once, as without r

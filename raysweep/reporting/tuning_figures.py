@@ -62,10 +62,11 @@ def pareto(table: pd.DataFrame, df: pd.DataFrame) -> Figure:
             _trials(ax, at[at["method"] == method], method, floor)
         ax.scatter(np.ones(len(refs)), before, marker="X", s=60, color=POISONED, zorder=3)
         ax.scatter(np.zeros(len(refs)), retrain, marker="*", s=90, color=RETRAIN, zorder=3)
-        off = int(
-            ((at["residual"].abs() > R_MAX) | (100 * at["after_clean_acc_test"] < floor)).sum()
-        )
+        outside = (at["residual"].abs() > R_MAX) | (100 * at["after_clean_acc_test"] < floor)
+        off = int((outside & at["residual"].notna()).sum())
+        undefined = int(at["residual"].isna().sum())  # e.g. no attack effect, a diverged run
         note = f"budget {pct(budget)}" + (f"\n{off} trials off the axes" if off else "")
+        note += f"\n{undefined} without r (undefined)" if undefined else ""
         ax.set_title(note, fontsize=8.5)
         ax.set(xlim=(-0.05, R_MAX), ylim=(floor, min(100, max(before.max(), retrain.max()) + 2)))
         ax.tick_params(labelsize=7)
