@@ -5,6 +5,7 @@ resumed sweep continues the allocation without re-running a trial (searcher.Cell
 from __future__ import annotations
 
 import copy
+import math
 
 import pandas as pd
 import pytest
@@ -40,9 +41,10 @@ SPEC = {
 
 
 def _drive(
-    spec, store, objective, parallel: int = 1, rule: str = STOP_RULE
+    spec, store, objective, parallel: int = 1, rule: str = STOP_RULE, r_val=None
 ) -> dict[str, list[float]]:
-    """Run the searcher on made-up results (`objective(cell, number)`), `parallel` in flight;
+    """Run the searcher on made-up results (`objective(cell, number)`; r on val: the objective
+    where feasible, below 10, else `r_val(cell, number)`, default NaN), `parallel` in flight;
     return each cell's objectives in the order told."""
     studies = open_studies(spec, store)
     searcher = CellSearcher(
@@ -68,6 +70,9 @@ def _drive(
         result = {objective_key(c): objective(c, n) for c, n in cells}
         result |= {f"resolution@{c}": 0.1 for c, _ in cells}
         result |= {f"feasible@{c}": result[objective_key(c)] < 10 for c, _ in cells}
+        for c, n in cells:
+            value = result[objective_key(c)]
+            result[f"r_val@{c}"] = value if value < 10 else (r_val or (lambda c, n: math.nan))(c, n)
         searcher.on_trial_complete(trial_id, result)
         for c, _ in cells:
             told.setdefault(c, []).append(result[objective_key(c)])
@@ -83,8 +88,9 @@ def test_min_for_every_cell_and_never_beyond_max(tmp_path, parallel, rule):
     # euk-b0.05 is never feasible (10 + shortfall: no r, so not done however flat: at max);
     # ngd-b0.05, a smaller cell, improves up to its 4th run (index 3), which the table's rule
     # wants in the first two thirds: 6 runs (6 - ceil(6/3) = 4 > 3), patience in the first
-    # half: 7 (2 * 3 + 1), and its lead runs on for it; every other cell returns one value
-    # (converged and settled at min).
+    # half: 7 (2 * 3 + 1), and its lead runs on for it; "flat" finds it not flat (its r moved
+    # by 3, the noise is 0.1) and wants the first third: 10 (3 * 3 + 1), so max (7). Every other
+    # cell returns one value (flat, converged and settled at min).
     def objective(cell, n):
         if cell == "euk-b0.05":
             return 10.5
@@ -98,7 +104,7 @@ def test_min_for_every_cell_and_never_beyond_max(tmp_path, parallel, rule):
     assert all(low <= n <= high for n in counts.values()), counts
     assert counts["euk-b0.05"] == high
     assert counts["euk-b0.1"] == low
-    expected = {"converged": 6, "patience": 7}[rule]  # none in flight past the answer
+    expected = {"converged": 6, "patience": 7, "flat": 7}[rule]  # none in flight past the answer
     assert counts["ngd-b0.05"] == counts["ngd-b0.1"] == expected
 
 
@@ -170,6 +176,54 @@ def test_patience_runs_on_where_the_search_still_improves_below_noise(tmp_path):
         assert set(counts.values()) == {3}, counts  # the flat cells stop at min either way
 
 
+def test_flat_stops_a_flat_cell_at_min_and_holds_one_whose_setting_mattered(tmp_path):
+    """Each 0.1 cell improves up to run index 2, each time by less than the noise (0.1); each
+    0.05 cell returns 1.0. euk's 0.1 cell reads r within noise of its best in every run: flat,
+    so "flat" stops it when converged (min, 3) where patience wants 5 (2 * 2 + 1). ngd's 0.1
+    cell had one run (index 1) that cost too much accuracy but read r = 0.2 on val, 0.78 from
+    the best: its setting mattered, so "flat" holds the lead (and the 0.05 cell it serves) until
+    the best lies in the first third: 7 (3 * 2 + 1), here max."""
+    spec = validate(copy.deepcopy(SPEC))
+
+    def objective(cell, n):
+        if cell.endswith("b0.05"):
+            return 1.0
+        return 10.5 if (cell, n) == ("ngd-b0.1", 1) else 1.0 - 0.01 * min(n, 2)
+
+    def r_val(cell, n):
+        return 0.2
+
+    for rule, euk, ngd in (("patience", 5, 5), ("flat", 3, 7)):  # euk: its 0.1 cell
+        told = _drive(spec, open_store(str(tmp_path / rule)), objective, 1, rule, r_val)
+        counts = {c: len(v) for c, v in told.items()}
+        expected = {"euk-b0.05": 3, "euk-b0.1": euk, "ngd-b0.05": ngd, "ngd-b0.1": ngd}
+        assert counts == expected, rule
+
+
+def test_flat_reads_every_trial_against_the_best():
+    """convergence()'s `flat`: every trial's |r_val|, feasible or not, within the threshold of
+    the best's; a trial that read r far off, even an infeasible one, makes the cell not flat; an
+    infeasible best (a penalty, no r) is never flat."""
+
+    def rows(objectives, r_val, feasible):
+        return pd.DataFrame(
+            {"phase": "tune", "status": "ok", "attack": "a", "method": "m", "budget": 0.1,
+             "cell": "m-b0.1", "trial_number": range(len(objectives)), "objective": objectives,
+             "residual_val": r_val, "resolution": 0.15, "tuned_trial": None,
+             "feasible": feasible}
+        )  # fmt: skip
+
+    def flat(*args):
+        return bool(convergence(rows(*args))["flat"].item())
+
+    assert flat([1.0, 0.9, 0.95], [1.0, -0.9, 0.95], True)  # sign aside: |r| is what counts
+    assert not flat([1.0, 0.8, 0.95], [1.0, 0.8, 0.95], True)  # 0.95 - 0.8 > 0.15
+    assert not flat([0.9, 10.5, 0.95], [0.9, 0.1, 0.95], [True, False, True])  # removed, at a cost
+    assert not flat([0.9, 10.5, 0.95], [0.9, 2.0, 0.95], [True, False, True])  # or made worse
+    assert flat([0.9, 10.5, 0.95], [0.9, 0.8, 0.95], [True, False, True])
+    assert not flat([10.5, 10.4], [1.0, 1.0], False)  # no feasible best: nothing to call flat
+
+
 def test_finished_holds_a_cell_without_a_feasible_row_as_the_searcher_does():
     """A cell whose trials are all infeasible is flat (converged by the rule) but not done
     before max: the searcher gives it more trials, so `finished` (which decides whether a
@@ -233,7 +287,11 @@ def test_resume_continues_the_allocation_without_repeating_a_trial(tmp_path):
     lines = [line.split(" | ") for line in md.splitlines() if line.startswith("| gaussian |")]
     header = next(line for line in md.splitlines() if line.startswith("| attack |")).split(" | ")
     stopped = [line[header.index("stopped")] for line in lines if line[2]]  # cells, not references
-    assert len(stopped) == len(spec.cells()) and set(stopped) <= {"converged", "at max"}, stopped
+    assert len(stopped) == len(spec.cells()) and set(stopped) <= {
+        "converged",
+        "converged, flat",
+        "at max",
+    }, stopped
     assert " stopped " not in report.markdown_table(results.table(again))
 
 
@@ -253,6 +311,8 @@ def test_ray_sweep_ends_when_every_cell_is_done_and_confirms(local_ray, tmp_path
     assert not tuned.duplicated(["cell", "trial_number"]).any()
     table = results.table(df, high)
     cells = table[table["source"] != "reference"]
-    assert set(cells["stopped"]) <= {"converged", "at max"}, cells[["cell", "stopped"]]
+    assert set(cells["stopped"]) <= {"converged", "converged, flat", "at max"}, cells[
+        ["cell", "stopped"]
+    ]
     assert ((cells["stopped"] == "at max") == (cells["trials"] >= high)).all()
     assert (df["phase"] == "confirm").any()

@@ -21,11 +21,22 @@ can call the cell converged. Those trials are needed whatever they return, so th
 at once without one being wasted.
 
 `patience_needed` is the stricter rule that stops an adaptive sweep's cell (searcher.CellSearcher):
-a cell is **settled** when it is converged and its best was set in the first half of its trials
-(no improvement at all, however small, over the last floor(n / 2)): each new best buys the
-search as many trials again as it took to find it. `converged` says more trials would not move
-the best by more than a run can tell apart; `settled` adds that the search has stopped finding
-better settings at all. A settled cell is converged; not the other way round.
+a cell is **settled** when it is converged and its best was set in the first 1/p of its trials
+(no improvement at all, however small, since): each new best buys the search p - 1 times as
+many trials again as it took to find it. `converged` says more trials would not move the best by
+more than a run can tell apart; `settled` adds that the search has stopped finding better
+settings at all. A settled cell is converged; not the other way round.
+
+A cell is **flat** when every one of its trials so far, feasible or not, read r on val within
+that same noise of its best's (`r_spread`, the largest | |r_val| - the best's |r_val| |, at most
+`threshold`): no setting tried did anything different from any other, so more settings are
+unlikely to either (the unlearner cannot move r at this budget, or moves it the same way
+whatever its hyperparameters). A cell that is not flat has shown that its setting matters: some
+setting removed more of the poison than its best, if only by costing too much accuracy, or
+removed less. On the quickstart the flat cells are the methods whose r stays near 1 whatever
+they are given; the others are those whose best keeps improving well past `min`
+(bench/adaptive.py). The sweep's rule (`STOP_RULE`, "flat") stops a flat cell as soon as it is
+converged, and any other only once settled at p = FLAT_PATIENCE.
 """
 
 from __future__ import annotations
@@ -97,17 +108,27 @@ def needed(objectives: list[float], threshold: float) -> float:
     return n - len(objectives)
 
 
-def patience_needed(objectives: list[float], threshold: float) -> float:
+def patience_needed(objectives: list[float], threshold: float, patience: int = 2) -> float:
     """More ok trials, none improving the best, before a cell whose ok trials returned
-    `objectives` is settled (the module docstring): what `needed` asks, and enough that the
-    trial which set the best lies in the first half. Settled at n trials iff the best was set
-    by trial j (0-based) < ceil(n / 2), i.e. n >= 2 j + 1."""
+    `objectives` is settled at `patience` p (the module docstring): what `needed` asks, and
+    enough that the trial which set the best lies in the first 1/p. Settled at n trials iff the
+    best was set by trial j (0-based) < n / p, i.e. n >= p j + 1 (p = 2: the first half)."""
     more = needed(objectives, threshold)
     if not objectives or math.isinf(more):
         return more
     running = pd.Series(objectives).cummin()
     best_at = int((running == running.iloc[-1]).to_numpy().argmax())
-    return max(more, 2 * best_at + 1 - len(objectives))
+    return max(more, patience * best_at + 1 - len(objectives))
+
+
+def _spread(rows: pd.DataFrame, chosen: pd.Series) -> float:
+    """The module docstring's `r_spread`: how far from the chosen row's |r_val| any candidate
+    trial read (NaN where the chosen row is infeasible, its objective a penalty, or no trial has
+    an r: nothing to call flat)."""
+    if pd.isna(chosen["feasible"]) or "residual_val" not in rows or not chosen["feasible"]:
+        return math.nan  # (rows without r_val, made by hand: nothing to call flat either)
+    r = rows["residual_val"].abs().dropna()
+    return float((r - abs(chosen["residual_val"])).abs().max()) if len(r) else math.nan
 
 
 def convergence(df: pd.DataFrame) -> pd.DataFrame:
@@ -130,20 +151,27 @@ def convergence(df: pd.DataFrame) -> pd.DataFrame:
         done = bool(improved <= threshold)
         more = needed(list(per_step), threshold)
         patience = patience_needed(list(per_step), threshold)
+        spread = _spread(rows, chosen)
+        flat = bool(spread <= threshold)  # NaN: not flat
+        # The sweep's rule: a flat cell stops when converged, any other once settled.
+        flat_rule = more if flat else patience_needed(list(per_step), threshold, FLAT_PATIENCE)
         out.append(dict(zip(CELL, key)) | {"trials": n, "best": best, "best_before": before,
                     "improvement": improved, "threshold": threshold, "converged": done,
-                    "needed": more, "patience_needed": patience})  # fmt: skip
+                    "r_spread": spread, "flat": flat, "needed": more,
+                    "patience_needed": patience, "flat_needed": flat_rule})  # fmt: skip
     return pd.DataFrame(out, columns=[*CELL, "trials", "best", "best_before", "improvement",
-                                      "threshold", "converged", "needed",
-                                      "patience_needed"])  # fmt: skip
+                                      "threshold", "converged", "r_spread", "flat", "needed",
+                                      "patience_needed", "flat_needed"])  # fmt: skip
 
 
 # The rules that can stop a cell of a `trials_per_cell` range -> the column of `convergence` saying
 # how many more trials each needs (0: the cell may stop). "converged": the table's rule;
-# "patience": settled (the module docstring). The sweep stops cells by STOP_RULE, the one that
-# cost less in the best per unit saved (bench/results.md, entry `adaptive`).
-STOP_RULES = {"converged": "needed", "patience": "patience_needed"}
-STOP_RULE = "patience"
+# "patience": settled at p = 2; "flat": converged if flat, else settled at p = FLAT_PATIENCE (the
+# module docstring). The sweep stops cells by STOP_RULE, the one that cost least in the best per
+# unit saved (bench/results.md, entry `adaptive`).
+STOP_RULES = {"converged": "needed", "patience": "patience_needed", "flat": "flat_needed"}
+STOP_RULE = "flat"
+FLAT_PATIENCE = 3
 
 
 def still_needed(df: pd.DataFrame, rule: str = STOP_RULE) -> dict[tuple[str, float], float]:

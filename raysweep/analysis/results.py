@@ -403,14 +403,16 @@ def indistinguishable(table_rows: list[dict]) -> None:
             r |= {"indistinguishable": sum(p > np.log10(alpha) for p in ps), "null_alpha": alpha}
 
 
-def _stopped(converged: bool, trials: int, trials_max: int | None) -> str:
-    """Why a cell's tuning ended: "at max" wins, as a fixed budget's cells all end there
-    (a cell short of both is one whose sweep was interrupted: "running")."""
+def _stopped(converged: bool, flat: bool, trials: int, trials_max: int | None) -> str:
+    """Why a cell's tuning ended: "at max" wins, as a fixed budget's cells all end there; else
+    "converged", "converged, flat" where no setting tried moved r by more than the noise
+    (convergence.py; the sweep's rule stops those first), and "running" for a cell short of
+    both (its sweep was interrupted)."""
     if trials_max is None:
         return ""
     if trials >= trials_max:
         return "at max"
-    return "converged" if converged else "running"
+    return ("converged, flat" if flat else "converged") if converged else "running"
 
 
 RELEARN_PROBES = ("retain", "poisons")  # relearn.PROBES: the relearn_gap_<probe> columns
@@ -469,13 +471,14 @@ def table(df: pd.DataFrame, trials_max: int | None = None) -> pd.DataFrame:
     than that seed's resolution (trial.unresolved_widened), and the report says "unresolved".
     `tuned_seed`, `tuned_attack_ok`, `tuned_resolution`: the seed the setting was chosen on.
     `converged` is false where more trials might still change the cell's best (convergence.py).
-    `stopped` says why a cell got no more trials: "converged", or "at max" (`trials_max`, the
-    spec's trials_per_cell or its range's max; left empty when not given).
+    `stopped` says why a cell got no more trials: "converged" ("converged, flat" where no
+    setting tried moved r by more than the noise), or "at max" (`trials_max`, the spec's
+    trials_per_cell or its range's max; left empty when not given).
     `indistinguishable` counts the runs (of `n`) whose unlearned model's per-poison Gaussian
     scores pass metrics.null_tests at `null_alpha` (`indistinguishable` below).
     """
     counts = df[df["phase"] == "tune"].groupby(["attack", "method", "budget"])["status"]
-    converged = convergence(df).set_index(CELL)["converged"]
+    rule = convergence(df).set_index(CELL)
     cells, seeds = [], {}
     for best, runs, source in chosen(df):
         key = (best["attack"], best["method"], best["budget"])
@@ -486,8 +489,9 @@ def table(df: pd.DataFrame, trials_max: int | None = None) -> pd.DataFrame:
         row |= {"n": len(runs), "seeds": ",".join(map(str, sorted(runs["seed"])))}
         row |= {"attack_ok": int(runs["attack_ok"].sum())}  # seeds whose attack worked
         row |= {"trials": counts.size()[key], "failed": int((counts.get_group(key) != "ok").sum())}
-        row |= {"converged": bool(converged.get(key, False))}  # convergence.py: the rule
-        row |= {"stopped": _stopped(row["converged"], row["trials"], trials_max)}
+        row |= {"converged": bool(rule["converged"].get(key, False))}  # convergence.py
+        flat = bool(rule["flat"].get(key, False))
+        row |= {"stopped": _stopped(row["converged"], flat, row["trials"], trials_max)}
         row |= {"tuned_trial": best["trial_number"], "feasible": len(feasible)}
         # The seed the setting was chosen on, and whether its attack resolved r (attack_warnings).
         row |= {"tuned_seed": best["seed"], "tuned_attack_ok": bool(best["attack_ok"])}

@@ -116,8 +116,8 @@ class Spec:
 
     def trials_range(self) -> tuple[int, int]:
         """(min, max) settings each cell observes: a plain int n is (n, n), a fixed budget.
-        Between the two, a cell gets trials only while it is not settled by
-        convergence.STOP_RULE (searcher.CellSearcher)."""
+        Between the two, a cell gets trials only until convergence.STOP_RULE lets it stop
+        (searcher.CellSearcher)."""
         n = self.trials_per_cell
         return (n["min"], n["max"]) if isinstance(n, dict) else (n, n)
 

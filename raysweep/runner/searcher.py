@@ -13,15 +13,16 @@ cells each lead their own runs. Every cell thus observes as many settings as its
 prefix method spends them at its largest budget, a PER_BUDGET method at each budget.
 
 How many: `trials_per_cell` n runs n per lead. A range {min, max} runs `min` per lead, then more
-only for a lead one of whose cells is not settled (convergence.STOP_RULE, "patience": converged
-by the table's rule and its best set in the first half of its trials; convergence.py, on the rows
-so far) or has no feasible row yet, until all its cells are settled or it ran `max`. Settled
-implies the table's `converged`, so the table's `stopped` reads converged / at max either way.
-A prefix method's lead thus runs on while any of its smaller cells is not settled: each run is
+only for a lead one of whose cells may not stop yet by convergence.STOP_RULE ("flat", on the rows
+so far: a cell whose every trial read r within noise of its best stops once converged by the
+table's rule, any other once also its best was set in the first third of its trials;
+convergence.py) or has no feasible row yet, until all its cells may stop or it ran `max`.
+Either way a stopped cell is `converged`, so the table's `stopped` reads converged / at max.
+A prefix method's lead thus runs on while any of its smaller cells may not stop: each run is
 that cell's next setting too. Past `min`, a lead has at most as many runs in flight as the rule
-needs at least (`convergence.patience_needed`), so parallel trials never run past an answer
-already known. (The rules, against each other and against `optuna.terminator` on the same
-cells: bench/adaptive.py.)
+needs at least (convergence.STOP_RULES), so parallel trials never run past an answer already
+known. (The rules, against each other and against `optuna.terminator` on the same cells:
+bench/adaptive.py.)
 """
 
 from __future__ import annotations
@@ -121,7 +122,7 @@ def observe(study: optuna.Study, trial: optuna.Trial) -> int:
 
 # What convergence.py reads of a row.
 RULE_COLUMNS = ("phase", "status", "attack", "method", "budget", "cell", "trial_number",
-                "objective", "resolution", "tuned_trial", "feasible")  # fmt: skip
+                "objective", "residual_val", "resolution", "tuned_trial", "feasible")  # fmt: skip
 
 
 def objective_key(cell: str) -> str:
@@ -224,10 +225,12 @@ class CellSearcher(Searcher):
                 self.studies[name].tell(number, state=TrialState.FAIL)
             method, budget = self.cells[name]
             resolution = (result or {}).get(f"resolution@{name}", math.nan)
+            r_val = (result or {}).get(f"r_val@{name}", math.nan)
             self.rows.append({"phase": "tune", "status": "ok" if ok else "failed",
                               "attack": self.spec.attack["name"], "method": method,
                               "budget": budget, "cell": name, "trial_number": number,
                               "objective": value if ok else math.nan,
+                              "residual_val": r_val if ok else math.nan,
                               "resolution": resolution, "tuned_trial": None,
                               "feasible": ok and bool((result or {}).get(f"feasible@{name}"))})  # fmt: skip
         self.told[cells[-1][0]] += 1  # the run's own cell (its lead) is last
