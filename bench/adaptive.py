@@ -1,7 +1,10 @@
 """Adaptive trials per cell against a fixed budget, on the quickstart's grid: the unlearning units
 each spends and the best each finds per cell, for each rule that can stop a cell
-(`convergence.STOP_RULES`: the table's `converged`, and `patience`, converged with its best set
-in the first half of its trials) and for Optuna's own terminator (`optuna.terminator`).
+(`convergence.STOP_RULES`: the table's `converged`; `patience`, converged with its best set in
+the first half of its trials; `flat`, the sweep's: converged where every trial read r within
+noise of the best, else converged with its best in the first third) and for Optuna's own
+terminator (`optuna.terminator`). Kept fixed rows carry r on val (`residual_val`), which
+`flat` reads; rows kept by an older bench without it are run again.
 
 - fixed: `trials_per_cell: MAX`, the sweep's searcher (`searcher.CellSearcher`) in this process;
 - adaptive: `trials_per_cell: {min: MIN, max: MAX}` for MIN in --min and --also, the same
