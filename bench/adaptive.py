@@ -56,6 +56,7 @@ import yaml
 from optuna.terminator import RegretBoundEvaluator, StaticErrorEvaluator, Terminator
 from ray.tune.search import Searcher
 
+from raysweep.analysis import convergence
 from raysweep.analysis.results import best_per_cell
 from raysweep.base.storage import open_store
 from raysweep.experiment.spec import Spec, distributions, validate
@@ -331,7 +332,10 @@ def main(argv: list[str] | None = None) -> dict:
     judged = "seeds each cell's chosen setting is re-run on (default: the quickstart's confirm"
     judged += " seeds; empty: judge on val only)"
     p.add_argument("--judge-seeds", default=None, help=judged)
+    patience = "flat's p: a cell that is not flat stops once its best lies in the first 1/p"
+    p.add_argument("--flat-patience", type=int, default=convergence.FLAT_PATIENCE, help=patience)
     args = p.parse_args(argv or [])  # `make bench` calls main() with its own sys.argv
+    convergence.FLAT_PATIENCE = args.flat_patience  # the rule reads it per call (this process)
     torch.set_num_threads(1)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     with open(QUICKSTART) as f:
@@ -372,6 +376,7 @@ def summary(args, reps: list[dict], judge_seeds: list[int]) -> dict:
         "seeds": f"{args.first_seed}-{args.first_seed + len(reps) - 1}",
     }
     out |= {"cells": n, "rule": STOP_RULE, "resolution": reps[0]["resolution"]}
+    out["flat_patience"] = convergence.FLAT_PATIENCE
     out |= {"judged_on": ",".join(map(str, judge_seeds)) or "-"}
     out["not_prefix_runs"] = sum(r["missed"] for r in reps)  # 0: adaptive = fixed, stopped
     out["failed_rows_fixed"] = sum(r["failed_runs"] for r in reps)
