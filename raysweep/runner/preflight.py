@@ -9,7 +9,6 @@ every trial of a cluster run one at a time. Read-only, like everything here.
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import tempfile
@@ -80,14 +79,7 @@ def check_data(spec: Spec) -> None:
     if name not in DATA_CHECKS:
         return
     # The defaults live in the dataset function's signature.
-    DATA_CHECKS[name](spec.source, **_bound(DATASETS[name], spec.dataset))
-
-
-def _bound(fn, section: dict) -> dict:
-    """A spec section's values, bound to the function it names, its defaults filled in."""
-    bound = inspect.signature(fn).bind_partial(**{k: v for k, v in section.items() if k != "name"})
-    bound.apply_defaults()
-    return bound.arguments
+    DATA_CHECKS[name](spec.source, **footprint.bound(DATASETS[name], spec.dataset))
 
 
 # Opened in the driver to check the limits that depend on the data: the built-in datasets and
@@ -130,8 +122,8 @@ def check_fits(spec: Spec) -> None:
     name, src = spec.dataset["name"], spec.source
     if name not in OPENED:
         return
-    split = DATASETS[name](**_bound(DATASETS[name], spec.dataset))
-    attack = _bound(ATTACKS[spec.attack["name"]], spec.attack)
+    split = DATASETS[name](**footprint.bound(DATASETS[name], spec.dataset))
+    attack = footprint.bound(ATTACKS[spec.attack["name"]], spec.attack)
     classes = split.num_classes
     if attack.get("y_adv", -1) >= classes:
         raise SpecError(
@@ -148,7 +140,7 @@ def check_fits(spec: Spec) -> None:
     model = MODELS[spec.model["name"]]
     try:
         with torch.device("meta"):  # shapes only: nothing is allocated
-            model(split.input_shape, classes, **_bound(model, spec.model))
+            model(split.input_shape, classes, **footprint.bound(model, spec.model))
     except (ValueError, AssertionError, RuntimeError) as e:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise SpecError(f"{src}: model: cannot be built for {name}'s inputs: {reason}") from None
