@@ -16,7 +16,8 @@ terminator (`optuna.terminator`). Kept fixed rows carry r on val (`residual_val`
   n >= MIN where `optuna.terminator.Terminator` (regret bound of a GP, against a static error =
   the run's resolution of r, the noise the project's rule uses) says stop for all its cells;
 - hindsight (at --min): each lead's stop chosen knowing all the fixed runs, at the target's
-  units: the least loss on val any stopping rule could reach (`hindsight`).
+  units: the least loss on val any stopping rule could reach (`hindsight`). Printed last: the
+  runs the sweep's rule and hindsight give each lead (`stops_against_hindsight`).
 Units: each run's own row's `budget_units` (a prefix method's run serves its smaller cells).
 Best, read two ways, each over sampler seeds as bench/anytime.py reads it (the mean over cells
 x seeds of the difference to the fixed sweep, a 95 % t-interval from the seeds' own means, next
@@ -269,6 +270,21 @@ def hindsight(fixed: pd.DataFrame, best: pd.Series, low: int) -> pd.DataFrame:
     return pd.concat([rows for _, _, rows in chosen])
 
 
+def stops_against_hindsight(reps: list[dict], way: tuple[str, int]) -> str:
+    """Per lead, the runs `way` and hindsight give it, mean over seeds, and on how many seeds
+    `way` stopped it before hindsight did: whether a rule's loss is in how much it gives each
+    method (the means differ) or in when, seed by seed (they agree, the early stops do not)."""
+    runs = lambda rows: rows.groupby("lead")["run"].max() + 1
+    per = pd.DataFrame(
+        [{"rule": runs(r["variants"][way]), "hindsight": runs(r["variants"]["hindsight", way[1]])}
+         for r in reps]
+    )  # fmt: skip
+    rule, hind = pd.DataFrame(list(per["rule"])), pd.DataFrame(list(per["hindsight"]))
+    table = pd.DataFrame({f"{way[0]} runs": rule.mean(), "hindsight runs": hind.mean(),
+                          "seeds stopped earlier": (rule < hind).sum()})  # fmt: skip
+    return f"runs per lead, mean over {len(reps)} seeds:\n{table.round(1).to_string()}"
+
+
 def fixed_sweep(spec: Spec, store, repeat: int, keep: str | None) -> pd.DataFrame:
     """The fixed sweep's rows; with `keep` (a folder), read from or written to a file there, so
     that rules compared on the same runs do not re-run them (a run is deterministic given the
@@ -430,6 +446,7 @@ def summary(args, reps: list[dict], judge_seeds: list[int]) -> dict:
         out[f"{key}_target_met"] = bool(met)
         print(line + f"; target ({name}) {'met' if met else 'not met'}")
     out["target_met"] = out[f"{STOP_RULE}_min{args.min}_target_met"]  # the searcher's own rule
+    print(stops_against_hindsight(reps, (STOP_RULE, args.min)))
     out["fixed_s_per_seed"] = sum(r["fixed_s"] for r in reps) / len(reps)
     out["fixed_rows_kept"] = bool(args.keep)  # then fixed_s is reading them, not running
     out["terminator_s_per_seed"] = sum(r["terminator_s"] for r in reps) / len(reps)

@@ -316,3 +316,19 @@ def test_ray_sweep_ends_when_every_cell_is_done_and_confirms(local_ray, tmp_path
     ]
     assert ((cells["stopped"] == "at max") == (cells["trials"] >= high)).all()
     assert (df["phase"] == "confirm").any()
+
+
+def test_the_adaptive_bench_counts_the_seeds_a_rule_stopped_a_lead_before_hindsight():
+    from bench.adaptive import stops_against_hindsight  # bench/ is the repo's, beside tests/
+
+    def rows(runs: dict[str, int]) -> pd.DataFrame:
+        return pd.DataFrame([{"lead": k, "run": i} for k, n in runs.items() for i in range(n)])
+
+    reps = [
+        {"variants": {("flat", 8): rows({"a": 8, "b": 20}), ("hindsight", 8): rows({"a": 8, "b": 12})}},
+        {"variants": {("flat", 8): rows({"a": 8, "b": 9}), ("hindsight", 8): rows({"a": 10, "b": 30})}},
+    ]  # fmt: skip
+    lines = stops_against_hindsight(reps, ("flat", 8)).splitlines()
+    assert lines[0] == "runs per lead, mean over 2 seeds:"
+    assert lines[-2].split() == ["a", "8.0", "9.0", "1"]  # stopped earlier on seed 2 only
+    assert lines[-1].split() == ["b", "14.5", "21.0", "1"]
