@@ -41,11 +41,12 @@ SPEC = {
 
 
 def _drive(
-    spec, store, objective, parallel: int = 1, rule: str = STOP_RULE, r_val=None
+    spec, store, objective, parallel: int = 1, rule: str = STOP_RULE, r_val=None, noise=None
 ) -> dict[str, list[float]]:
     """Run the searcher on made-up results (`objective(cell, number)`; r on val: the objective
-    where feasible, below 10, else `r_val(cell, number)`, default NaN), `parallel` in flight;
-    return each cell's objectives in the order told."""
+    where feasible, below 10, else `r_val(cell, number)`, default NaN; r's resolution 0.1; the
+    objective's own noise `noise`, none reported by default), `parallel` in flight; return each
+    cell's objectives in the order told."""
     studies = open_studies(spec, store)
     searcher = CellSearcher(
         spec, studies, reconcile(studies, results.read(store, spec.name)), rule=rule
@@ -69,6 +70,7 @@ def _drive(
         cells = [(c, n) for c, _, n in config["stops"]] + [(config["cell"], config["number"])]
         result = {objective_key(c): objective(c, n) for c, n in cells}
         result |= {f"resolution@{c}": 0.1 for c, _ in cells}
+        result |= {f"objective_noise@{c}": noise for c, _ in cells if noise is not None}
         result |= {f"feasible@{c}": result[objective_key(c)] < 10 for c, _ in cells}
         for c, n in cells:
             value = result[objective_key(c)]
@@ -174,6 +176,22 @@ def test_patience_runs_on_where_the_search_still_improves_below_noise(tmp_path):
         counts = {c: len(v) for c, v in told.items()}
         assert counts.pop("euk-b0.1") == expected, (rule, told["euk-b0.1"])
         assert set(counts.values()) == {3}, counts  # the flat cells stop at min either way
+
+
+def test_the_searcher_weighs_an_improvement_against_the_objectives_own_noise(tmp_path):
+    """euk's 0.1 cell improves by 0.05 up to run index 2. Against r's resolution (0.1, all a
+    row without `objective_noise` has) that is noise: converged at min (3). Against the
+    objective's own noise 0.02 (as an Anderson-Darling objective reports it) it is not: the
+    improving run must lie in the first two thirds, 5 runs (5 - ceil(5/3) = 3 > 2)."""
+    spec = validate(copy.deepcopy(SPEC))
+
+    def objective(cell, n):
+        return 1.0 - 0.05 * min(n, 2) if cell == "euk-b0.1" else 1.0
+
+    for noise, expected in ((None, 3), (0.02, 5)):
+        told = _drive(spec, open_store(str(tmp_path / str(noise))), objective, 1, "converged",
+                      noise=noise)  # fmt: skip
+        assert len(told["euk-b0.1"]) == expected, noise
 
 
 def test_flat_stops_a_flat_cell_at_min_and_holds_one_whose_setting_mattered(tmp_path):

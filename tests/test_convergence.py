@@ -21,7 +21,8 @@ from raysweep.reporting import report
 def flag_by_pandas(df: pd.DataFrame) -> dict[tuple, bool]:
     """README's rule in plain pandas: a cell's best is chosen among its method's rows at or below
     its budget, trial i is every such cell's i-th, the noise is the std over feasible confirm
-    runs of the chosen setting (two or more), else the chosen row's resolution."""
+    runs of the chosen setting (two or more), else the chosen row's objective_noise (its
+    resolution in rows without one)."""
     tune = df[(df.phase == "tune") & (df.status == "ok")].sort_values("trial_number")
     confirm = df[(df.phase == "confirm") & (df.status == "ok") & df.feasible.astype(bool)]
     out = {}
@@ -33,7 +34,10 @@ def flag_by_pandas(df: pd.DataFrame) -> dict[tuple, bool]:
         head = by_step.iloc[: n - math.ceil(n / 3)]
         chosen = rows.sort_values(["objective", "budget", "trial_number"]).iloc[0]
         runs = confirm[(confirm.cell == chosen.cell) & (confirm.tuned_trial == chosen.trial_number)]
-        noise = runs.objective.std() if len(runs) >= 2 else chosen.resolution
+        own = chosen.get("objective_noise", math.nan)  # else written before it existed
+        noise = (
+            runs.objective.std() if len(runs) >= 2 else own if pd.notna(own) else chosen.resolution
+        )
         gain = (head.min() if len(head) else math.inf) - by_step.min()
         out[(attack, method, budget)] = bool(gain <= noise)
     return out
@@ -158,3 +162,25 @@ def test_infeasible_reason_lists_every_reason_that_applies(tiny_spec_dict):
     only_degenerate = infeasible_reason(spec, retrain, both | {"clean_acc_val": 0.95}, 30, "val")
     assert only_degenerate.startswith("29 of 30") and "; " not in only_degenerate
     assert infeasible_reason(spec, retrain, {"clean_acc_val": 0.95}, 30, "val") is None
+
+
+def test_a_non_r_objective_is_judged_in_its_own_units_and_flat_in_r():
+    """Under the Anderson-Darling objective (values ~0.01-0.6) an improvement is weighed against
+    the objective's own noise (`objective_noise`), not r's resolution; flat reads r against r's
+    noise whatever the objective. Last third gains 0.05: more than the AD noise 0.02, less than
+    r's resolution 0.1 (which the old rule used, calling the cell converged)."""
+    df = _cell([0.6, 0.3, 0.32, 0.35, 0.31, 0.25]).assign(objective_noise=0.02)
+    df["residual_val"] = [0.9, 0.5, 0.52, 0.55, 0.51, 0.45]  # r moved: not flat
+    (row,) = convergence(df).to_dict("records")
+    assert row["threshold"] == 0.02 and row["r_threshold"] == 0.1
+    assert not row["converged"] and not row["flat"]
+    assert convergence(df.drop(columns="objective_noise"))["converged"].item()  # older rows
+    still = df.assign(residual_val=[0.95, 0.9, 0.92, 0.93, 0.91, 0.9])  # r within 0.1
+    assert convergence(still)["flat"].item()
+    # With confirm runs, each threshold is the std of its own quantity over them.
+    confirm = pd.DataFrame([{**df.iloc[-1].to_dict(), "phase": "confirm", "trial_number": s,
+                             "tuned_trial": 5, "objective": o, "residual_val": r}
+                            for s, (o, r) in enumerate([(0.25, 0.45), (0.35, 0.85)])])  # fmt: skip
+    (row,) = convergence(pd.concat([df, confirm], ignore_index=True)).to_dict("records")
+    assert row["threshold"] == pytest.approx(0.1 / 2**0.5)
+    assert row["r_threshold"] == pytest.approx(0.4 / 2**0.5)

@@ -10,10 +10,13 @@ them has. A cell with no smaller budget is just its own trials.
 A cell is **not converged** when its best improved, over the last third of its trials (the last
 ceil(n / 3)), by more than the noise between runs of one setting: the sample std of the
 objective over the feasible confirm runs of its chosen setting (two or more; an infeasible run's
-objective is 10 + its accuracy shortfall, a penalty, not noise), else that chosen row's
-resolution of r on the tuning seed (`resolution`: the relative half-width of E_before -
-E_retrain's 95 % interval, the smallest change in r the run can tell apart). A cell with one
-trial has nothing before it and is not converged.
+objective is 10 + its accuracy shortfall, a penalty, not noise), else the smallest change in
+the objective that chosen row's run can tell apart, in the objective's units
+(`objective_noise`, metrics.OBJECTIVES: for |r|, r's resolution on the tuning seed, the relative
+half-width of E_before - E_retrain's 95 % interval; for the Anderson-Darling distance, the
+half-width of its bootstrap interval over the poisons). Rows without `objective_noise` (written
+before it existed) read `resolution`. A cell with one trial has nothing before it and is not
+converged.
 
 `needed` turns the rule around for the sweep's adaptive budget (`trials_per_cell: {min, max}`,
 searcher.CellSearcher): how many more trials, none of them improving the best, before the rule
@@ -28,8 +31,9 @@ more than a run can tell apart; `settled` adds that the search has stopped findi
 settings at all. A settled cell is converged; not the other way round.
 
 A cell is **flat** when every one of its trials so far, feasible or not, read r on val within
-that same noise of its best's (`r_spread`, the largest | |r_val| - the best's |r_val| |, at most
-`threshold`): no setting tried did anything different from any other, so more settings are
+the noise of r of its best's (`r_spread`, the largest | |r_val| - the best's |r_val| |, at most
+`r_threshold`: the std of |r_val| over the chosen setting's feasible confirm runs, else r's
+resolution; the objective's threshold where the objective is |r|): no setting tried did anything different from any other, so more settings are
 unlikely to either (the unlearner cannot move r at this budget, or moves it the same way
 whatever its hyperparameters). A cell that is not flat has shown that its setting matters: some
 setting removed more of the poison than its best, if only by costing too much accuracy, or
@@ -79,15 +83,19 @@ def best_so_far(df: pd.DataFrame) -> pd.DataFrame:
     return pd.concat(curves, ignore_index=True) if curves else pd.DataFrame(columns=columns)
 
 
-def _noise(best: pd.Series, confirm: pd.DataFrame) -> float:
-    """The threshold an improvement must pass (see the module docstring)."""
+def _noise(best: pd.Series, confirm: pd.DataFrame, of: str = "objective") -> float:
+    """The threshold a change in the objective (`of`="objective") or in |r| on val ("r") must
+    pass (see the module docstring)."""
     runs = confirm[
         (confirm["cell"] == best["cell"]) & (confirm["tuned_trial"] == best["trial_number"])
     ]
     runs = runs[runs["feasible"].astype(bool)]
     if len(runs) >= 2:
-        return float(runs["objective"].std(ddof=1))
-    return float(best["resolution"])
+        r = runs.get("residual_val", pd.Series(math.nan, index=runs.index))  # (rows by hand)
+        values = runs["objective"] if of == "objective" else r.abs()
+        return float(values.std(ddof=1))
+    own = best.get("objective_noise", math.nan) if of == "objective" else math.nan
+    return float(own) if pd.notna(own) else float(best["resolution"])
 
 
 def needed(objectives: list[float], threshold: float) -> float:
@@ -147,20 +155,22 @@ def convergence(df: pd.DataFrame) -> pd.DataFrame:
         # The chosen row, as best_per_cell ranks them (objective, then smaller budget, earlier).
         chosen = rows.sort_values(["objective", "budget", "trial_number"]).iloc[0]
         threshold = _noise(chosen, confirm)
+        r_threshold = _noise(chosen, confirm, "r")  # flat reads r, whatever the objective
         improved = before - best
         done = bool(improved <= threshold)
         more = needed(list(per_step), threshold)
         patience = patience_needed(list(per_step), threshold)
         spread = _spread(rows, chosen)
-        flat = bool(spread <= threshold)  # NaN: not flat
+        flat = bool(spread <= r_threshold)  # NaN: not flat
         # The sweep's rule: a flat cell stops when converged, any other once settled.
         flat_rule = more if flat else patience_needed(list(per_step), threshold, FLAT_PATIENCE)
         out.append(dict(zip(CELL, key)) | {"trials": n, "best": best, "best_before": before,
                     "improvement": improved, "threshold": threshold, "converged": done,
-                    "r_spread": spread, "flat": flat, "needed": more,
+                    "r_spread": spread, "r_threshold": r_threshold, "flat": flat, "needed": more,
                     "patience_needed": patience, "flat_needed": flat_rule})  # fmt: skip
     return pd.DataFrame(out, columns=[*CELL, "trials", "best", "best_before", "improvement",
-                                      "threshold", "converged", "r_spread", "flat", "needed",
+                                      "threshold", "converged", "r_spread", "r_threshold",
+                                      "flat", "needed",
                                       "patience_needed", "flat_needed"])  # fmt: skip
 
 

@@ -77,7 +77,15 @@ COLUMNS = {
     "feasible_test": Column(pa.bool_(), "the same on test: which seeds the report averages"),
     "infeasible_reason": Column(pa.string(), "why not feasible (null when feasible)"),
     "objective": Column(
-        pa.float64(), "what the study minimised (`residual_val`, or `10 + shortfall`)"
+        pa.float64(),
+        "what the study minimised: the spec's `objective` on val (`|residual_val|` by default), or"
+        " `10 + shortfall` where infeasible",
+    ),
+    "objective_noise": Column(
+        pa.float64(),
+        "the smallest change in `objective` the run can tell apart, in its units: `resolution` for"
+        " `residual`, the half-width of the Anderson-Darling distance's 95 % bootstrap interval"
+        " over the poisons for `anderson_darling` (the convergence rule's threshold)",
     ),
     "residual_val": Column(
         pa.float64(),

@@ -26,7 +26,13 @@ from torch import nn
 from raysweep.poisoning.poisoned import Poisoned
 from raysweep.poisoning.records import RECORDS
 from raysweep.science.models import chunked, noise_space
-from raysweep.science.stats import FPR, MAX_DEGENERATE, Z_AT_FPR, anderson_darling
+from raysweep.science.stats import (
+    FPR,
+    MAX_DEGENERATE,
+    Z_AT_FPR,
+    anderson_darling,
+    anderson_darling_rows,
+)
 
 
 @dataclass(frozen=True)
@@ -277,11 +283,29 @@ def effect_units(model: nn.Module, probe: Probe, attack: str) -> dict[str, torch
 class Objective:
     """What a study minimises on val, from r on val and the effect units on val (for Gaussian
     poisoning -I_i per poison): `value`, and whether it reads the units as per-poison N(0, 1)
-    scores, so is defined only for attacks whose record says they are (`Attack.scores`)."""
+    scores, so is defined only for attacks whose record says they are (`Attack.scores`).
+    `noise(resolution, units, generator)`: the smallest change in the value one run can tell
+    apart, in the value's own units (the convergence rule's threshold, analysis/convergence.py),
+    from r's `resolution` on the seed and the run's units on val."""
 
     value: Callable[[float, torch.Tensor], float]
     needs_scores: bool
     doc: str
+    noise: Callable[[float, torch.Tensor, torch.Generator], float]
+
+
+def anderson_darling_noise(units: torch.Tensor, generator: torch.Generator) -> float:
+    """Half-width of the 95 % bootstrap interval of the Anderson-Darling distance of the per-poison
+    scores -units (the poisons resampled with replacement); NaN with fewer than two scores."""
+    s = -units[~units.isnan()].double()
+    if len(s) < 2:
+        return math.nan
+    draws = []
+    for start in range(0, DRAWS, 200):  # bounded memory, as bootstrap_means
+        idx = torch.randint(len(s), (min(200, DRAWS - start), len(s)), generator=generator)
+        draws.append(torch.from_numpy(anderson_darling_rows(s[idx].numpy())))
+    lo, hi = _interval(torch.cat(draws))
+    return (hi - lo) / 2
 
 
 # The spec's `objective`. residual: |r| (docs/design.md §5); it cannot tell removal from hiding: a
@@ -290,11 +314,18 @@ class Objective:
 # values stay far below the infeasible 10 (trial.objective): 0.52-0.60 for the quickstart's
 # poisoned models, 0.002 for their retrain references (1 / 150 expected by chance).
 OBJECTIVES = {
-    "residual": Objective(lambda r_val, units: abs(r_val), False, "|r| on val (default)"),
+    # |r|'s noise is r's resolution: r's interval on one seed is about that wide (resolution).
+    "residual": Objective(
+        lambda r_val, units: abs(r_val),
+        False,
+        "|r| on val (default)",
+        lambda resolution, units, generator: resolution,
+    ),
     "anderson_darling": Objective(
         lambda r_val, units: anderson_darling(-units.numpy()),
         True,
         "the per-poison scores' Anderson-Darling distance from N(0, 1) (gaussian only)",
+        lambda resolution, units, generator: anderson_darling_noise(units, generator),
     ),
 }
 

@@ -504,6 +504,10 @@ def _row(spec, setup, model, method, number, seed, started, budget, used) -> dic
         "feasible_test": reasons["test"] is None,
         "infeasible_reason": "; ".join(dict.fromkeys(r for r in reasons.values() if r)) or None,
         "objective": objective(spec, r_val, units["val"], shortfall, reasons["val"] is None),
+        # the smallest change in it this run can tell apart (the convergence rule's threshold)
+        "objective_noise": OBJECTIVES[spec.objective].noise(
+            setup.resolution, units["val"], rng(seed, method, budget, number, "objective_noise")
+        ),
         "wall_s": time.time() - started,
         **{f"before_{k}": v for k, v in setup.before.items()},
         **{f"after_{k}": v for k, v in after.items()},

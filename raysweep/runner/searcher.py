@@ -122,7 +122,8 @@ def observe(study: optuna.Study, trial: optuna.Trial) -> int:
 
 # What convergence.py reads of a row.
 RULE_COLUMNS = ("phase", "status", "attack", "method", "budget", "cell", "trial_number",
-                "objective", "residual_val", "resolution", "tuned_trial", "feasible")  # fmt: skip
+                "objective", "objective_noise", "residual_val", "resolution", "tuned_trial",
+                "feasible")  # fmt: skip
 
 
 def objective_key(cell: str) -> str:
@@ -161,7 +162,9 @@ class CellSearcher(Searcher):
         self.told = dict(self.started)
         self.live: dict[str, list[tuple[str, int]]] = {}
         self.rows = (
-            [] if rows is None or not len(rows) else rows[list(RULE_COLUMNS)].to_dict("records")
+            []
+            if rows is None or not len(rows)
+            else rows.reindex(columns=list(RULE_COLUMNS)).to_dict("records")
         )
         self.need = self._needs()
 
@@ -224,14 +227,15 @@ class CellSearcher(Searcher):
             else:
                 self.studies[name].tell(number, state=TrialState.FAIL)
             method, budget = self.cells[name]
-            resolution = (result or {}).get(f"resolution@{name}", math.nan)
-            r_val = (result or {}).get(f"r_val@{name}", math.nan)
+            got = {k: (result or {}).get(f"{k}@{name}", math.nan)
+                   for k in ("resolution", "objective_noise", "r_val")}  # fmt: skip
             self.rows.append({"phase": "tune", "status": "ok" if ok else "failed",
                               "attack": self.spec.attack["name"], "method": method,
                               "budget": budget, "cell": name, "trial_number": number,
                               "objective": value if ok else math.nan,
-                              "residual_val": r_val if ok else math.nan,
-                              "resolution": resolution, "tuned_trial": None,
+                              "objective_noise": got["objective_noise"],
+                              "residual_val": got["r_val"] if ok else math.nan,
+                              "resolution": got["resolution"], "tuned_trial": None,
                               "feasible": ok and bool((result or {}).get(f"feasible@{name}"))})  # fmt: skip
         self.told[cells[-1][0]] += 1  # the run's own cell (its lead) is last
         self.need = self._needs()

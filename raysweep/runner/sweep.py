@@ -137,6 +137,7 @@ def reported(rows: list[dict]) -> dict:
             "r": row["residual"] if ok else math.nan,
             # the convergence rule's noise (convergence.py), for a trials_per_cell range
             "resolution": row.get("resolution", math.nan) if ok else math.nan,
+            "objective_noise": row.get("objective_noise", math.nan) if ok else math.nan,
         }
         out |= {cell_key(k, row["cell"]): v for k, v in values.items()}
     return out

@@ -76,9 +76,15 @@ def anderson_darling(scores: np.ndarray) -> float:
     1 / (Phi (1 - Phi)), so a shift either way (an overshoot too) and a few poisons deep in
     either tail both count. Never trained on the noise: n A^2 / n has mean 1 (sd about 0.76).
     Phi's logs come from logcdf / logsf, finite however far out a score lies."""
-    s = np.sort(scores[~np.isnan(scores)])
-    n = len(s)
-    if n == 0:
-        return math.nan
+    s = scores[~np.isnan(scores)]
+    return float(anderson_darling_rows(s[None, :])[0]) if len(s) else math.nan
+
+
+def anderson_darling_rows(scores: np.ndarray) -> np.ndarray:
+    """`anderson_darling` of each row of a (k, n) array without NaN, n >= 1 (e.g. k bootstrap
+    resamples of one model's scores), in one pass."""
+    s = np.sort(scores, axis=1)
+    n = s.shape[1]
     weights = 2 * np.arange(1, n + 1) - 1
-    return float(-1.0 - np.sum(weights * (norm.logcdf(s) + norm.logsf(s[::-1]))) / n**2)
+    logs = norm.logcdf(s) + norm.logsf(s[:, ::-1])
+    return -1.0 - (logs * weights).sum(axis=1) / n**2
