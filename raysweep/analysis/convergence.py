@@ -33,14 +33,14 @@ settings at all. A settled cell is converged; not the other way round.
 A cell is **flat** when every one of its trials so far, feasible or not, read r on val within
 the noise of r of its best's (`r_spread`, the largest | |r_val| - the best's |r_val| |, at most
 `r_threshold`: the std of |r_val| over the chosen setting's feasible confirm runs, else r's
-resolution; the objective's threshold where the objective is |r|): no setting tried did anything different from any other, so more settings are
-unlikely to either (the unlearner cannot move r at this budget, or moves it the same way
-whatever its hyperparameters). A cell that is not flat has shown that its setting matters: some
-setting removed more of the poison than its best, if only by costing too much accuracy, or
-removed less. On the quickstart the flat cells are the methods whose r stays near 1 whatever
-they are given; the others are those whose best keeps improving well past `min`
-(bench/adaptive.py). The sweep's rule (`STOP_RULE`, "flat") stops a flat cell as soon as it is
-converged, and any other only once settled at p = FLAT_PATIENCE.
+resolution; the objective's threshold where the objective is |r|): no setting tried did anything
+different from any other, so more settings are unlikely to either (the unlearner cannot move r
+at this budget, or moves it the same way whatever its hyperparameters). A cell that is not flat
+has shown that its setting matters: some setting removed more of the poison than its best, if
+only by costing too much accuracy, or removed less. On the quickstart the flat cells are the
+methods whose r stays near 1 whatever they are given; the others are those whose best keeps
+improving well past `min` (bench/adaptive.py). The sweep's rule (`STOP_RULE`, "flat") stops a
+flat cell as soon as it is converged, and any other only once settled at p = FLAT_PATIENCE.
 """
 
 from __future__ import annotations
