@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import math
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -336,8 +337,9 @@ def test_ray_sweep_ends_when_every_cell_is_done_and_confirms(local_ray, tmp_path
     assert (df["phase"] == "confirm").any()
 
 
-def test_the_adaptive_bench_counts_the_seeds_a_rule_stopped_a_lead_before_hindsight():
-    from bench.adaptive import stops_against_hindsight  # bench/ is the repo's, beside tests/
+def test_the_adaptive_bench_counts_the_seeds_a_rule_stopped_a_lead_before_hindsight(monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1]))  # bench/, beside tests/
+    from bench.adaptive import stops_against_hindsight
 
     def rows(runs: dict[str, int]) -> pd.DataFrame:
         return pd.DataFrame([{"lead": k, "run": i} for k, n in runs.items() for i in range(n)])
