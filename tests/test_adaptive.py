@@ -42,12 +42,20 @@ SPEC = {
 
 
 def _drive(
-    spec, store, objective, parallel: int = 1, rule: str = STOP_RULE, r_val=None, noise=None
+    spec,
+    store,
+    objective,
+    parallel: int = 1,
+    rule: str = STOP_RULE,
+    r_val=None,
+    noise=None,
+    check=False,
 ) -> dict[str, list[float]]:
     """Run the searcher on made-up results (`objective(cell, number)`; r on val: the objective
     where feasible, below 10, else `r_val(cell, number)`, default NaN; r's resolution 0.1; the
     objective's own noise `noise`, none reported by default), `parallel` in flight; return each
-    cell's objectives in the order told."""
+    cell's objectives in the order told. `check`: after every told run, the searcher's needs,
+    updated for the told method only, equal those of a searcher built afresh on all its rows."""
     studies = open_studies(spec, store)
     searcher = CellSearcher(
         spec, studies, reconcile(studies, results.read(store, spec.name)), rule=rule
@@ -77,6 +85,9 @@ def _drive(
             value = result[objective_key(c)]
             result[f"r_val@{c}"] = value if value < 10 else (r_val or (lambda c, n: math.nan))(c, n)
         searcher.on_trial_complete(trial_id, result)
+        if check:
+            fresh = CellSearcher(spec, studies, {}, rows=pd.DataFrame(searcher.rows), rule=rule)
+            assert fresh.need == searcher.need
         for c, _ in cells:
             told.setdefault(c, []).append(result[objective_key(c)])
     return told
@@ -101,7 +112,7 @@ def test_min_for_every_cell_and_never_beyond_max(tmp_path, parallel, rule):
             return 5.0 - min(n, low)
         return 1.0
 
-    told = _drive(spec, open_store(str(tmp_path)), objective, parallel, rule)
+    told = _drive(spec, open_store(str(tmp_path)), objective, parallel, rule, check=True)
     counts = {c: len(v) for c, v in told.items()}
     assert set(counts) == {f"{m}-b{b:g}" for m, b in spec.cells()}
     assert all(low <= n <= high for n in counts.values()), counts
