@@ -172,8 +172,8 @@ class CellSearcher(Searcher):
     def _update_needs(self, methods: set[str]) -> None:
         """`need` per lead of `methods`: runs its cells need at least before all may stop (0:
         all may). A cell's rule reads only its own method's rows (convergence.py), so after a
-        told run only that method's leads are recomputed, from its rows alone: replaying a
-        quickstart-grid sweep of {8, 32} (bench/adaptive.py) took the driver 4 s, not 33 s."""
+        told run only that method's leads are recomputed, from its rows alone (the whole table
+        after every run grew with the square of a long sweep's rows)."""
         if self.low == self.high:  # a fixed budget: the rule decides nothing
             return
         rows = pd.DataFrame(
