@@ -206,6 +206,20 @@ def test_the_searcher_weighs_an_improvement_against_the_objectives_own_noise(tmp
         assert len(told["euk-b0.1"]) == expected, noise
 
 
+def test_the_searcher_resumes_on_rows_written_before_objective_noise(tmp_path):
+    """An experiment's rows from before the column existed: the searcher reads them (the rule
+    falls back to `resolution`) and needs what it needs of the same rows with the column NaN."""
+    spec = validate(copy.deepcopy(SPEC))
+    row = {"phase": "tune", "status": "ok", "attack": "gaussian", "method": "euk", "budget": 0.1,
+           "cell": "euk-b0.1", "trial_number": 0, "objective": 0.5, "residual_val": 0.5,
+           "resolution": 0.1, "tuned_trial": None, "feasible": True}  # fmt: skip
+    old = pd.DataFrame([row | {"trial_number": i} for i in range(3)])
+    studies = open_studies(spec, open_store(str(tmp_path)))
+    searcher = CellSearcher(spec, studies, {}, rows=old)
+    nan = CellSearcher(spec, studies, {}, rows=old.assign(objective_noise=math.nan))
+    assert searcher.need == nan.need and searcher.need["euk-b0.1"] == 0
+
+
 def test_flat_stops_a_flat_cell_at_min_and_holds_one_whose_setting_mattered(tmp_path):
     """Each 0.1 cell improves up to run index 2, each time by less than the noise (0.1); each
     0.05 cell returns 1.0. euk's 0.1 cell reads r within noise of its best in every run: flat,

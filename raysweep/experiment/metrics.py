@@ -300,11 +300,8 @@ def anderson_darling_noise(units: torch.Tensor, generator: torch.Generator) -> f
     s = -units[~units.isnan()].double()
     if len(s) < 2:
         return math.nan
-    draws = []
-    for start in range(0, DRAWS, 200):  # bounded memory, as bootstrap_means
-        idx = torch.randint(len(s), (min(200, DRAWS - start), len(s)), generator=generator)
-        draws.append(torch.from_numpy(anderson_darling_rows(s[idx].numpy())))
-    lo, hi = _interval(torch.cat(draws))
+    draws = [anderson_darling_rows(s[idx].numpy()) for idx in resampled(len(s), generator)]
+    lo, hi = _interval(torch.from_numpy(np.concatenate(draws)))
     return (hi - lo) / 2
 
 
@@ -390,12 +387,15 @@ def bootstrap_means(
 ) -> torch.Tensor:
     """(len(units), draws) means of the paired units, resampled with replacement together."""
     stacked = torch.stack(units).double()
-    n = stacked.shape[1]
-    out = []
-    for start in range(0, draws, 200):  # bounded memory: 200 draws x n units at a time
-        idx = torch.randint(n, (min(200, draws - start), n), generator=generator)
-        out.append(torch.nanmean(stacked[:, idx], dim=2))
-    return torch.cat(out, dim=1)
+    idx = resampled(stacked.shape[1], generator, draws)
+    return torch.cat([torch.nanmean(stacked[:, i], dim=2) for i in idx], dim=1)
+
+
+def resampled(n: int, generator: torch.Generator, draws: int = DRAWS):
+    """`draws` bootstrap resamples of n units' indices, in (at most 200, n) chunks: bounded
+    memory, 200 draws x n units at a time."""
+    for start in range(0, draws, 200):
+        yield torch.randint(n, (min(200, draws - start), n), generator=generator)
 
 
 def _interval(samples: torch.Tensor) -> tuple[float, float]:
